@@ -1,0 +1,106 @@
+"""Side-by-side benchmarks: each case times our implementation and its baseline in the same process.
+
+    python benchmarks/run.py [NAME ...] [--repeat N] [--out benchmarks/results/latest.json]
+
+Cases live in `benchmarks/bench_*.py` modules, each exposing `CASES`: a list of `Case`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Case:
+    """`setup()` returns the shared inputs; `ours(inputs)` and `baseline(inputs)` do the timed work."""
+
+    name: str
+    setup: Callable[[], object]
+    ours: Callable[[object], object]
+    baseline: Callable[[object], object]
+    unit: str = "s"
+    notes: str = ""
+    # optional: (ours_result, baseline_result) -> dict of extra figures (e.g. max abs diff, peak memory)
+    compare: Callable[[object, object], dict] | None = None
+    repeat: int = 3
+    extra: dict = field(default_factory=dict)
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    """Minimum wall time over `repeat` runs (after one warm-up) and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def load_cases() -> list[Case]:
+    cases: list[Case] = []
+    sys.path.insert(0, str(HERE.parent))
+    for f in sorted(HERE.glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(f.stem, f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cases.extend(mod.CASES)
+    return cases
+
+
+def run_case(case: Case, repeat: int | None) -> dict:
+    inputs = case.setup()
+    n = repeat or case.repeat
+    t_ours, r_ours = best_time(lambda: case.ours(inputs), n)
+    t_base, r_base = best_time(lambda: case.baseline(inputs), n)
+    row = {"case": case.name, "ours_s": t_ours, "baseline_s": t_base, "ratio": t_base / t_ours, "notes": case.notes}
+    if case.compare is not None:
+        row.update(case.compare(r_ours, r_base))
+    row.update(case.extra)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="case names or prefixes (default: all)")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per side (default: per case)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = p.parse_args(argv)
+    cases = load_cases()
+    if args.list:
+        for c in cases:
+            print(f"{c.name:40s} {c.notes}")
+        return 0
+    if args.names:
+        cases = [c for c in cases if any(c.name.startswith(n) for n in args.names)]
+        if not cases:
+            p.error(f"no case matches {args.names}; see --list")
+    rows = []
+    print(f"{'case':38s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}  extra")
+    for c in cases:
+        row = run_case(c, args.repeat)
+        rows.append(row)
+        extra = {k: v for k, v in row.items() if k not in {"case", "ours_s", "baseline_s", "ratio", "notes"}}
+        extra_s = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"{c.name:38s} {row['ours_s']:10.4f} {row['baseline_s']:10.4f} {row['ratio']:6.2f}x  {extra_s}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
