@@ -1,0 +1,82 @@
+"""Inference throughput on this CPU: flip TTA vs no TTA, and one doubled batch vs two forward passes.
+
+The network is the CPU recipe's (configs/cpu.json: backbone, num_filters, upsample_input when present; else
+resnet18 with 8 filters), random weights, eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.run import Case
+
+BATCH = 16
+CPU_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cpu.json"
+
+
+def recipe_arch() -> dict:
+    """SaltUNet kwargs of the CPU recipe (defaults when configs/cpu.json is absent or silent)."""
+    arch = {"backbone": "resnet18", "num_filters": 8}
+    if CPU_RECIPE.is_file():
+        cfg = json.loads(CPU_RECIPE.read_text())
+        arch.update({k: cfg[k] for k in ("backbone", "num_filters", "upsample_input") if k in cfg})
+    return arch
+
+
+def setup():
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(pretrained=None, **recipe_arch()).eval()
+    return net, torch.rand(BATCH, 3, 128, 128)
+
+
+def with_tta(inputs):
+    from saltkit.inference.tta import tta_probabilities
+
+    net, x = inputs
+    return tta_probabilities(net, x, tta=True)[0]
+
+
+def without_tta(inputs):
+    from saltkit.inference.tta import tta_probabilities
+
+    net, x = inputs
+    return tta_probabilities(net, x, tta=False)[0]
+
+
+@torch.no_grad()
+def tta_two_passes(inputs):
+    net, x = inputs
+    return (torch.sigmoid(net(x).logit) + torch.sigmoid(net(x.flip(-1)).logit).flip(-1)) / 2
+
+
+def max_diff(a, b):
+    return {"max_abs_diff": float((a - b).abs().max())}
+
+
+def per_image(ours, base):
+    return {"batch": BATCH, "arch": str(recipe_arch())}
+
+
+CASES = [
+    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=2,
+         notes=f"ours: flip TTA, baseline: no TTA; batch {BATCH} at 128px; images/s = batch / time"),
+    Case("inference_tta_batched_vs_two_passes", setup, with_tta, tta_two_passes, compare=max_diff, repeat=2,
+         notes="flip TTA as one doubled batch (ours) vs two forward passes"),
+]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.run import run_case
+
+    for case in CASES[:1]:
+        row = run_case(case, None)
+        print(f"{case.name}: TTA {BATCH / row['ours_s']:.1f} images/s, no TTA {BATCH / row['baseline_s']:.1f} "
+              f"images/s ({row['arch']})")

@@ -1,0 +1,174 @@
+"""`saltkit` command line: a registry of subcommands (folds, score, check-data, ...).
+
+Other packages add subcommands with a module listed in EXTENSION_MODULES that defines
+`register(registry)` and calls `register_subcommand(registry, Subcommand(...))` in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# Modules that may add subcommands (imported when present): each defines register(registry) -> None.
+EXTENSION_MODULES = ("saltkit.inference.commands",)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `saltkit NAME ...` command: `add_arguments(parser)` declares it, `run(args)` returns the exit code."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def register_subcommand(registry: dict[str, Subcommand], command: Subcommand) -> None:
+    """Add `command` to `registry`; a name can be registered only once."""
+    if command.name in registry:
+        raise ValueError(f"saltkit subcommand {command.name!r} is already registered")
+    registry[command.name] = command
+
+
+# ---------------------------------------------------------------- folds
+
+
+def _folds_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset_dir", type=Path, help="dataset folder in the competition layout")
+    p.add_argument("--k", type=int, default=10, help="number of folds (default 10)")
+    p.add_argument("--out", type=Path, default=Path("folds.csv"), help="CSV to write (default folds.csv)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+
+
+def _folds_run(args: argparse.Namespace) -> int:
+    from saltkit.data.folds import folds_for_dataset, write_folds
+
+    df = folds_for_dataset(args.dataset_dir, k=args.k, seed=args.seed)
+    write_folds(df, args.out)
+    sizes = df.groupby("fold").size().tolist()
+    print(f"wrote {args.out}: {len(df)} ids in {args.k} folds of {min(sizes)}-{max(sizes)} "
+          f"(seed {args.seed}, stratified by coverage class)")
+    return 0
+
+
+# ---------------------------------------------------------------- score
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("truth_csv", type=Path, help="labelled id,rle_mask CSV (e.g. train.csv rows of a held-out fold)")
+    p.add_argument("pred_csv", type=Path, help="predictions in submission format (id,rle_mask), same ids")
+    p.add_argument("--per-image", type=Path, default=None, metavar="OUT.csv",
+                   help="also write id,score,pixel_accuracy,truth_empty per tile")
+
+
+def _score_run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from saltkit.data.layout import read_rle_masks
+    from saltkit.io import atomic_write
+    from saltkit.metrics import kaggle_scores, pixel_accuracy
+    from saltkit.submission import read_submission, submission_masks, validate_submission
+
+    truth_df, truths = read_rle_masks(args.truth_csv)
+    pred_df = validate_submission(read_submission(args.pred_csv), truth_df["id"], source=args.pred_csv)
+    # Predictions in the truth's row order.
+    pred_df = pred_df.set_index("id").loc[truth_df["id"]].reset_index()
+    preds = submission_masks(pred_df, args.pred_csv)
+    scores, accuracy = kaggle_scores(preds, truths), pixel_accuracy(preds, truths)
+    if args.per_image is not None:
+        table = pd.DataFrame({"id": truth_df["id"], "score": scores, "pixel_accuracy": accuracy,
+                              "truth_empty": ~truths.reshape(len(truths), -1).any(1)})
+        with atomic_write(args.per_image) as f:
+            table.to_csv(f, index=False)
+        print(f"wrote {args.per_image}")
+    empty = ~truths.reshape(len(truths), -1).any(1)
+    print(f"tiles: {len(scores)} ({int(empty.sum())} with empty truth)")
+    print(f"pixel accuracy: {accuracy.mean():.6f}")
+    if empty.any():
+        print(f"score on empty-truth tiles: {scores[empty].mean():.6f}")
+    if (~empty).any():
+        print(f"score on salt tiles: {scores[~empty].mean():.6f}")
+    print(f"{scores.mean():.6f}")
+    return 0
+
+
+# ---------------------------------------------------------------- check-data
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset_dir", type=Path, help="dataset folder in the competition layout")
+
+
+def _check_run(args: argparse.Namespace) -> int:
+    from saltkit.data.layout import check_dataset, test_items, train_items
+
+    problems = check_dataset(args.dataset_dir)
+    if problems:
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} problem(s) in {args.dataset_dir}")
+        return 1
+    train = train_items(args.dataset_dir)
+    has_test = (Path(args.dataset_dir) / "test" / "images").is_dir()
+    n_test = len(test_items(args.dataset_dir)) if has_test else 0
+    with_depth = sum(it["depth"] == it["depth"] for it in train)  # NaN != NaN
+    print(f"ok: {len(train)} train tiles with masks ({with_depth} with depth), {n_test} test tiles in "
+          f"{args.dataset_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- registry and entry point
+
+
+def builtin_subcommands() -> dict[str, Subcommand]:
+    """The data subcommands defined here."""
+    registry: dict[str, Subcommand] = {}
+    register_subcommand(registry, Subcommand("folds", "write a stratified K-fold split of a dataset's train tiles",
+                                             _folds_arguments, _folds_run))
+    register_subcommand(registry, Subcommand("score", "score predictions (id,rle_mask) against labelled RLE",
+                                             _score_arguments, _score_run))
+    register_subcommand(registry, Subcommand("check-data", "check a dataset folder and report what is wrong",
+                                             _check_arguments, _check_run))
+    return registry
+
+
+def all_subcommands() -> dict[str, Subcommand]:
+    """Built-in subcommands plus those registered by the EXTENSION_MODULES that exist."""
+    registry = builtin_subcommands()
+    for name in EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # Only a missing extension module is skipped; its own broken imports still surface.
+            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+                continue
+            raise
+        module.register(registry)
+    return registry
+
+
+def build_parser(registry: dict[str, Subcommand]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saltkit", description="TGS salt segmentation toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in registry.values():
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None, registry: dict[str, Subcommand] | None = None) -> int:
+    """Run `saltkit ARGS`; bad input gives a one-line message on stderr and exit code 2 (no traceback)."""
+    registry = all_subcommands() if registry is None else registry
+    args = build_parser(registry).parse_args(argv)
+    try:
+        return registry[args.command].run(args)
+    except (ValueError, OSError) as e:
+        print(f"saltkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

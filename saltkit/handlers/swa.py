@@ -1,0 +1,100 @@
+"""Stochastic weight averaging of a run's best checkpoints (the recipe's SWA stage).
+
+Equal-weight mean of the parameters with `torch.optim.swa_utils.AveragedModel`, then BatchNorm statistics
+recomputed with `update_bn` over the fold's training tiles (no augmentation), because averaged weights do not
+match any checkpoint's running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from saltkit.inference.checkpoint import network_from_checkpoint, read_checkpoint
+from saltkit.io import atomic_write
+
+DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
+
+
+def run_checkpoints(run_dir: str | Path, names: Sequence[str] = DEFAULT_CHECKPOINTS) -> list[Path]:
+    """Paths of the checkpoints `names` inside `run_dir` (existence is checked when they are read)."""
+    return [Path(run_dir) / n for n in names]
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> tuple[nn.Module, dict]:
+    """Network (CPU, eval mode) whose parameters are the equal-weight mean of the checkpoints', and its arch.
+
+    Buffers (BN running statistics) are the last checkpoint's (AveragedModel keeps them in sync with the
+    model it averages in); recompute them with `recompute_bn`.
+    """
+    if not paths:
+        raise ValueError("config key 'checkpoints': no checkpoint to average")
+    ckpts = [read_checkpoint(p, key="checkpoints") for p in paths]
+    arch = dict(ckpts[0]["arch"])
+    for p, c in zip(paths[1:], ckpts[1:], strict=True):
+        if dict(c["arch"]) != arch:
+            raise ValueError(f"{p}: arch {c['arch']} differs from {paths[0]}'s {arch}; cannot average them")
+    network = network_from_checkpoint(ckpts[0], paths[0])
+    averaged = AveragedModel(network)  # default avg_fn: running equal-weight mean of the parameters
+    for c in ckpts:
+        network.load_state_dict(c["network"])
+        averaged.update_parameters(network)
+    return averaged.module.eval(), arch
+
+
+def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them from `(B, 3, H, W)` batches.
+
+    Cumulative average over the batches (momentum None), as `update_bn` does; returns the number of tiles seen.
+    The network is left in eval mode.
+    """
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for x in images:
+            seen += x.shape[0]
+            yield x
+
+    update_bn(counted(), network, device=torch.device(device))
+    network.eval()
+    return seen
+
+
+def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, sources: Sequence, bn_tiles: int) -> Path:
+    """Write {"network", "arch", "checkpoints", "bn_tiles"} to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    payload = {"network": state, "arch": arch, "checkpoints": [str(s) for s in sources], "bn_tiles": int(bn_tiles)}
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
+    return path
+
+
+def run_swa(
+    checkpoints: Sequence[str | Path],
+    loader: Iterable[dict],
+    output: str | Path,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+) -> Path:
+    """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches, save to `output`."""
+    paths = [Path(p) for p in checkpoints]
+    for p in paths:  # fail before any work, naming the first missing file
+        if not p.is_file():
+            raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints')")
+    network, arch = average_checkpoints(paths)
+    print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
+    network.to(device)
+    tiles = recompute_bn(network, (batch[image_key] for batch in loader), device)
+    if tiles == 0:
+        raise ValueError("SWA: the BN loader yielded no training tiles (check dataset_dir / fold)")
+    print(f"SWA: recomputed BatchNorm statistics over {tiles} training tiles", flush=True)
+    out = save_swa_checkpoint(output, network, arch, paths, tiles)
+    print(f"SWA: wrote {out}", flush=True)
+    return out

@@ -1,0 +1,41 @@
+"""Read model checkpoints ({"network": state_dict, "arch": SaltUNet kwargs, ...}) and rebuild the network."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
+    """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (config key '{key}')")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "network" not in ckpt or "arch" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a saltkit checkpoint with keys 'network' and 'arch', got {keys}")
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint") -> nn.Module:
+    """SaltUNet rebuilt from `ckpt["arch"]` with `ckpt["network"]` loaded strictly (eval mode, on CPU)."""
+    from saltkit.networks import network_from_arch
+
+    network = network_from_arch(ckpt["arch"])  # pretrained=None: the checkpoint holds every weight
+    try:
+        network.load_state_dict(ckpt["network"])
+    except RuntimeError as e:
+        raise ValueError(f"{source}: weights do not match its own arch {ckpt['arch']} ({e})") from e
+    return network.eval()
+
+
+def load_network(path: str | Path, device: str | torch.device = "cpu", key: str = "ckpt") -> nn.Module:
+    """Network of the checkpoint at `path`, in eval mode on `device`."""
+    return network_from_checkpoint(read_checkpoint(path, key), path).to(device)

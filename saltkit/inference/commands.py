@@ -1,0 +1,66 @@
+"""`saltkit ensemble` and `saltkit export` (registered into saltkit.cli through `register`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from saltkit.cli import Subcommand, register_subcommand
+
+
+def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("probs", nargs="+", type=Path, metavar="PROBS.npz",
+                   help="probabilities written by the inference bundle (same tile ids in every file)")
+    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument("--threshold", type=float, default=0.5, help="salt when the mean probability is > this (0.5)")
+    p.add_argument("--min-component-size", type=int, default=0,
+                   help="remove 4-connected salt components smaller than this many pixels (0: off)")
+    p.add_argument("--image-threshold", type=float, default=None,
+                   help="empty a tile whose mean image-head probability is below this (default off)")
+    p.add_argument("--min-area", type=int, default=0, help="empty a tile with fewer salt pixels (0: off)")
+    p.add_argument("--save-probs", type=Path, default=None, metavar="OUT.npz",
+                   help="also write the averaged probabilities (to ensemble them further)")
+
+
+def _ensemble_run(args: argparse.Namespace) -> int:
+    from saltkit.inference.ensemble import ensemble_files
+    from saltkit.inference.infer import write_prediction
+    from saltkit.inference.postprocess import PostProcessing
+    from saltkit.inference.probabilities import save_probabilities
+
+    settings = PostProcessing(threshold=args.threshold, min_component_size=args.min_component_size,
+                              image_threshold=args.image_threshold, min_area=args.min_area)
+    mean = ensemble_files(args.probs)
+    if args.save_probs is not None:
+        print(f"wrote {save_probabilities(args.save_probs, mean)}")
+    summary = write_prediction(mean, args.out, settings)
+    print(f"ensembled {len(args.probs)} files over {summary['tiles']} tiles ({settings})")
+    print(f"empty predictions: {summary['empty']}/{summary['tiles']} ({summary['empty_share']:.1%})")
+    print(f"wrote {summary['submission']}")
+    return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", type=Path, help="checkpoint with 'network' and 'arch' (e.g. runs/pad_fold0/swa.pt)")
+    p.add_argument("--out", type=Path, default=Path("model.ts"), help="TorchScript file to write (model.ts)")
+    p.add_argument("--image-size", type=int, default=128, help="network input size used for tracing (128)")
+    p.add_argument("--no-verify", action="store_true", help="skip comparing the traced output with the eager one")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from saltkit.export import export_torchscript
+
+    out = export_torchscript(args.ckpt, args.out, image_size=args.image_size, verify=not args.no_verify)
+    print(f"wrote {out}: TorchScript, (B, 3, {args.image_size}, {args.image_size}) tiles in [0, 1] -> "
+          "(B, 1, H, W) final logit" + ("" if args.no_verify else " (verified against the checkpoint)"))
+    return 0
+
+
+def register(registry: dict[str, Subcommand]) -> None:
+    """Add the inference subcommands to the saltkit CLI registry."""
+    register_subcommand(registry, Subcommand(
+        "ensemble", "average saved probabilities of several runs into one validated submission",
+        _ensemble_arguments, _ensemble_run))
+    register_subcommand(registry, Subcommand(
+        "export", "export a checkpoint's network to TorchScript (returns the final logit)",
+        _export_arguments, _export_run))

@@ -1,0 +1,54 @@
+"""Average the saved probabilities of several runs (folds, pad and resize variants) into one prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from saltkit.inference.probabilities import Probabilities, load_probabilities
+
+
+def check_same_ids(reference: np.ndarray, ids: np.ndarray, name: str) -> np.ndarray:
+    """Index that reorders `ids` onto `reference`; raises naming `name` and the first differing ids."""
+    ref_set, other = set(reference.tolist()), set(ids.tolist())
+    if len(other) != len(ids):
+        dup = sorted(i for i in other if (ids == i).sum() > 1)[:5]
+        raise ValueError(f"{name}: duplicate ids {dup}")
+    if ref_set != other:
+        missing, extra = sorted(ref_set - other)[:5], sorted(other - ref_set)[:5]
+        raise ValueError(f"{name}: ids differ from the first file (missing {missing}, unexpected {extra})")
+    order = {tile_id: k for k, tile_id in enumerate(ids.tolist())}
+    return np.array([order[i] for i in reference.tolist()], dtype=np.int64)
+
+
+def average_probabilities(preds: Sequence[Probabilities], names: Sequence[str] | None = None) -> Probabilities:
+    """Equal-weight mean of `preds` (same ids, any order), in the id order of the first one.
+
+    `image_probs` are averaged too when every input has them.
+    """
+    if not preds:
+        raise ValueError("nothing to ensemble: no probabilities given")
+    names = list(names) if names is not None else [f"input {k}" for k in range(len(preds))]
+    if len(names) != len(preds):
+        raise ValueError(f"{len(preds)} predictions but {len(names)} names")
+    first = preds[0]
+    total = np.zeros(first.probs.shape, dtype=np.float64)
+    image_total = np.zeros(len(first.ids), dtype=np.float64)
+    with_image = all(p.image_probs is not None for p in preds)
+    for p, name in zip(preds, names, strict=True):
+        order = check_same_ids(first.ids, p.ids, name)
+        if p.probs.shape[1:] != first.probs.shape[1:]:
+            raise ValueError(f"{name}: tiles are {p.probs.shape[1:]}, the first file's are {first.probs.shape[1:]}")
+        total += p.probs[order]
+        if with_image:
+            image_total += p.image_probs[order]
+    n = len(preds)
+    image = (image_total / n).astype(np.float32) if with_image else None
+    return Probabilities(first.ids.copy(), (total / n).astype(np.float32), image)
+
+
+def ensemble_files(paths: Sequence[str | Path]) -> Probabilities:
+    """Load and average probability files written by the inference bundle."""
+    return average_probabilities([load_probabilities(p) for p in paths], [str(p) for p in paths])

@@ -1,0 +1,205 @@
+"""Lovasz hinge losses (Berman et al. 2018) and the recipe's deep-supervision criterion.
+
+Conventions: logits and targets are (B, 1, H, W) or (B, H, W) (anything with the batch first); targets are
+{0, 1} floats. `smooth=True` feeds the sorted hinge errors e into the Lovasz extension as elu(e) + 1 (the
+recipe's variant), `smooth=False` as relu(e) (the paper's). Losses are computed in float32.
+
+The batched implementation sorts a (B, HW) tensor once and builds the Lovasz weights (the gradient of the
+Jaccard extension, piecewise constant in the logits) without autograd, then scatters them back to the pixel
+order; the loss is sum(f(e) * w) with w detached, whose gradient is exactly the Lovasz hinge's. The symmetric
+loss needs one sort for both terms: lovasz(-x, 1 - t) has the same hinge errors 1 - x * (2t - 1).
+`lovasz_hinge_reference` is the textbook per-image loop, kept for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import center_crop
+
+
+def _flat(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ...) logits and targets -> float32 (B, N) pairs; shapes must match."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have the same shape")
+    b = logits.shape[0]
+    return logits.reshape(b, -1).float(), targets.reshape(b, -1).float()
+
+
+def _hinge_fn(errors: torch.Tensor, smooth: bool) -> torch.Tensor:
+    return F.elu(errors) + 1 if smooth else F.relu(errors)
+
+
+def _jaccard_weights(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Lovasz extension weights of the Jaccard loss for labels in descending-error order: (R, N) -> (R, N)."""
+    gts = gt_sorted.sum(dim=1, keepdim=True)
+    cum_fg = gt_sorted.cumsum(dim=1)
+    position = torch.arange(1, gt_sorted.shape[1] + 1, device=gt_sorted.device, dtype=gt_sorted.dtype)
+    intersection = gts - cum_fg
+    union = gts + (position - cum_fg)  # cumsum(1 - gt) without materialising 1 - gt
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def _lovasz_pixel_weights(errors: torch.Tensor, targets: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Per-pixel Lovasz weights in the original pixel order: (R, N) errors and {0, 1} targets -> (R, N).
+
+    symmetric=True gives the mean of the weights for `targets` and `1 - targets` (same errors, one sort).
+    """
+    order = errors.argsort(dim=1, descending=True)
+    gt_sorted = targets.gather(1, order)
+    w = _jaccard_weights(gt_sorted)
+    if symmetric:
+        w = (w + _jaccard_weights(1.0 - gt_sorted)) * 0.5
+    return torch.empty_like(w).scatter_(1, order, w)
+
+
+def _lovasz_rows(logits: torch.Tensor, targets: torch.Tensor, smooth: bool, symmetric: bool) -> torch.Tensor:
+    """Row-wise Lovasz hinge of float32 (R, N) logits / targets -> (R,) losses, differentiable in logits."""
+    errors = 1.0 - logits * (2.0 * targets - 1.0)
+    weights = _lovasz_pixel_weights(errors.detach(), targets, symmetric)
+    return (_hinge_fn(errors, smooth) * weights).sum(dim=1)
+
+
+def lovasz_hinge(logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True,
+                 smooth: bool = True) -> torch.Tensor:
+    """Lovasz hinge of (B, ...) logits vs {0, 1} targets -> scalar: the mean over images of the per-image loss
+    (per_image=True) or the loss of the whole batch flattened as one image."""
+    x, t = _flat(logits, targets)
+    if not per_image:
+        x, t = x.reshape(1, -1), t.reshape(1, -1)
+    return _lovasz_rows(x, t, smooth, symmetric=False).mean()
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (R,) over rows where `keep`; 0 (still differentiable) when no row is kept."""
+    return (values * keep).sum() / keep.sum().clamp(min=1)
+
+
+def symmetric_lovasz(logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True,
+                     ignore_empty: bool = False, smooth: bool = True) -> torch.Tensor:
+    """(lovasz(logits, t) + lovasz(-logits, 1 - t)) / 2 -> scalar. With ignore_empty=True the mean runs only over
+    images whose target has salt (0 when none has); per_image=False treats the batch as one image."""
+    x, t = _flat(logits, targets)
+    if not per_image:
+        x, t = x.reshape(1, -1), t.reshape(1, -1)
+    losses = _lovasz_rows(x, t, smooth, symmetric=True)
+    if ignore_empty:
+        return _masked_mean(losses, (t.amax(dim=1) > 0).to(losses.dtype))
+    return losses.mean()
+
+
+def lovasz_hinge_reference(logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True,
+                           smooth: bool = True, symmetric: bool = False,
+                           ignore_empty: bool = False) -> torch.Tensor:
+    """Reference: a Python loop over images, autograd through the sort (the textbook implementation)."""
+    x, t = _flat(logits, targets)
+    if not per_image:
+        x, t = x.reshape(1, -1), t.reshape(1, -1)
+
+    def one(xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+        errors = 1.0 - xi * (2.0 * ti - 1.0)
+        errors_sorted, perm = torch.sort(errors, descending=True)
+        gt_sorted = ti[perm]
+        gts = gt_sorted.sum()
+        intersection = gts - gt_sorted.cumsum(0)
+        union = gts + (1.0 - gt_sorted).cumsum(0)
+        jaccard = 1.0 - intersection / union
+        grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        return torch.dot(_hinge_fn(errors_sorted, smooth), grad)
+
+    losses = []
+    for xi, ti in zip(x, t):
+        if ignore_empty and ti.sum() == 0:
+            continue
+        loss = one(xi, ti)
+        if symmetric:
+            loss = (loss + one(-xi, 1.0 - ti)) / 2
+        losses.append(loss)
+    if not losses:
+        return x.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+class LovaszHinge(nn.Module):
+    """nn.Module wrapper of `lovasz_hinge` (for configs); forward(logits, targets) -> scalar."""
+
+    def __init__(self, per_image: bool = True, smooth: bool = True):
+        super().__init__()
+        self.per_image, self.smooth = per_image, smooth
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lovasz_hinge(logits, targets, self.per_image, self.smooth)
+
+
+class SymmetricLovasz(nn.Module):
+    """nn.Module wrapper of `symmetric_lovasz`; forward(logits, targets) -> scalar."""
+
+    def __init__(self, per_image: bool = True, ignore_empty: bool = False, smooth: bool = True):
+        super().__init__()
+        self.per_image, self.ignore_empty, self.smooth = per_image, ignore_empty, smooth
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return symmetric_lovasz(logits, targets, self.per_image, self.ignore_empty, self.smooth)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """The recipe's criterion on a SaltOutput (or a bare (B, 1, H, W) logit tensor) and (B, 1, H, W) {0, 1} targets:
+
+    image_weight * BCE-with-logits(image logit, target non-empty)
+    + pixel_weight * sum over the five pixel logits of symmetric_lovasz(ignore_empty=True)
+    + final_weight * symmetric_lovasz(final logit).
+
+    center_crop=101 crops logits and targets to the central 101 x 101 first (inputs padded to 128), so both the
+    Lovasz terms and "non-empty" only see the real tile. A bare tensor gets the final term only. All six Lovasz
+    terms share one sort over a (6B, HW) tensor. `reference=True` computes them with the per-image loop instead.
+    """
+
+    def __init__(self, image_weight: float = 0.05, pixel_weight: float = 0.1, final_weight: float = 1.0,
+                 center_crop: int | None = None, reference: bool = False):
+        super().__init__()
+        self.image_weight, self.pixel_weight, self.final_weight = image_weight, pixel_weight, final_weight
+        self.center_crop = center_crop
+        self.reference = reference
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.center_crop is None else center_crop(x, self.center_crop)
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            logit, pixel_logits, image_logit = output, (), None
+        else:
+            logit, pixel_logits, image_logit = output
+        target = self._crop(target)
+        logits = [self._crop(x) for x in (logit, *pixel_logits)]
+        for x in logits:
+            if x.shape != target.shape:
+                raise ValueError(f"logit {tuple(x.shape)} and target {tuple(target.shape)} differ after "
+                                 f"center_crop={self.center_crop}")
+        if self.reference:
+            final = lovasz_hinge_reference(logits[0], target, symmetric=True)
+            pixel = [lovasz_hinge_reference(x, target, symmetric=True, ignore_empty=True) for x in logits[1:]]
+        else:
+            final, pixel = self._lovasz_terms(logits, target)
+        loss = self.final_weight * final
+        if pixel:
+            loss = loss + self.pixel_weight * sum(pixel)
+        if image_logit is not None:
+            has_salt = (target.flatten(1).amax(dim=1, keepdim=True) > 0).to(image_logit.dtype)
+            loss = loss + self.image_weight * F.binary_cross_entropy_with_logits(image_logit, has_salt)
+        return loss
+
+    @staticmethod
+    def _lovasz_terms(logits: Sequence[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(final symmetric Lovasz, [pixel terms with ignore_empty]) from one (len(logits) * B, HW) sort."""
+        b = target.shape[0]
+        t = target.reshape(b, -1).float()
+        x = torch.cat([lg.reshape(b, -1).float() for lg in logits], dim=0)
+        rows = _lovasz_rows(x, t.repeat(len(logits), 1), smooth=True, symmetric=True).view(len(logits), b)
+        keep = (t.amax(dim=1) > 0).to(rows.dtype)
+        return rows[0].mean(), [_masked_mean(r, keep) for r in rows[1:]]

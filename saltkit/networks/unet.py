@@ -1,0 +1,153 @@
+"""SaltUNet: encoder + object-context UNet decoder with hypercolumn, deep supervision and an image head.
+
+Shapes for a 128 input, f = num_filters, upsample_input=True (the recipe): the tile is upsampled x2 to 256,
+the encoder stages are at 64, 64, 32, 16, 8 px, the bottleneck at 8 px, d5..d1 at 16, 32, 64, 64, 128 px and
+every logit at 128 px. With upsample_input=False the encoder sees the tile at its own size (4x less compute),
+d1 is at H/2 and all logits are bilinearly upsampled to H x W.
+
+Where the issue writes "+ABN" a conv is followed by BatchNorm + LeakyReLU(0.01); the other convs (OC value and
+output projections, the decoder's ConvTranspose2d, pixel fusion, logit convs) have no norm or activation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import conv_abn
+from .encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder, stage_channels
+from .object_context import ObjectContextBlock
+
+INPUT_MULTIPLE = 32
+
+
+class SaltOutput(NamedTuple):
+    """What SaltUNet returns (in train and eval mode alike); all logits are pre-sigmoid.
+
+    logit: (B, 1, H, W) final salt logit; pixel_logits: five (B, 1, H, W) deep-supervision logits (from d1, d2, d3,
+    d4, d5); image_logit: (B, 1) "is there any salt in the tile".
+    """
+
+    logit: torch.Tensor
+    pixel_logits: tuple[torch.Tensor, ...]
+    image_logit: torch.Tensor
+
+
+class DecoderBlock(nn.Module):
+    """concat(inputs) -> conv3x3(in -> mid) + ABN -> OC(mid, Ck = Cv = mid / 2) -> ConvTranspose2d(mid -> out, x2).
+
+    (B, in, h, w) -> (B, out, 2h, 2w).
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, dropout: float = 0.2,
+                 attention: str = "sdpa"):
+        super().__init__()
+        self.conv = conv_abn(in_channels, mid_channels)
+        self.context = ObjectContextBlock(mid_channels, mid_channels // 2, mid_channels // 2, dropout, attention)
+        self.up = nn.ConvTranspose2d(mid_channels, out_channels, kernel_size=4, stride=2, padding=1)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]
+        return self.up(self.context(self.conv(x)))
+
+
+def pixel_head(in_channels: int, num_filters: int, dropout: float) -> nn.Sequential:
+    """Dropout2d -> conv3x3(-> f) + ABN -> conv1x1(-> 1): (B, in, H, W) -> (B, 1, H, W) logit."""
+    return nn.Sequential(nn.Dropout2d(dropout), conv_abn(in_channels, num_filters), nn.Conv2d(num_filters, 1, 1))
+
+
+class SaltUNet(nn.Module):
+    """The recipe's network; forward (B, 3, H, W) in [0, 1] (H, W multiples of 32) -> SaltOutput.
+
+    The input is normalised with the ImageNet mean/std inside the network.
+    `attention="plain"` swaps the fused attention for the reference implementation (same weights).
+    """
+
+    def __init__(self, backbone: str = "senet154", pretrained: str | Path | None = None, num_filters: int = 16,
+                 head_dropout: float = 0.5, decoder_dropout: float = 0.2, bottleneck_dropout: float = 0.05,
+                 upsample_input: bool = True, attention: str = "sdpa"):
+        super().__init__()
+        f = num_filters
+        c0, c1, c2, c3, c4 = stage_channels(backbone)
+        self._arch = {"backbone": backbone, "num_filters": num_filters, "head_dropout": head_dropout,
+                      "decoder_dropout": decoder_dropout, "bottleneck_dropout": bottleneck_dropout,
+                      "upsample_input": upsample_input, "attention": attention}
+        self.upsample_input = upsample_input
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.encoder = build_encoder(backbone, pretrained)
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(c4, 32 * f, 3, padding=1, bias=False), nn.BatchNorm2d(32 * f),
+            ObjectContextBlock(32 * f, 16 * f, 16 * f, bottleneck_dropout, attention),
+        )
+        dec = {"dropout": decoder_dropout, "attention": attention}
+        self.centre = DecoderBlock(32 * f, 16 * f, 8 * f, **dec)
+        self.decoder5 = DecoderBlock(8 * f + 32 * f, 16 * f, 8 * f, **dec)
+        self.decoder4 = DecoderBlock(8 * f + c3, 16 * f, 4 * f, **dec)
+        self.decoder3 = DecoderBlock(4 * f + c2, 8 * f, 2 * f, **dec)
+        self.decoder2 = nn.Sequential(conv_abn(2 * f + c1, 4 * f), conv_abn(4 * f, f))
+        self.decoder1 = DecoderBlock(f + c0, 2 * f, f, **dec)
+        # hypercolumn [d1, u2, u3, u4, u5] channels
+        hyper = (f, f, 2 * f, 4 * f, 8 * f)
+        self.pixel_heads = nn.ModuleList(pixel_head(c, f, head_dropout) for c in hyper)
+        self.pixel_fusion = nn.Sequential(nn.Dropout2d(head_dropout), nn.Conv2d(sum(hyper), 64, 1))
+        self.image_fusion = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(32 * f, 32), nn.ReLU(inplace=True))
+        self.image_logit = nn.Linear(32, 1)
+        self.final = pixel_head(64 + 32, f, head_dropout)
+
+    @property
+    def arch(self) -> dict:
+        """Constructor kwargs that rebuild this architecture (weights excluded: pretrained is always None)."""
+        return dict(self._arch)
+
+    def set_attention(self, attention: str) -> None:
+        """Switch every OC block between "sdpa" and "plain" (same weights); recorded in `arch`."""
+        for m in self.modules():
+            if isinstance(m, ObjectContextBlock):
+                ObjectContextBlock.check_attention(attention)
+                m.attention = attention
+        self._arch["attention"] = attention
+
+    def forward(self, x: torch.Tensor) -> SaltOutput:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % INPUT_MULTIPLE or x.shape[3] % INPUT_MULTIPLE:
+            raise ValueError(f"SaltUNet expects (B, 3, H, W) with H and W multiples of {INPUT_MULTIPLE} "
+                             f"(pad or resize 101 px tiles to 128); got {tuple(x.shape)}")
+        size = x.shape[-2:]
+        x = (x - self.mean) / self.std
+        if self.upsample_input:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        e0, e1, e2, e3, e4 = self.encoder(x)
+        bottleneck = self.bottleneck(e4)
+        centre = self.centre(F.max_pool2d(bottleneck, 2))
+        d5 = self.decoder5(centre, bottleneck)
+        d4 = self.decoder4(d5, e3)
+        d3 = self.decoder3(d4, e2)
+        d2 = self.decoder2(torch.cat([d3, e1], dim=1))
+        d1 = self.decoder1(d2, e0)
+        d_size = d1.shape[-2:]
+        hyper = [d1] + [F.interpolate(d, size=d_size, mode="bilinear", align_corners=False) for d in (d2, d3, d4, d5)]
+        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper)]
+        pixel_fusion = self.pixel_fusion(torch.cat(hyper, dim=1))
+        image_fusion = self.image_fusion(F.adaptive_avg_pool2d(bottleneck, 1).flatten(1))
+        image_logit = self.image_logit(image_fusion)
+        broadcast = image_fusion[:, :, None, None].expand(-1, -1, *d_size)
+        logit = self.final(torch.cat([pixel_fusion, broadcast], dim=1))
+        if d_size != size:  # upsample_input=False: heads ran at H/2, logits are resized to the input
+            logit = F.interpolate(logit, size=size, mode="bilinear", align_corners=False)
+            pixel_logits = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pixel_logits]
+        return SaltOutput(logit, tuple(pixel_logits), image_logit)
+
+
+def network_from_arch(arch: dict, pretrained: str | Path | None = None) -> SaltUNet:
+    """Rebuild a SaltUNet from `SaltUNet.arch` (as stored in checkpoints under "arch"); weights come separately."""
+    arch = dict(arch)
+    arch.pop("pretrained", None)  # tolerate an arch written with the ctor's pretrained value
+    unknown = set(arch) - set(inspect.signature(SaltUNet).parameters)
+    if unknown:
+        raise ValueError(f"arch has unknown keys {sorted(unknown)}; expected SaltUNet constructor arguments")
+    return SaltUNet(pretrained=pretrained, **arch)

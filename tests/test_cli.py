@@ -1,0 +1,116 @@
+"""`saltkit` command line: folds, score, check-data, the subcommand registry and error handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from saltkit.cli import Subcommand, builtin_subcommands, main, register_subcommand
+from saltkit.data.folds import read_folds
+from saltkit.data.layout import copy_subset, read_rle_masks, sample_dir, train_items
+from saltkit.metrics import kaggle_scores
+from saltkit.submission import write_submission
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    ids = [it["id"] for it in train_items(sample_dir())][:12]
+    return copy_subset(sample_dir(), tmp_path / "tgs", ids)
+
+
+def test_folds_command(sample_dir, tmp_path, capsys):
+    out = tmp_path / "folds.csv"
+    assert main(["folds", str(sample_dir), "--k", "5", "--out", str(out), "--seed", "3"]) == 0
+    assert "100 ids in 5 folds of 20-20" in capsys.readouterr().out
+    folds = read_folds(out, k=5)
+    assert len(folds) == 100
+    out2 = tmp_path / "again.csv"
+    main(["folds", str(sample_dir), "--k", "5", "--out", str(out2), "--seed", "3"])
+    assert out.read_text() == out2.read_text()
+
+
+def test_folds_command_errors(tmp_path, capsys):
+    out = tmp_path / "folds.csv"
+    assert main(["folds", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saltkit folds: error: ") and "nope: dataset folder not found" in err
+    assert main(["folds", str(sample_dir()), "--k", "1000", "--out", str(out)]) == 2
+    assert "k=1000" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _predictions(tmp_path):
+    truth_df, truths = read_rle_masks(sample_dir() / "train.csv")
+    preds = np.roll(truths, 3, axis=2)
+    preds[::7] = 0
+    path = tmp_path / "pred.csv"
+    write_submission(truth_df["id"].tolist()[::-1], preds[::-1], path)  # row order differs from the truth's
+    return path, kaggle_scores(preds, truths)
+
+
+def test_score_command(tmp_path, capsys):
+    truth_csv = sample_dir() / "train.csv"
+    assert main(["score", str(truth_csv), str(truth_csv)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1.000000"
+    pred, expected = _predictions(tmp_path)
+    per_image = tmp_path / "per_image.csv"
+    assert main(["score", str(truth_csv), str(pred), "--per-image", str(per_image)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{expected.mean():.6f}" and float(out[-1]) < 1
+    assert "tiles: 100" in "\n".join(out)
+    table = np.genfromtxt(per_image, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    np.testing.assert_allclose(table["score"], expected, rtol=0, atol=1e-12)
+
+
+def test_score_command_errors(tmp_path, capsys):
+    truth_csv = sample_dir() / "train.csv"
+    rows = truth_csv.read_text().splitlines()
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(rows[:-1]) + "\n")
+    per_image = tmp_path / "per_image.csv"
+    assert main(["score", str(truth_csv), str(short), "--per-image", str(per_image)]) == 2
+    err = capsys.readouterr().err
+    assert f"{short}: 1 expected ids are missing: {rows[-1].split(',')[0]}" in err
+    assert not per_image.exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join([rows[0], rows[1].split(",")[0] + ",3 2 1 1", *rows[2:]]) + "\n")
+    assert main(["score", str(truth_csv), str(bad)]) == 2
+    assert f"{bad} line 2 (id {rows[1].split(',')[0]}): RLE run 2" in capsys.readouterr().err
+    assert main(["score", str(sample_dir() / "depths.csv"), str(truth_csv)]) == 2
+    assert "header is id,z; expected id,rle_mask" in capsys.readouterr().err
+
+
+def test_check_data_command(tiny, capsys):
+    assert main(["check-data", str(sample_dir())]) == 0
+    assert capsys.readouterr().out.startswith("ok: 100 train tiles with masks (100 with depth), 20 test tiles")
+    mask = tiny / "train" / "masks" / (train_items(tiny)[3]["id"] + ".png")
+    mask.write_bytes(b"junk")
+    (tiny / "depths.csv").write_text("id,depth\n")
+    assert main(["check-data", str(tiny)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any(str(mask) in line and "cannot read the mask" in line for line in out)
+    assert any("depths.csv: header is id,depth" in line for line in out)
+    assert out[-1] == f"2 problem(s) in {tiny}"
+
+
+def test_registry_and_extension():
+    registry = builtin_subcommands()
+    assert list(registry) == ["folds", "score", "check-data"]
+    with pytest.raises(ValueError, match="'score' is already registered"):
+        register_subcommand(registry, registry["score"])
+    seen = []
+    register_subcommand(registry, Subcommand("hello", "say hello", lambda p: p.add_argument("name"),
+                                             lambda a: seen.append(a.name) or 0))
+    assert main(["hello", "salt"], registry=registry) == 0 and seen == ["salt"]
+
+
+def test_console_errors_have_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "saltkit.cli", "score", str(tmp_path / "t.csv"),
+                             str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"saltkit score: error: {tmp_path / 't.csv'}: file not found " \
+                                    "(expected a CSV with header id,rle_mask)"

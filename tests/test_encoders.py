@@ -1,0 +1,88 @@
+"""Backbone registry: stage shapes and channels, and how pretrained weights are found (never downloaded here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saltkit.networks import encoders
+from saltkit.networks.encoders import (
+    WeightsNotFoundError,
+    available_backbones,
+    build_encoder,
+    hub_weights_path,
+    stage_channels,
+)
+
+
+def test_registry_lists_every_backbone():
+    assert set(available_backbones()) == {
+        "senet154", "se_resnext50_32x4d", "se_resnext101_32x4d", "se_resnet50", "se_resnet101", "se_resnet152",
+        "resnet18", "resnet34", "resnet50",
+    }
+    with pytest.raises(ValueError, match="unknown backbone 'resnet999'"):
+        stage_channels("resnet999")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "se_resnet50"])
+def test_stage_shapes_and_channels(name):
+    enc = build_encoder(name).eval()
+    with torch.no_grad():
+        feats = enc(torch.rand(1, 3, 64, 64))
+    sizes = [64 // 4, 64 // 4, 64 // 8, 64 // 16, 64 // 32]
+    assert [f.shape[1] for f in feats] == list(stage_channels(name)) == list(enc.channels)
+    assert [f.shape[-1] for f in feats] == sizes
+    assert [f.shape[-2] for f in feats] == sizes
+
+
+def test_resnet_channels_are_the_published_ones():
+    assert stage_channels("resnet18") == stage_channels("resnet34") == (64, 64, 128, 256, 512)
+    assert stage_channels("resnet50") == (64, 256, 512, 1024, 2048)
+    assert stage_channels("senet154") == (128, 256, 512, 1024, 2048)
+
+
+def test_missing_local_weights_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "resnet18.pth"
+    with pytest.raises(WeightsNotFoundError, match=str(missing)):
+        build_encoder("resnet18", pretrained=missing)
+
+
+def test_imagenet_without_cache_or_network_names_file_and_url(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_network(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    expected = tmp_path / "hub" / "checkpoints" / "senet154-c7b49a05.pth"
+    url = encoders.backbone_spec("senet154").url
+    with pytest.raises(WeightsNotFoundError) as err:
+        build_encoder("senet154", pretrained="imagenet")  # fails before building the 115M-parameter model
+    assert str(expected) in str(err.value) and url in str(err.value)
+    assert not list(expected.parent.glob("*"))  # no partial file left behind
+
+
+def test_imagenet_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    import torchvision
+
+    torch.manual_seed(1)
+    published = torchvision.models.resnet18(weights=None)
+    path = hub_weights_path(encoders.backbone_spec("resnet18").url)
+    path.parent.mkdir(parents=True)
+    torch.save(published.state_dict(), path)
+    assert path.name == "resnet18-f37072fd.pth"
+    for pretrained in ("imagenet", path):
+        enc = build_encoder("resnet18", pretrained=pretrained)
+        assert torch.equal(enc.layer0[0].weight, published.conv1.weight)
+        assert torch.equal(enc.layer4[1].conv2.weight, published.layer4[1].conv2.weight)
+
+
+def test_weights_of_another_backbone_are_refused(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit backbone 'resnet18'"):
+        build_encoder("resnet18", pretrained=path)

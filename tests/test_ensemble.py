@@ -1,0 +1,69 @@
+"""Saved probabilities (uint16 npz) and their ensembling into one submission."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saltkit.inference.ensemble import average_probabilities, ensemble_files
+from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
+
+
+def make(ids, seed, image=True):
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    return Probabilities(
+        np.array(ids), rng.random((n, 101, 101)).astype(np.float32), rng.random(n).astype(np.float32) if image else None
+    )
+
+
+def test_round_trip_quantisation(tmp_path):
+    p = make(["a", "b", "c"], 0)
+    p.probs[0, 0, :3] = [0.0, 1.0, 0.5]
+    path = save_probabilities(tmp_path / "sub" / "probs.npz", p)
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    with np.load(path) as d:
+        assert d["probs"].dtype == np.uint16 and d["ids"].tolist() == ["a", "b", "c"]
+    q = load_probabilities(path)
+    assert q.ids.tolist() == ["a", "b", "c"]
+    assert np.abs(q.probs - p.probs).max() <= 0.5 / 65535 + 1e-7
+    assert np.abs(q.image_probs - p.image_probs).max() <= 0.5 / 65535 + 1e-7
+    assert q.probs[0, 0, :3].tolist() == [0.0, 1.0, pytest.approx(0.5, abs=1e-5)]
+
+
+def test_average_aligns_ids_and_weights_equally(tmp_path):
+    ids = ["t1", "t2", "t3", "t4"]
+    a, b, c = make(ids, 1), make(ids, 2), make(ids, 3, image=False)
+    perm = np.array([2, 0, 3, 1])
+    b_shuffled = Probabilities(b.ids[perm], b.probs[perm], b.image_probs[perm])
+    avg = average_probabilities([a, b_shuffled])
+    assert avg.ids.tolist() == ids
+    np.testing.assert_allclose(avg.probs, (a.probs + b.probs) / 2, atol=1e-6)
+    np.testing.assert_allclose(avg.image_probs, (a.image_probs + b.image_probs) / 2, atol=1e-6)
+    # one input without image probabilities: the average has none
+    assert average_probabilities([a, c]).image_probs is None
+    paths = [save_probabilities(tmp_path / f"{k}.npz", p) for k, p in enumerate([a, b_shuffled, c])]
+    files = ensemble_files(paths)
+    np.testing.assert_allclose(files.probs, (a.probs + b.probs + c.probs) / 3, atol=2e-5)
+
+
+def test_mismatched_ids_name_the_file(tmp_path):
+    a = save_probabilities(tmp_path / "a.npz", make(["x", "y"], 0))
+    b = save_probabilities(tmp_path / "b.npz", make(["x", "z"], 1))
+    with pytest.raises(ValueError, match=r"b\.npz.*missing \['y'\].*unexpected \['z'\]"):
+        ensemble_files([a, b])
+    with pytest.raises(ValueError, match="nothing to ensemble"):
+        average_probabilities([])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        load_probabilities(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="bad.npz"):
+        load_probabilities(bad)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz.*missing arrays"):
+        load_probabilities(other)

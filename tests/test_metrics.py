@@ -1,0 +1,145 @@
+"""Competition metric and pixel accuracy: golden values, input forms, and the Ignite metrics in a real Engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+
+from saltkit.data.layout import load_mask
+from saltkit.metrics import KaggleScore, PixelAccuracy, kaggle_scores, pixel_accuracy
+
+
+@pytest.fixture(scope="module")
+def pairs(sample_dir):
+    """64 sample masks, predictions shifted/emptied from them, and noisy logits (always available, unlike golden)."""
+    files = sorted((sample_dir / "train" / "masks").glob("*.png"))[:64]
+    masks = np.stack([load_mask(f) for f in files])
+    rng = np.random.default_rng(0)
+    preds = np.stack([np.roll(m, int(rng.integers(-3, 4)), axis=int(rng.integers(0, 2))) for m in masks])
+    preds[::9] = 0
+    logits = (preds * 2.0 - 1.0) * 2 + rng.normal(0, 1.5, preds.shape)
+    return {"masks": masks, "preds": preds, "logits": logits.astype(np.float32)}
+
+
+def test_golden_values(golden):
+    scores = kaggle_scores(golden["preds"], golden["masks"])
+    assert scores.dtype == np.float64 and scores.shape == (64,)
+    np.testing.assert_allclose(scores, golden["kaggle_per_image"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scores.mean(), golden["kaggle_mean"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(pixel_accuracy(golden["preds"], golden["masks"]), golden["pixel_accuracy"],
+                               rtol=0, atol=1e-12)
+
+
+def test_input_forms_agree(pairs):
+    p, t = pairs["preds"], pairs["masks"]
+    expected = kaggle_scores(p, t)
+    np.testing.assert_array_equal(kaggle_scores(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]), expected)
+    np.testing.assert_array_equal(kaggle_scores(p.astype(bool), t.astype(np.int64)), expected)
+    np.testing.assert_array_equal(kaggle_scores(p.astype(np.float32), t), expected)
+
+
+def _tile(salt_cols: int) -> np.ndarray:
+    m = np.zeros((101, 101), np.uint8)
+    m[:, :salt_cols] = 1
+    return m
+
+
+def test_hand_computed_scores():
+    truth = _tile(20)
+    cases = [
+        (_tile(20), 1.0),  # exact
+        (_tile(0), 0.0),  # missed salt
+        (_tile(12), 0.2),  # IoU exactly 0.60: exceeds 0.50 and 0.55 only (strictly greater)
+        (_tile(13), 0.3),  # IoU exactly 0.65: exceeds 0.50, 0.55, 0.60
+        (_tile(40), 0.0),  # IoU 0.5: exceeds none
+    ]
+    preds = np.stack([c[0] for c in cases])
+    scores = kaggle_scores(preds, np.stack([truth] * len(cases)))
+    np.testing.assert_array_equal(scores, [c[1] for c in cases])
+    # Empty truth: 1 only for an empty prediction.
+    empty = np.zeros((2, 101, 101), np.uint8)
+    np.testing.assert_array_equal(kaggle_scores(np.stack([_tile(0), _tile(1)]), empty), [1.0, 0.0])
+    np.testing.assert_allclose(pixel_accuracy(_tile(1)[None], empty[:1]), [1 - 101 / 10201], rtol=0, atol=1e-15)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="differ in shape"):
+        kaggle_scores(np.zeros((2, 5, 5)), np.zeros((3, 5, 5)))
+    with pytest.raises(ValueError, match=r"\(N, H, W\) or \(N, 1, H, W\)"):
+        kaggle_scores(np.zeros((5, 5)), np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="binarise"):
+        kaggle_scores(np.full((1, 5, 5), 0.7), np.zeros((1, 5, 5)))
+
+
+def _run_engine(batches, metrics):
+    engine = Engine(lambda e, batch: batch)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    return engine.run(batches, max_epochs=1).metrics
+
+
+def test_ignite_metrics_in_engine(pairs):
+    golden = pairs  # same field names as the golden file
+    truth = torch.from_numpy(golden["masks"]).float()[:, None]
+    logits = torch.from_numpy(golden["logits"])[:, None]
+    # Batches of 10 (last one 4): the running mean must equal the per-tile mean over all 64.
+    batches = [(logits[i : i + 10], truth[i : i + 10]) for i in range(0, 64, 10)]
+    metrics = _run_engine(batches, {"kaggle": KaggleScore(), "acc": PixelAccuracy(),
+                                    "kaggle_t1": KaggleScore(threshold=1.0)})
+    binary = (golden["logits"] > 0).astype(np.uint8)
+    assert metrics["kaggle"] == pytest.approx(kaggle_scores(binary, golden["masks"]).mean(), abs=1e-12)
+    assert metrics["acc"] == pytest.approx(pixel_accuracy(binary, golden["masks"]).mean(), abs=1e-12)
+    binary1 = (golden["logits"] > 1.0).astype(np.uint8)
+    assert metrics["kaggle_t1"] == pytest.approx(kaggle_scores(binary1, golden["masks"]).mean(), abs=1e-12)
+
+
+def test_ignite_metric_matches_golden_predictions(golden):
+    # Logits +-5 from the golden binary predictions: KaggleScore must reproduce kaggle_mean exactly.
+    logits = torch.from_numpy(golden["preds"]).float()[:, None] * 10 - 5
+    truth = torch.from_numpy(golden["masks"]).float()[:, None]
+    metrics = _run_engine([(logits[:32], truth[:32]), (logits[32:], truth[32:])], {"k": KaggleScore()})
+    assert abs(metrics["k"] - float(golden["kaggle_mean"])) <= 1e-12
+
+
+def test_ignite_metric_on_sample_and_errors(sample_dir):
+    files = sorted((sample_dir / "train" / "masks").glob("*.png"))[:16]
+    truth = torch.from_numpy(np.stack([load_mask(f) for f in files])).float()[:, None]
+    perfect = truth * 20 - 10
+    metrics = _run_engine([(perfect[:8], truth[:8]), (perfect[8:], truth[8:])], {"k": KaggleScore(),
+                                                                                  "a": PixelAccuracy()})
+    assert metrics == {"k": 1.0, "a": 1.0}
+    with pytest.raises(NotComputableError):
+        KaggleScore().compute()
+    with pytest.raises(ValueError, match="must have the same"):
+        KaggleScore().update((perfect[:2], truth[:3]))
+
+
+def _ddp_worker(local_rank, preds, truth, out):
+    import ignite.distributed as idist
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    logits = torch.from_numpy(preds).float()[:, None] * 10 - 5
+    y = torch.from_numpy(truth).float()[:, None]
+    metrics = _run_engine([(logits[rank::world], y[rank::world])], {"k": KaggleScore(), "a": PixelAccuracy()})
+    if rank == 0:
+        out.put(metrics)
+
+
+@pytest.mark.slow
+def test_ignite_metrics_all_reduce_over_two_processes(pairs):
+    import ignite.distributed as idist
+    import torch.multiprocessing as mp
+
+    out = mp.get_context("spawn").Queue()
+    # Each process sees half the tiles; after all-reduce both must report the score over all 64.
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_ddp_worker, pairs["preds"], pairs["masks"], out)
+    metrics = out.get(timeout=60)
+    total = kaggle_scores(pairs["preds"], pairs["masks"]).mean()
+    half = kaggle_scores(pairs["preds"][0::2], pairs["masks"][0::2]).mean()
+    assert abs(half - total) > 1e-3  # rank 0's own half alone would not pass
+    assert abs(metrics["k"] - total) <= 1e-12
+    assert abs(metrics["a"] - pixel_accuracy(pairs["preds"], pairs["masks"]).mean()) <= 1e-12

@@ -1,0 +1,62 @@
+"""Post-processing: threshold, small components, image-head and area emptying."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.morphology import remove_small_objects
+
+from saltkit.inference.postprocess import PostProcessing, postprocess, remove_small_components
+
+
+def test_defaults_are_a_plain_threshold():
+    rng = np.random.default_rng(0)
+    probs = rng.random((5, 101, 101)).astype(np.float32)
+    out = postprocess(probs)
+    assert out.dtype == np.uint8
+    assert np.array_equal(out, (probs > 0.5).astype(np.uint8))
+    assert np.array_equal(postprocess(probs, settings=PostProcessing(threshold=0.8)), probs > 0.8)
+
+
+def test_small_components_match_skimage_per_tile():
+    rng = np.random.default_rng(1)
+    masks = rng.random((6, 101, 101)) > 0.7  # many small blobs, some touching the tile edge
+    masks[2] = False
+    ours = remove_small_components(masks, 5)
+    for k in range(len(masks)):
+        # skimage >= 0.26: max_size removes objects of at most that size, i.e. fewer than 5 pixels
+        ref = remove_small_objects(masks[k], max_size=4, connectivity=1)
+        assert np.array_equal(ours[k], ref), k
+    assert ours.sum() < masks.sum()
+
+
+def test_components_never_merge_across_tiles():
+    masks = np.zeros((2, 10, 10), dtype=bool)
+    masks[0, 4, 4] = masks[1, 4, 4] = True  # same pixel in consecutive tiles: two 1-pixel components
+    assert not remove_small_components(masks, 2).any()
+    masks[0, 4, 5] = True
+    kept = remove_small_components(masks, 2)
+    assert kept[0].sum() == 2 and kept[1].sum() == 0
+
+
+def test_image_threshold_and_min_area_empty_tiles():
+    probs = np.zeros((3, 101, 101), dtype=np.float32)
+    probs[0, :50, :50] = 0.9  # big, confident
+    probs[1, :3, :3] = 0.9  # 9 pixels
+    probs[2, 10:60, 10:60] = 0.9  # big, but the image head says no salt
+    image = np.array([0.9, 0.9, 0.1], dtype=np.float32)
+    out = postprocess(probs, image, PostProcessing(image_threshold=0.5, min_area=10))
+    assert out[0].sum() == 2500 and out[1].sum() == 0 and out[2].sum() == 0
+    out = postprocess(probs, image, PostProcessing(min_component_size=10))
+    assert out[1].sum() == 0 and out[2].sum() == 2500
+
+
+def test_bad_settings_and_inputs():
+    with pytest.raises(ValueError, match="threshold"):
+        PostProcessing(threshold=1.5)
+    with pytest.raises(ValueError, match="min_area"):
+        PostProcessing(min_area=-1)
+    with pytest.raises(ValueError, match="image probabilities"):
+        postprocess(np.zeros((1, 4, 4)), None, PostProcessing(image_threshold=0.5))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        postprocess(np.zeros((4, 4)))

@@ -1,0 +1,103 @@
+"""SWA: equal-weight parameter mean of checkpoints, BatchNorm statistics recomputed, the swa bundle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from saltkit.handlers.swa import average_checkpoints, recompute_bn, run_swa
+from saltkit.networks import SaltUNet
+
+# dropout off, so a manual forward pass sees exactly what update_bn saw
+ARCH = {"backbone": "resnet18", "num_filters": 4, "head_dropout": 0.0, "decoder_dropout": 0.0,
+        "bottleneck_dropout": 0.0}
+
+
+def write_checkpoints(folder, n=3, arch=ARCH):
+    """n checkpoints of one arch with different random weights and BN statistics."""
+    paths, nets = [], []
+    for k in range(n):
+        torch.manual_seed(k)
+        net = SaltUNet(**arch)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+        path = folder / f"ckpt{k}.pt"
+        torch.save({"network": net.state_dict(), "arch": net.arch, "epoch": k}, path)
+        paths.append(path)
+        nets.append(net)
+    return paths, nets
+
+
+def test_equal_weight_parameter_mean(tmp_path):
+    paths, nets = write_checkpoints(tmp_path)
+    averaged, arch = average_checkpoints(paths)
+    assert arch == nets[0].arch
+    params = dict(averaged.named_parameters())
+    assert len(params) == len(dict(nets[0].named_parameters()))
+    for name, p in params.items():
+        expected = sum(dict(n.named_parameters())[name] for n in nets) / 3
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+    # buffers are not averaged: they are recomputed afterwards
+    bn = next(m for m in averaged.modules() if isinstance(m, nn.BatchNorm2d))
+    last = next(m for m in nets[-1].modules() if isinstance(m, nn.BatchNorm2d))
+    torch.testing.assert_close(bn.running_mean, last.running_mean)
+
+
+def test_bn_recomputed_like_a_manual_pass(tmp_path):
+    paths, _ = write_checkpoints(tmp_path, n=2)
+    averaged, _ = average_checkpoints(paths)
+    before = {k: v.clone() for k, v in averaged.state_dict().items() if "running" in k}
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 3, 64, 64, generator=g) for _ in range(3)]
+
+    # manual: every BN's input in train mode (earlier BNs normalise with batch statistics, as update_bn does)
+    seen: dict[str, list[torch.Tensor]] = {}
+    bns = {name: m for name, m in averaged.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, []).append(inp[0].detach()))
+             for name, m in bns.items()]
+    averaged.train()
+    with torch.no_grad():
+        for x in batches:
+            averaged(x)
+    for h in hooks:
+        h.remove()
+
+    tiles = recompute_bn(averaged, iter(batches))
+    assert tiles == 12 and not averaged.training
+    state = averaged.state_dict()
+    changed = 0
+    for name, m in bns.items():
+        inputs = seen[name]
+        # equal batch sizes: the cumulative average is the mean of per-batch statistics
+        mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
+        var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-4, atol=1e-5)
+        changed += not torch.allclose(state[f"{name}.running_mean"], before[f"{name}.running_mean"])
+    assert changed == len(bns)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    paths, _ = write_checkpoints(tmp_path, n=1)
+    with pytest.raises(FileNotFoundError, match="best_accuracy.pt"):
+        run_swa([paths[0], tmp_path / "best_accuracy.pt"], [], tmp_path / "swa.pt")
+    assert not (tmp_path / "swa.pt").exists()
+
+
+def test_different_archs_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _ = write_checkpoints(tmp_path / "a", n=1)
+    b, _ = write_checkpoints(tmp_path / "b", n=1, arch={**ARCH, "num_filters": 8})
+    with pytest.raises(ValueError, match="differs"):
+        average_checkpoints([a[0], b[0]])
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "best_loss.pt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ValueError, match="best_loss.pt.*'network' and 'arch'"):
+        average_checkpoints([bad])

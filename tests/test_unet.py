@@ -1,0 +1,101 @@
+"""SaltUNet: the three heads and their shapes, input checks, arch round trip, SDPA vs plain equality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saltkit.networks import SaltOutput, SaltUNet, network_from_arch
+
+
+@pytest.fixture(scope="module")
+def resnet18_net():
+    torch.manual_seed(0)
+    return SaltUNet("resnet18", pretrained=None, num_filters=8).eval()
+
+
+def assert_heads(out, batch, h, w):
+    assert isinstance(out, SaltOutput)
+    assert out.logit.shape == (batch, 1, h, w)
+    assert len(out.pixel_logits) == 5
+    assert all(p.shape == (batch, 1, h, w) for p in out.pixel_logits)
+    assert out.image_logit.shape == (batch, 1)
+    assert all(torch.isfinite(t).all() for t in (out.logit, out.image_logit, *out.pixel_logits))
+
+
+@pytest.mark.parametrize("size", [(128, 128), (64, 64), (96, 96), (64, 96)])
+def test_heads_and_shapes(resnet18_net, size):
+    with torch.no_grad():
+        out = resnet18_net(torch.rand(2, 3, *size))
+    assert_heads(out, 2, *size)
+
+
+def test_train_mode_backward_reaches_encoder():
+    torch.manual_seed(0)
+    net = SaltUNet("resnet34", num_filters=8).train()
+    out = net(torch.rand(2, 3, 64, 64))
+    assert_heads(out, 2, 64, 64)
+    (out.logit.mean() + sum(p.mean() for p in out.pixel_logits) + out.image_logit.mean()).backward()
+    assert net.encoder.layer0[0].weight.grad.abs().sum() > 0
+
+
+def test_upsample_input_false_keeps_output_at_input_size():
+    torch.manual_seed(0)
+    net = SaltUNet("resnet18", num_filters=8, upsample_input=False).eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        feats = net.encoder((x - net.mean) / net.std)
+        out = net(x)
+    assert [f.shape[-1] for f in feats] == [32, 32, 16, 8, 4]  # encoder at the input's own size
+    assert_heads(out, 1, 128, 128)
+
+
+def test_recipe_stage_sizes_for_128_input(resnet18_net):
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 128, 128), scale_factor=2, mode="bilinear")
+    with torch.no_grad():
+        feats = resnet18_net.encoder(x)
+    assert [f.shape[-1] for f in feats] == [64, 64, 32, 16, 8]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 101, 101), (1, 3, 128, 100), (1, 1, 128, 128)])
+def test_bad_input_shape_is_refused(resnet18_net, shape):
+    with pytest.raises(ValueError, match=r"multiples of 32.*" + str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")):
+        resnet18_net(torch.rand(*shape))
+
+
+def test_arch_round_trip(resnet18_net):
+    arch = resnet18_net.arch
+    assert arch["backbone"] == "resnet18" and arch["num_filters"] == 8 and "pretrained" not in arch
+    rebuilt = network_from_arch(arch).eval()
+    rebuilt.load_state_dict(resnet18_net.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logit, resnet18_net(x).logit)
+    with pytest.raises(ValueError, match="unknown keys"):
+        network_from_arch({**arch, "depth": 5})
+
+
+def test_sdpa_and_plain_networks_agree(resnet18_net):
+    torch.manual_seed(1)
+    net = SaltUNet("resnet18", num_filters=8).eval()
+    for m in net.modules():  # the OC output projections start at zero; make attention matter
+        if hasattr(m, "out") and isinstance(m.out, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.out.weight, std=0.1)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a = net(x)
+        net.set_attention("plain")
+        b = net(x)
+    assert net.arch["attention"] == "plain"
+    for ta, tb in zip((a.logit, a.image_logit, *a.pixel_logits), (b.logit, b.image_logit, *b.pixel_logits)):
+        assert (ta - tb).abs().max().item() < 1e-4
+
+
+def test_default_senet154_heads():
+    torch.manual_seed(0)
+    net = SaltUNet().eval()  # the recipe's default: senet154, f = 16
+    assert net.arch["backbone"] == "senet154"
+    assert net.encoder.channels == (128, 256, 512, 1024, 2048)
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 32, 32))
+    assert_heads(out, 1, 32, 32)
