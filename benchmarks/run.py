@@ -12,10 +12,9 @@ import importlib.util
 import json
 import sys
 import time
-import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 

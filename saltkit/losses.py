@@ -114,7 +114,7 @@ def lovasz_hinge_reference(logits: torch.Tensor, targets: torch.Tensor, per_imag
         return torch.dot(_hinge_fn(errors_sorted, smooth), grad)
 
     losses = []
-    for xi, ti in zip(x, t):
+    for xi, ti in zip(x, t, strict=True):
         if ignore_empty and ti.sum() == 0:
             continue
         loss = one(xi, ti)

@@ -122,7 +122,7 @@ def test_deep_supervision_gradients_match_reference():
         o = SaltOutput(leaves[0], tuple(leaves[1:6]), leaves[6])
         DeepSupervisionLoss(reference=reference)(o, t).backward()
         grads.append([a.grad for a in leaves])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
 
 

@@ -82,18 +82,17 @@ def _run_engine(batches, metrics):
 
 
 def test_ignite_metrics_in_engine(pairs):
-    golden = pairs  # same field names as the golden file
-    truth = torch.from_numpy(golden["masks"]).float()[:, None]
-    logits = torch.from_numpy(golden["logits"])[:, None]
+    truth = torch.from_numpy(pairs["masks"]).float()[:, None]
+    logits = torch.from_numpy(pairs["logits"])[:, None]
     # Batches of 10 (last one 4): the running mean must equal the per-tile mean over all 64.
     batches = [(logits[i : i + 10], truth[i : i + 10]) for i in range(0, 64, 10)]
     metrics = _run_engine(batches, {"kaggle": KaggleScore(), "acc": PixelAccuracy(),
                                     "kaggle_t1": KaggleScore(threshold=1.0)})
-    binary = (golden["logits"] > 0).astype(np.uint8)
-    assert metrics["kaggle"] == pytest.approx(kaggle_scores(binary, golden["masks"]).mean(), abs=1e-12)
-    assert metrics["acc"] == pytest.approx(pixel_accuracy(binary, golden["masks"]).mean(), abs=1e-12)
-    binary1 = (golden["logits"] > 1.0).astype(np.uint8)
-    assert metrics["kaggle_t1"] == pytest.approx(kaggle_scores(binary1, golden["masks"]).mean(), abs=1e-12)
+    binary = (pairs["logits"] > 0).astype(np.uint8)
+    assert metrics["kaggle"] == pytest.approx(kaggle_scores(binary, pairs["masks"]).mean(), abs=1e-12)
+    assert metrics["acc"] == pytest.approx(pixel_accuracy(binary, pairs["masks"]).mean(), abs=1e-12)
+    binary1 = (pairs["logits"] > 1.0).astype(np.uint8)
+    assert metrics["kaggle_t1"] == pytest.approx(kaggle_scores(binary1, pairs["masks"]).mean(), abs=1e-12)
 
 
 def test_ignite_metric_matches_golden_predictions(golden):

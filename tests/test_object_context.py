@@ -47,7 +47,7 @@ def test_sdpa_gradients_equal_plain():
         xi = x.clone().requires_grad_()
         (m.train()(xi) ** 2).sum().backward()
         grads.append((xi.grad, m.key[0].weight.grad, m.value.weight.grad))
-    for g_sdpa, g_plain in zip(*grads):
+    for g_sdpa, g_plain in zip(*grads, strict=True):
         assert torch.allclose(g_sdpa, g_plain, rtol=1e-4, atol=1e-4)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -101,3 +105,69 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="best_loss.pt.*'network' and 'arch'"):
         average_checkpoints([bad])
+
+
+def mini_dataset(sample_dir, root, n=12):
+    """The first `n` labelled sample tiles in the competition layout (a fast BN pass)."""
+    from saltkit.data import train_items
+
+    for sub in ("train/images", "train/masks"):
+        (root / sub).mkdir(parents=True)
+    items = train_items(sample_dir)[:n]
+    for it in items:
+        shutil.copy(it["image"], root / "train" / "images")
+        shutil.copy(it["label"], root / "train" / "masks")
+    ids = {it["id"] for it in items}
+    for name in ("train.csv", "depths.csv"):
+        df = pd.read_csv(sample_dir / name, dtype={"id": str}, keep_default_na=False)
+        df[df["id"].isin(ids)].to_csv(root / name, index=False)
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+def test_swa_bundle(sample_dir, tmp_path, capsys):
+    from monai.bundle import run as bundle_run
+
+    data = mini_dataset(sample_dir, tmp_path / "data")
+    run_dir = tmp_path / "pad_fold1"
+    run_dir.mkdir()
+    arch = {**ARCH, "upsample_input": False}
+    paths, nets = write_checkpoints(run_dir, n=3, arch=arch)
+    for p, name in zip(paths, ("best_loss.pt", "best_accuracy.pt", "best_metric.pt"), strict=True):
+        p.rename(run_dir / name)
+    repo = Path(__file__).resolve().parents[1]
+    bundle_run("swa", config_file=[str(repo / "bundles/saltnet/configs/swa.json"), str(repo / "configs/pad.json")],
+               run_dir=str(run_dir), dataset_dir=str(data), folds_csv=str(tmp_path / "folds.csv"), num_folds=3,
+               fold=1, batch_size=4)
+    swa = torch.load(run_dir / "swa.pt", weights_only=True)
+    assert set(swa) >= {"network", "arch", "checkpoints"}
+    assert [Path(p).name for p in swa["checkpoints"]] == ["best_loss.pt", "best_accuracy.pt", "best_metric.pt"]
+    folds = pd.read_csv(tmp_path / "folds.csv", dtype={"id": str})
+    assert swa["bn_tiles"] == int((folds["fold"] != 1).sum()) == 8
+    for name, value in swa["network"].items():
+        if name in dict(nets[0].named_parameters()):
+            expected = sum(n.state_dict()[name] for n in nets) / 3
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    bn_mean = next(k for k in swa["network"] if k.endswith("running_mean"))
+    assert not torch.allclose(swa["network"][bn_mean], nets[-1].state_dict()[bn_mean])
+    assert "recomputed BatchNorm statistics over 8 training tiles" in capsys.readouterr().out
+    # the result is a checkpoint the inference bundle can rebuild
+    from saltkit.inference import load_network
+
+    assert load_network(run_dir / "swa.pt").arch == swa["arch"]
+
+
+def test_swa_bundle_missing_checkpoint(tmp_path):
+    from monai.bundle import run as bundle_run
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(Exception) as info:
+        bundle_run("swa", config_file=[str(repo / "bundles/saltnet/configs/swa.json"),
+                                       str(repo / "configs/pad.json")],
+                   run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"))
+    text, e = [], info.value
+    while e is not None:
+        text.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert "best_loss.pt" in "\n".join(text)
+    assert not (tmp_path / "swa.pt").exists()

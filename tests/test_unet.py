@@ -26,15 +26,15 @@ def assert_heads(out, batch, h, w):
 @pytest.mark.parametrize("size", [(128, 128), (64, 64), (96, 96), (64, 96)])
 def test_heads_and_shapes(resnet18_net, size):
     with torch.no_grad():
-        out = resnet18_net(torch.rand(2, 3, *size))
-    assert_heads(out, 2, *size)
+        out = resnet18_net(torch.rand(1, 3, *size))
+    assert_heads(out, 1, *size)
 
 
 def test_train_mode_backward_reaches_encoder():
     torch.manual_seed(0)
-    net = SaltUNet("resnet34", num_filters=8).train()
-    out = net(torch.rand(2, 3, 64, 64))
-    assert_heads(out, 2, 64, 64)
+    net = SaltUNet("resnet18", num_filters=4).train()
+    out = net(torch.rand(2, 3, 32, 32))
+    assert_heads(out, 2, 32, 32)
     (out.logit.mean() + sum(p.mean() for p in out.pixel_logits) + out.image_logit.mean()).backward()
     assert net.encoder.layer0[0].weight.grad.abs().sum() > 0
 
@@ -75,19 +75,21 @@ def test_arch_round_trip(resnet18_net):
         network_from_arch({**arch, "depth": 5})
 
 
-def test_sdpa_and_plain_networks_agree(resnet18_net):
+def test_sdpa_and_plain_networks_agree():
     torch.manual_seed(1)
     net = SaltUNet("resnet18", num_filters=8).eval()
     for m in net.modules():  # the OC output projections start at zero; make attention matter
         if hasattr(m, "out") and isinstance(m.out, torch.nn.Conv2d):
             torch.nn.init.normal_(m.out.weight, std=0.1)
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         a = net(x)
         net.set_attention("plain")
         b = net(x)
     assert net.arch["attention"] == "plain"
-    for ta, tb in zip((a.logit, a.image_logit, *a.pixel_logits), (b.logit, b.image_logit, *b.pixel_logits)):
+    for ta, tb in zip(a.pixel_logits, b.pixel_logits, strict=True):
+        assert (ta - tb).abs().max().item() < 1e-4
+    for ta, tb in ((a.logit, b.logit), (a.image_logit, b.image_logit)):
         assert (ta - tb).abs().max().item() < 1e-4
 
 

@@ -25,6 +25,23 @@ TILES_CSV = "tiles.csv"
 WORST_PNG = "worst_tiles.png"
 
 
+EVAL_SETS = ("fold", "all")
+
+
+def labelled_items(dataset_dir, eval_set: str = "fold", folds_csv=None, num_folds: int = 10, fold: int = 0) -> list:
+    """Data dicts to evaluate: the validation items of `fold` ("fold") or every train tile of `dataset_dir` ("all")."""
+    from saltkit.data import ensure_folds, split_items, train_items
+
+    items = train_items(dataset_dir)
+    if eval_set == "all":
+        return items
+    if eval_set != "fold":
+        raise ValueError(f"config key 'eval_set' must be one of {EVAL_SETS}, got {eval_set!r}")
+    if folds_csv is None:
+        raise ValueError("config key 'folds_csv' is needed with eval_set 'fold'")
+    return split_items(items, ensure_folds(dataset_dir, folds_csv, num_folds), fold)[1]
+
+
 def iou_per_tile(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     """IoU of `(N, H, W)` binary predictions vs truths -> float64 `(N,)`; 1.0 when both are empty."""
     p = np.asarray(preds, dtype=bool).reshape(len(preds), -1)
@@ -48,14 +65,20 @@ def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: n
     )
 
 
-def worst_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, gap: int = 2) -> np.ndarray:
-    """uint8 `(rows * (H + gap), 3 * (W + gap))` grey grid: one row per tile of [image | truth | prediction]."""
+def worst_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, columns: int = 4, gap: int = 2) -> np.ndarray:
+    """uint8 grey grid of [image | truth | prediction] triplets, `columns` triplets per row, in input order.
+
+    images `(N, H, W)` uint8, truths / preds `(N, H, W)` {0, 1}; panels are separated by `gap` grey pixels.
+    """
     n, h, w = images.shape
-    grid = np.full((n * (h + gap), 3 * (w + gap)), 128, dtype=np.uint8)  # grey gaps separate the panels
-    for r in range(n):
-        y = r * (h + gap)
-        for c, panel in enumerate((images[r], truths[r] * 255, preds[r] * 255)):
-            grid[y : y + h, c * (w + gap) : c * (w + gap) + w] = panel
+    rows = -(-n // columns)
+    cols = min(n, columns)
+    grid = np.full((rows * (h + gap), cols * 3 * (w + gap)), 128, dtype=np.uint8)
+    for k in range(n):
+        y = (k // columns) * (h + gap)
+        for p, panel in enumerate((images[k], truths[k] * 255, preds[k] * 255)):
+            x = ((k % columns) * 3 + p) * (w + gap)
+            grid[y : y + h, x : x + w] = panel
     return grid
 
 

@@ -131,7 +131,7 @@ class SaltUNet(nn.Module):
         d1 = self.decoder1(d2, e0)
         d_size = d1.shape[-2:]
         hyper = [d1] + [F.interpolate(d, size=d_size, mode="bilinear", align_corners=False) for d in (d2, d3, d4, d5)]
-        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper)]
+        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper, strict=True)]
         pixel_fusion = self.pixel_fusion(torch.cat(hyper, dim=1))
         image_fusion = self.image_fusion(F.adaptive_avg_pool2d(bottleneck, 1).flatten(1))
         image_logit = self.image_logit(image_fusion)

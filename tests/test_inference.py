@@ -1,0 +1,168 @@
+"""The inference and evaluate bundles on the shipped sample, ensembling from the CLI, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import run as bundle_run
+
+from saltkit.cli import main as saltkit_main
+from saltkit.data import load_image
+from saltkit.data import test_items as list_test_items  # aliased: pytest would collect test_items
+from saltkit.inference import load_network, load_probabilities
+from saltkit.submission import read_submission, validate_submission
+
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "saltnet" / "configs"
+CONFIGS = REPO / "configs"
+
+
+def configs(bundle: str, variant: str = "pad") -> list[str]:
+    return [str(BUNDLE / f"{bundle}.json"), str(CONFIGS / f"{variant}.json")]
+
+
+def chain_text(e: BaseException) -> str:
+    """Messages of an exception and its causes (MONAI wraps errors raised inside config expressions)."""
+    parts = []
+    while e is not None:
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory holding a tiny randomly initialised best_metric.pt (the default checkpoint name)."""
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False)
+    d = tmp_path_factory.mktemp("pad_fold0")
+    torch.save({"network": net.state_dict(), "arch": net.arch}, d / "best_metric.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pad_inference(run_dir):
+    """The README's inference command, as a user runs it (defaults: sample test set, run_dir/best_metric.pt)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(configs("inference")),
+           "--run_dir", str(run_dir), "--progress", "False"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir / "inference", proc.stdout
+
+
+def test_inference_bundle_writes_valid_submission(pad_inference, sample_dir):
+    out, stdout = pad_inference
+    ids = [it["id"] for it in list_test_items(sample_dir)]
+    sub = read_submission(out / "submission.csv")
+    validate_submission(sub, ids)
+    assert sorted(sub["id"]) == sorted(ids)
+    probs = load_probabilities(out / "probabilities.npz")
+    assert probs.ids.tolist() == ids and probs.probs.shape == (20, 101, 101)
+    assert probs.image_probs is not None and probs.image_probs.shape == (20,)
+    assert 0.0 <= probs.probs.min() and probs.probs.max() <= 1.0
+    assert "empty predictions" in stdout
+    # the submission is the 0.5-threshold of the saved probabilities (post-processing is off by default)
+    from saltkit.submission import submission_masks
+
+    masks = submission_masks(sub.set_index("id").loc[ids].reset_index(), out / "submission.csv")
+    assert np.array_equal(masks, (probs.probs > 0.5).astype(masks.dtype))
+
+
+def test_saved_probabilities_equal_manual_flip_tta(pad_inference, run_dir, sample_dir):
+    probs = load_probabilities(pad_inference[0] / "probabilities.npz")
+    item = list_test_items(sample_dir)[3]
+    tile = torch.as_tensor(load_image(item["image"])).float().div(255).expand(1, 3, 101, 101)
+    x = F.pad(tile, (13, 14, 13, 14), mode="reflect")
+    net = load_network(run_dir / "best_metric.pt")
+    with torch.no_grad():
+        p = (torch.sigmoid(net(x).logit) + torch.sigmoid(net(x.flip(-1)).logit).flip(-1)) / 2
+    expected = p[0, 0, 13:114, 13:114].numpy()
+    np.testing.assert_allclose(probs.probs[3], expected, atol=1e-4)
+
+
+def test_resize_variant_without_tta_and_postprocessing(run_dir, tmp_path):
+    bundle_run("inference", config_file=configs("inference", "resize"), run_dir=str(run_dir),
+               output_dir=str(tmp_path), tta=False, progress=False, min_area=200, min_component_size=20)
+    sub = read_submission(tmp_path / "submission.csv")
+    assert len(sub) == 20
+    from saltkit.submission import submission_masks
+
+    areas = submission_masks(sub, tmp_path / "submission.csv").sum(axis=(1, 2))
+    assert ((areas == 0) | (areas >= 200)).all()
+
+
+def test_ensemble_cli(pad_inference, tmp_path, capsys):
+    a = pad_inference[0] / "probabilities.npz"
+    p = load_probabilities(a)
+    from saltkit.inference import Probabilities, save_probabilities
+
+    b = save_probabilities(tmp_path / "b.npz", Probabilities(p.ids[::-1], 1 - p.probs[::-1], p.image_probs[::-1]))
+    out = tmp_path / "ensemble.csv"
+    assert saltkit_main(["ensemble", str(a), str(b), "--out", str(out), "--threshold", "0.4"]) == 0
+    assert "empty predictions" in capsys.readouterr().out
+    sub = validate_submission(read_submission(out), p.ids.tolist())
+    assert len(sub) == 20
+    # mean of p and 1 - p is 0.5 (up to quantisation) everywhere: > 0.4 -> full masks
+    assert (sub["rle_mask"] == "1 10201").all()
+    c = save_probabilities(tmp_path / "c.npz", Probabilities(p.ids[:-1], p.probs[:-1]))
+    assert saltkit_main(["ensemble", str(a), str(c), "--out", str(tmp_path / "bad.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "c.npz" in err and p.ids[-1] in err
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_evaluate_bundle(run_dir, sample_dir, tmp_path, capsys):
+    bundle_run("evaluate", config_file=configs("evaluate"), run_dir=str(run_dir), output_dir=str(tmp_path),
+               folds_csv=str(tmp_path / "folds.csv"), progress=False, worst_tiles=4)
+    table = pd.read_csv(tmp_path / "tiles.csv", dtype={"id": str})
+    assert list(table.columns) == ["id", "coverage", "iou", "score", "iou_tta", "score_tta"]
+    folds = pd.read_csv(tmp_path / "folds.csv", dtype={"id": str})
+    assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 0, "id"])
+    assert table[["iou", "score", "iou_tta", "score_tta", "coverage"]].stack().between(0, 1).all()
+    from PIL import Image
+
+    assert Image.open(tmp_path / "worst_tiles.png").size == (4 * 3 * 103, 103)
+    out = capsys.readouterr().out
+    assert f"{table['score_tta'].mean():.4f} with TTA" in out
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(Exception) as info:
+        bundle_run("inference", config_file=configs("inference"), ckpt=str(tmp_path / "nope.pt"),
+                   output_dir=str(tmp_path / "out"))
+    assert "nope.pt" in chain_text(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["wrong_size", "corrupt"])
+def test_bad_tile_is_named(bad, run_dir, sample_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "test" / "images").mkdir(parents=True)
+    for item in list_test_items(sample_dir)[:2]:
+        shutil.copy(item["image"], data / "test" / "images")
+    bad_file = data / "test" / "images" / "badtile0001.png"
+    if bad == "wrong_size":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((100, 101), dtype=np.uint8)).save(bad_file)
+    else:
+        bad_file.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(Exception) as info:
+        bundle_run("inference", config_file=configs("inference"), run_dir=str(run_dir), dataset_dir=str(data),
+                   output_dir=str(tmp_path / "out"), progress=False)
+    assert "badtile0001.png" in chain_text(info.value)
+    assert not (tmp_path / "out" / "submission.csv").exists()
