@@ -13,9 +13,14 @@ from torch import nn
 from saltkit.handlers.swa import average_checkpoints, recompute_bn, run_swa
 from saltkit.networks import SaltUNet
 
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
+
+REPO = Path(__file__).resolve().parents[1]
+SWA_CONFIGS = [str(REPO / "bundles" / "saltnet" / "configs" / "swa.json"), str(REPO / "configs" / "pad.json")]
+
 # dropout off, so a manual forward pass sees exactly what update_bn saw
 ARCH = {"backbone": "resnet18", "num_filters": 4, "head_dropout": 0.0, "decoder_dropout": 0.0,
-        "bottleneck_dropout": 0.0}
+        "bottleneck_dropout": 0.0, "upsample_input": False}
 
 
 def write_checkpoints(folder, n=3, arch=ARCH):
@@ -35,8 +40,13 @@ def write_checkpoints(folder, n=3, arch=ARCH):
     return paths, nets
 
 
-def test_equal_weight_parameter_mean(tmp_path):
-    paths, nets = write_checkpoints(tmp_path)
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return write_checkpoints(tmp_path_factory.mktemp("ckpts"))
+
+
+def test_equal_weight_parameter_mean(checkpoints):
+    paths, nets = checkpoints
     averaged, arch = average_checkpoints(paths)
     assert arch == nets[0].arch
     params = dict(averaged.named_parameters())
@@ -50,9 +60,8 @@ def test_equal_weight_parameter_mean(tmp_path):
     torch.testing.assert_close(bn.running_mean, last.running_mean)
 
 
-def test_bn_recomputed_like_a_manual_pass(tmp_path):
-    paths, _ = write_checkpoints(tmp_path, n=2)
-    averaged, _ = average_checkpoints(paths)
+def test_bn_recomputed_like_a_manual_pass(checkpoints):
+    averaged, _ = average_checkpoints(checkpoints[0][:2])
     before = {k: v.clone() for k, v in averaged.state_dict().items() if "running" in k}
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(4, 3, 64, 64, generator=g) for _ in range(3)]
@@ -124,21 +133,17 @@ def mini_dataset(sample_dir, root, n=12):
     return root
 
 
-@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
-def test_swa_bundle(sample_dir, tmp_path, capsys):
+def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
     from monai.bundle import run as bundle_run
 
     data = mini_dataset(sample_dir, tmp_path / "data")
     run_dir = tmp_path / "pad_fold1"
     run_dir.mkdir()
-    arch = {**ARCH, "upsample_input": False}
-    paths, nets = write_checkpoints(run_dir, n=3, arch=arch)
+    paths, nets = checkpoints
     for p, name in zip(paths, ("best_loss.pt", "best_accuracy.pt", "best_metric.pt"), strict=True):
-        p.rename(run_dir / name)
-    repo = Path(__file__).resolve().parents[1]
-    bundle_run("swa", config_file=[str(repo / "bundles/saltnet/configs/swa.json"), str(repo / "configs/pad.json")],
-               run_dir=str(run_dir), dataset_dir=str(data), folds_csv=str(tmp_path / "folds.csv"), num_folds=3,
-               fold=1, batch_size=4)
+        shutil.copy(p, run_dir / name)
+    bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), dataset_dir=str(data),
+               folds_csv=str(tmp_path / "folds.csv"), num_folds=3, fold=1, batch_size=4)
     swa = torch.load(run_dir / "swa.pt", weights_only=True)
     assert set(swa) >= {"network", "arch", "checkpoints"}
     assert [Path(p).name for p in swa["checkpoints"]] == ["best_loss.pt", "best_accuracy.pt", "best_metric.pt"]
@@ -160,11 +165,8 @@ def test_swa_bundle(sample_dir, tmp_path, capsys):
 def test_swa_bundle_missing_checkpoint(tmp_path):
     from monai.bundle import run as bundle_run
 
-    repo = Path(__file__).resolve().parents[1]
     with pytest.raises(Exception) as info:
-        bundle_run("swa", config_file=[str(repo / "bundles/saltnet/configs/swa.json"),
-                                       str(repo / "configs/pad.json")],
-                   run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"))
+        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"))
     text, e = [], info.value
     while e is not None:
         text.append(str(e))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from saltkit.inference.checkpoint import network_from_checkpoint, read_checkpoint
+from saltkit.inference.checkpoint import check_variant, network_from_checkpoint, read_checkpoint
 from saltkit.io import atomic_write
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
@@ -25,9 +25,10 @@ def run_checkpoints(run_dir: str | Path, names: Sequence[str] = DEFAULT_CHECKPOI
     return [Path(run_dir) / n for n in names]
 
 
-def average_checkpoints(paths: Sequence[str | Path]) -> tuple[nn.Module, dict]:
+def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None) -> tuple[nn.Module, dict]:
     """Network (CPU, eval mode) whose parameters are the equal-weight mean of the checkpoints', and its arch.
 
+    Every checkpoint must have the same arch (and, when they record one, the config's `variant`).
     Buffers (BN running statistics) are the last checkpoint's (AveragedModel keeps them in sync with the
     model it averages in); recompute them with `recompute_bn`.
     """
@@ -35,7 +36,8 @@ def average_checkpoints(paths: Sequence[str | Path]) -> tuple[nn.Module, dict]:
         raise ValueError("config key 'checkpoints': no checkpoint to average")
     ckpts = [read_checkpoint(p, key="checkpoints") for p in paths]
     arch = dict(ckpts[0]["arch"])
-    for p, c in zip(paths[1:], ckpts[1:], strict=True):
+    for p, c in zip(paths, ckpts, strict=True):
+        check_variant(c, variant, p)
         if dict(c["arch"]) != arch:
             raise ValueError(f"{p}: arch {c['arch']} differs from {paths[0]}'s {arch}; cannot average them")
     network = network_from_checkpoint(ckpts[0], paths[0])
@@ -65,12 +67,15 @@ def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str
     return seen
 
 
-def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, sources: Sequence, bn_tiles: int) -> Path:
-    """Write {"network", "arch", "checkpoints", "bn_tiles"} to `path` atomically."""
+def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, sources: Sequence, bn_tiles: int,
+                        variant: str | None = None) -> Path:
+    """Write {"network", "arch", "checkpoints", "bn_tiles", "variant"} to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     payload = {"network": state, "arch": arch, "checkpoints": [str(s) for s in sources], "bn_tiles": int(bn_tiles)}
+    if variant is not None:
+        payload["variant"] = variant
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
     return path
@@ -81,20 +86,22 @@ def run_swa(
     loader: Iterable[dict],
     output: str | Path,
     device: str | torch.device = "cpu",
+    variant: str | None = None,
     image_key: str = "image",
 ) -> Path:
-    """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches, save to `output`."""
+    """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
+    (tiles prepared for `variant`), save to `output`."""
     paths = [Path(p) for p in checkpoints]
     for p in paths:  # fail before any work, naming the first missing file
         if not p.is_file():
             raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints')")
-    network, arch = average_checkpoints(paths)
+    network, arch = average_checkpoints(paths, variant)
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
     network.to(device)
     tiles = recompute_bn(network, (batch[image_key] for batch in loader), device)
     if tiles == 0:
         raise ValueError("SWA: the BN loader yielded no training tiles (check dataset_dir / fold)")
     print(f"SWA: recomputed BatchNorm statistics over {tiles} training tiles", flush=True)
-    out = save_swa_checkpoint(output, network, arch, paths, tiles)
+    out = save_swa_checkpoint(output, network, arch, paths, tiles, variant)
     print(f"SWA: wrote {out}", flush=True)
     return out

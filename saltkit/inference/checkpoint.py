@@ -36,6 +36,18 @@ def network_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint") -> nn
     return network.eval()
 
 
-def load_network(path: str | Path, device: str | torch.device = "cpu", key: str = "ckpt") -> nn.Module:
-    """Network of the checkpoint at `path`, in eval mode on `device`."""
-    return network_from_checkpoint(read_checkpoint(path, key), path).to(device)
+def check_variant(ckpt: dict, variant: str | None, source: str | Path = "checkpoint") -> None:
+    """Fail when the checkpoint records another `variant` than the config's (a pad model fed resized tiles)."""
+    trained = ckpt.get("variant")
+    if variant is not None and trained is not None and trained != variant:
+        raise ValueError(f"{source} was trained with variant {trained!r} but config key 'variant' is {variant!r}; "
+                         f"merge configs/{trained}.json instead")
+
+
+def load_network(
+    path: str | Path, device: str | torch.device = "cpu", variant: str | None = None, key: str = "ckpt"
+) -> nn.Module:
+    """Network of the checkpoint at `path`, in eval mode on `device`; checks the recorded variant if given."""
+    ckpt = read_checkpoint(path, key)
+    check_variant(ckpt, variant, path)
+    return network_from_checkpoint(ckpt, path).to(device)

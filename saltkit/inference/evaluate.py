@@ -30,16 +30,16 @@ EVAL_SETS = ("fold", "all")
 
 def labelled_items(dataset_dir, eval_set: str = "fold", folds_csv=None, num_folds: int = 10, fold: int = 0) -> list:
     """Data dicts to evaluate: the validation items of `fold` ("fold") or every train tile of `dataset_dir` ("all")."""
-    from saltkit.data import ensure_folds, split_items, train_items
+    from saltkit.data import train_items
+    from saltkit.training import fold_split
 
-    items = train_items(dataset_dir)
     if eval_set == "all":
-        return items
+        return train_items(dataset_dir)
     if eval_set != "fold":
         raise ValueError(f"config key 'eval_set' must be one of {EVAL_SETS}, got {eval_set!r}")
     if folds_csv is None:
         raise ValueError("config key 'folds_csv' is needed with eval_set 'fold'")
-    return split_items(items, ensure_folds(dataset_dir, folds_csv, num_folds), fold)[1]
+    return fold_split(dataset_dir, folds_csv, fold, num_folds)[1]
 
 
 def iou_per_tile(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""Engine add-ons for the training bundle: learning-rate schedule, checkpoints, resume, NaN guard, image grids."""
+
+from saltkit.handlers.checkpoints import (
+    BestCheckpoint,
+    LastCheckpoint,
+    ResumeError,
+    ResumeFromCheckpoint,
+    save_checkpoint,
+)
+from saltkit.handlers.images import WorstTilesImages
+from saltkit.handlers.nan import DivergenceError, TerminateOnNan
+from saltkit.handlers.noam import NoamHandler, NoamLambda, noam_scheduler, warmup_steps
+from saltkit.handlers.progress import TrainingProgress
+
+__all__ = [
+    "BestCheckpoint",
+    "DivergenceError",
+    "LastCheckpoint",
+    "NoamHandler",
+    "NoamLambda",
+    "ResumeError",
+    "ResumeFromCheckpoint",
+    "TerminateOnNan",
+    "TrainingProgress",
+    "WorstTilesImages",
+    "noam_scheduler",
+    "save_checkpoint",
+    "warmup_steps",
+]

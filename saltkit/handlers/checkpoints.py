@@ -1,0 +1,236 @@
+"""Run-directory checkpoints: best_loss.pt, best_accuracy.pt, best_metric.pt, last.pt, and resuming from last.pt.
+
+Every file is a torch.save'd dict with "network" (state_dict) and "arch" (SaltUNet ctor kwargs, so inference
+and SWA can rebuild the network without any config). last.pt also holds "optimizer", "scheduler", "trainer"
+(Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's score and epoch) and "rng".
+Fixed file names (not Ignite's Checkpoint, whose names carry the score) written through `saltkit.io.atomic_write`
+(temporary file + os.replace), so a kill at any moment leaves either the previous file or the new one.
+Only the process of rank 0 writes; every rank resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from saltkit.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+# arch keys that change computation but not the weights; a resume may differ in them
+WEIGHT_NEUTRAL_ARCH_KEYS = ("attention",)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (or the network itself)."""
+    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
+
+
+def arch_of(network: nn.Module) -> dict:
+    """SaltUNet.arch of a (possibly wrapped) network."""
+    net = unwrap(network)
+    if not hasattr(net, "arch"):
+        raise TypeError(f"{type(net).__name__} has no .arch; checkpoints need a SaltUNet-like network")
+    return dict(net.arch)
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """torch.save `ckpt` to `path` atomically (the folder is created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+    return path
+
+
+def is_writer() -> bool:
+    """Only the process of rank 0 writes files (single-process runs have rank 0)."""
+    return idist.get_rank() == 0
+
+
+class BestCheckpoint:
+    """Keep `<run_dir>/<filename>` = the network at the best value of the evaluator metric `metric` so far.
+
+    Attach to the evaluator: runs on its EPOCH_COMPLETED, reads `engine.state.metrics[metric]` and, when it
+    improves on the best (mode "max" or "min"; ties keep the earlier epoch), writes
+    {"network", "arch", "epoch", "metric", "score", **extra}. `state_dict()` / `load_state_dict()` carry the best
+    score through last.pt so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, run_dir: str | Path, network: nn.Module, metric: str, mode: str = "max",
+                 filename: str | None = None, epoch_source: Engine | None = None, extra: dict | None = None):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.network = network
+        self.metric = metric
+        self.mode = mode
+        self.filename = filename or f"best_{metric}.pt"
+        self.epoch_source = epoch_source  # the trainer, whose epoch counts; default: the evaluator's epoch
+        self.extra = dict(extra or {})
+        self.score: float | None = None
+        self.epoch: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def improves(self, value: float) -> bool:
+        if self.score is None:
+            return True
+        return value > self.score if self.mode == "max" else value < self.score
+
+    def __call__(self, engine: Engine) -> None:
+        if self.metric not in engine.state.metrics:
+            raise KeyError(f"BestCheckpoint({self.filename}): metric {self.metric!r} not computed by the evaluator; "
+                           f"it has {sorted(engine.state.metrics)}")
+        value = float(engine.state.metrics[self.metric])
+        if not np.isfinite(value) or not self.improves(value):
+            return
+        self.score = value
+        self.epoch = int((self.epoch_source or engine).state.epoch)
+        if is_writer():
+            save_checkpoint({"network": unwrap(self.network).state_dict(), "arch": arch_of(self.network),
+                             "epoch": self.epoch, "metric": self.metric, "score": value, **self.extra}, self.path)
+            logger.info(f"epoch {self.epoch}: best {self.metric} {value:.4f} -> {self.path}")
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "score": self.score, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score, self.epoch = state.get("score"), state.get("epoch")
+
+
+def rng_state() -> dict:
+    """Global torch / numpy / python RNG states as tensors and plain types (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached)), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached))
+    random.setstate(state["python"])
+
+
+class LastCheckpoint:
+    """Write `<run_dir>/last.pt` at the end of every training epoch (after validation: attach it after the
+    ValidationHandler) with everything `ResumeFromCheckpoint` needs to continue exactly there."""
+
+    def __init__(self, run_dir: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler=None, best: Sequence[BestCheckpoint] = (), filename: str = "last.pt",
+                 extra: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.best = list(best)
+        self.filename = filename
+        self.extra = dict(extra or {})
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def checkpoint(self, engine: Engine) -> dict:
+        state = engine.state
+        ckpt = {
+            "network": unwrap(self.network).state_dict(), "arch": arch_of(self.network),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "trainer": {"epoch": int(state.epoch), "iteration": int(state.iteration),
+                        "epoch_length": int(state.epoch_length), "max_epochs": int(state.max_epochs)},
+            "best": {b.filename: b.state_dict() for b in self.best},
+            "rng": rng_state(),
+            **self.extra,
+        }
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            ckpt["scaler"] = scaler.state_dict()
+        return ckpt
+
+    def __call__(self, engine: Engine) -> None:
+        if is_writer():
+            save_checkpoint(self.checkpoint(engine), self.path)
+
+
+class ResumeError(ValueError):
+    """last.pt cannot be resumed by this config (other architecture, missing file, incomplete checkpoint)."""
+
+
+def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
+    """Raise ResumeError naming the differing arch keys when `saved` and `current` build different weights."""
+    keys = (set(saved) | set(current)) - set(WEIGHT_NEUTRAL_ARCH_KEYS)
+    diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ResumeError(f"cannot resume from {path}: it holds another architecture ({shown}); use the config "
+                          "it was trained with, or a new run_dir to start afresh")
+
+
+class ResumeFromCheckpoint:
+    """On the trainer's STARTED event, restore network, optimizer, scheduler, epoch/iteration, best scores and
+    RNG from a last.pt written by `LastCheckpoint`; training then continues with the next epoch.
+
+    The configured max_epochs is kept (so a finished run can be extended with `--max_epochs`). The checkpoint's
+    arch must match the network's (ResumeError otherwise), and so must the epoch length (batches per epoch).
+    """
+
+    def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler=None, best: Sequence[BestCheckpoint] = ()):
+        self.path = Path(path)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.best = list(best)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            raise ResumeError(f"resume: {self.path} not found; nothing to resume (train without --resume first)")
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("network", "arch", "optimizer", "trainer", "best") if k not in ckpt]
+        if missing:
+            raise ResumeError(f"resume: {self.path} lacks {missing}; only a last.pt written by training can be "
+                              "resumed (best_*.pt hold the network only)")
+        check_same_arch(ckpt["arch"], arch_of(self.network), self.path)
+        return ckpt
+
+    def __call__(self, engine: Engine) -> None:
+        ckpt = self.read()
+        trainer = ckpt["trainer"]
+        if trainer["epoch_length"] != engine.state.epoch_length:
+            raise ResumeError(f"resume: {self.path} was written with {trainer['epoch_length']} iterations per epoch, "
+                              f"this config has {engine.state.epoch_length} (batch_size, dataset or fold differ)")
+        unwrap(self.network).load_state_dict(ckpt["network"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.lr_scheduler is not None and ckpt.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(ckpt["scheduler"])
+        for b in self.best:
+            if b.filename in ckpt["best"]:
+                b.load_state_dict(ckpt["best"][b.filename])
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        engine.state.iteration = trainer["iteration"]
+        engine.state.epoch = trainer["epoch"]
+        if hasattr(engine.state, "lr") and self.lr_scheduler is not None:
+            engine.state.lr = self.lr_scheduler.get_last_lr()[0]
+        logger.info(f"resumed from {self.path} at epoch {trainer['epoch']} (iteration {trainer['iteration']}); "
+                    f"training to epoch {engine.state.max_epochs}")

@@ -1,0 +1,95 @@
+"""TensorBoard image grid of the worst validation tiles of each epoch: tile | truth | prediction per row."""
+
+from __future__ import annotations
+
+import torch
+from ignite.engine import Engine, Events
+from torchvision.utils import make_grid
+
+from saltkit.inference.restore import restore_tiles
+from saltkit.metrics import kaggle_scores, pixel_accuracy
+
+
+def worst_tile_order(scores: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
+    """Indices sorted worst first: lowest competition score, ties broken by lowest pixel accuracy."""
+    # lexicographic sort: stable sort by the tie-breaker, then by the primary key
+    order = torch.argsort(accuracy, stable=True)
+    return order[torch.argsort(scores[order], stable=True)]
+
+
+def tile_rows(images: torch.Tensor, truths: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+    """(K, C, H, W) tiles in [0, 1], (K, 1, H, W) truths and predictions in {0, 1} -> (3K, 3, H, W) RGB panels.
+
+    Grey tile, truth in green, prediction in red, row by row (make_grid with nrow=3).
+    """
+    grey = images[:, :1].clamp(0, 1).expand(-1, 3, -1, -1)
+    zeros = torch.zeros_like(truths)
+    truth_rgb = torch.cat([zeros, truths, zeros], dim=1)
+    pred_rgb = torch.cat([preds, zeros, zeros], dim=1)
+    return torch.stack([grey, truth_rgb, pred_rgb], dim=1).flatten(0, 1)
+
+
+def tile_ids(batch, n: int) -> list[str]:
+    """Ids of a collated batch ("id" list, "(flipped)" appended for flip-validation copies); "?" when absent."""
+    if not isinstance(batch, dict) or "id" not in batch:
+        return ["?"] * n
+    flipped = batch.get("flipped")
+    flags = flipped.tolist() if isinstance(flipped, torch.Tensor) else [False] * n
+    return [f"{i} (flipped)" if f else str(i) for i, f in zip(batch["id"], flags, strict=True)]
+
+
+class WorstTilesImages:
+    """Collect the `num_tiles` validation tiles with the lowest competition score and write them to TensorBoard
+    as one image per epoch (`tag`, global step = the evaluator's epoch, i.e. the training epoch).
+
+    Attach to the evaluator; it reads `image` (network input, mapped back to the tile grid with `variant`),
+    `tile_pred` (logits) and `tile_label` from the engine output (decollate=False, `TilePredictiond` applied).
+    `writer` None (a process of rank > 0) makes the handler a no-op.
+    """
+
+    def __init__(self, writer, variant: str, num_tiles: int = 8, tag: str = "val/worst_tiles",
+                 threshold: float = 0.0):
+        self.writer = writer
+        self.variant = variant
+        self.num_tiles = num_tiles
+        self.tag = tag
+        self.threshold = threshold
+        self.kept: dict[str, torch.Tensor] | None = None
+        self.kept_ids: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.writer is None:
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.kept, self.kept_ids = None, []
+
+    def collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        preds = (out["tile_pred"] > self.threshold).float().cpu()
+        truths = out["tile_label"].float().cpu()
+        images = restore_tiles(out["image"].detach().float(), self.variant).cpu()
+        batch = {"image": images, "truth": truths, "pred": preds,
+                 "score": torch.from_numpy(kaggle_scores(preds > 0.5, truths > 0.5)),
+                 "accuracy": torch.from_numpy(pixel_accuracy(preds > 0.5, truths > 0.5))}
+        ids = tile_ids(engine.state.batch, len(preds))
+        if self.kept is not None:
+            batch = {k: torch.cat([self.kept[k], v]) for k, v in batch.items()}
+            ids = self.kept_ids + ids
+        keep = worst_tile_order(batch["score"], batch["accuracy"])[: self.num_tiles]
+        self.kept = {k: v[keep] for k, v in batch.items()}
+        self.kept_ids = [ids[i] for i in keep.tolist()]
+
+    def write(self, engine: Engine) -> None:
+        if not self.kept:
+            return
+        k = self.kept
+        grid = make_grid(tile_rows(k["image"], k["truth"], k["pred"]), nrow=3, padding=2, pad_value=1.0)
+        step = int(engine.state.epoch)
+        self.writer.add_image(self.tag, grid, global_step=step)
+        rows = ", ".join(f"{i} ({s:.2f})" for i, s in zip(self.kept_ids, k["score"].tolist(), strict=True))
+        self.writer.add_text(f"{self.tag}_ids", f"rows top to bottom (tile | truth | prediction): {rows}", step)
+        self.writer.flush()

@@ -1,0 +1,353 @@
+"""Small functions the training bundle (bundles/saltnet/configs/train.json) calls: config checks before anything
+heavy starts, the fold split, the run directory, seeding, AMP settings and the distributed set-up.
+
+Checks raise ConfigError naming the config key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+
+from saltkit.data.folds import ensure_folds, split_items
+from saltkit.data.layout import DatasetError, train_items
+from saltkit.io import atomic_write
+from saltkit.transforms import check_variant
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_SEPARATORS = ("::", "#")  # MONAI config id separators (new and old spelling)
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off", "none", "null", "")
+
+
+class ConfigError(ValueError):
+    """A bundle config value that cannot work; the message names the key and what was expected."""
+
+
+# ---------------------------------------------------------------- values from the command line
+
+
+def as_bool(value, key: str = "value") -> bool:
+    """Config booleans arrive as bools or, from the command line (`--resume true`), as strings."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+
+
+def none_if_null(value):
+    """`--pretrained null` arrives as the string 'null'; map 'null' / 'none' / '' to None."""
+    return None if isinstance(value, str) and value.strip().lower() in ("null", "none", "") else value
+
+
+# ---------------------------------------------------------------- unknown keys on the command line
+
+
+def top_key(override_id: str) -> str:
+    """'train#dataloader#num_workers' -> 'train' (the top-level config key an override id lands in)."""
+    for sep in BUNDLE_SEPARATORS:
+        override_id = override_id.split(sep)[0]
+    return override_id
+
+
+def bundle_run_arguments() -> set[str]:
+    """Keyword names that `python -m monai.bundle run` consumes itself (everything else overrides config keys)."""
+    from monai.bundle import ConfigWorkflow, scripts
+
+    names: set[str] = {"workflow_name", "workflow_type", "properties_path"}
+    for fn in (scripts.run, scripts.create_workflow, ConfigWorkflow.__init__):
+        names |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "override", "kwargs"}
+
+
+def config_file_list(value) -> list[str]:
+    """The --config_file value as a list: a path, a list, or the string of a Python/JSON list."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            return [str(v) for v in ast.literal_eval(text)]
+        except (ValueError, SyntaxError):
+            return [v.strip(" '\"") for v in text.strip("[]").split(",") if v.strip()]
+    return [text]
+
+
+def config_keys(config_files: Iterable[str]) -> set[str]:
+    """Top-level keys defined across the given bundle config files (JSON or YAML)."""
+    from monai.bundle import ConfigParser
+
+    keys: set[str] = set()
+    for f in config_files:
+        content = ConfigParser.load_config_file(f)
+        if not isinstance(content, Mapping):
+            raise ConfigError(f"{f}: a bundle config must be a mapping of keys, got {type(content).__name__}")
+        keys |= set(content)
+    return keys
+
+
+def unknown_keys(known: Iterable[str], override_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Override ids whose top-level key no config file defines -> {id: close matches among the known keys}."""
+    known = set(known)
+    return {i: difflib.get_close_matches(top_key(i), sorted(known), n=3)
+            for i in override_ids if top_key(i) not in known}
+
+
+def parse_bundle_argv(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """(config files, override ids) of a `python -m monai.bundle run ...` command line, None for other programs.
+
+    Understands `--key value`, `--key=value` and fire's hyphen spelling (`--max-epochs`); an `--args_file` is read
+    for its config_file and override keys too.
+    """
+    if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or "run" not in argv[1:3]:
+        return None
+    run_args = bundle_run_arguments()
+    files: list[str] = []
+    overrides: list[str] = []
+    tokens = list(argv[1:])
+    for i, tok in enumerate(tokens):
+        if not tok.startswith("--"):
+            continue
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            value = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if name == "config_file":
+            files += config_file_list(value)
+        elif name == "args_file":
+            from monai.bundle import ConfigParser
+
+            extra = ConfigParser.load_config_file(value)
+            files += config_file_list(extra.get("config_file", []))
+            overrides += [k for k in extra if k not in run_args]
+        elif name not in run_args:
+            overrides.append(name)
+    return files, overrides
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Fail on a command-line override of a key that no config file defines (`--max_epoch 3` for max_epochs).
+
+    Does nothing when the process is not `python -m monai.bundle run` (e.g. monai.bundle.run called in Python).
+    """
+    parsed = parse_bundle_argv(sys.argv if argv is None else argv)
+    if parsed is None:
+        return
+    files, overrides = parsed
+    unknown = unknown_keys(config_keys(files), overrides)
+    if unknown:
+        lines = [f"--{i}" + (f" (did you mean {' or '.join(m)}?)" if m else "") for i, m in unknown.items()]
+        raise ConfigError(f"unknown config key(s) on the command line: {'; '.join(lines)}. No config file of "
+                          f"{files} defines them; check the spelling (keys are listed in bundles/saltnet/docs/README.md)")
+
+
+# ---------------------------------------------------------------- config checks and the fold split
+
+
+def check_config(dataset_dir, fold, num_folds, backbone: str, variant: str, batch_size, max_epochs,
+                 learning_rate, warmup_epochs) -> None:
+    """Cheap checks of the user-facing keys, before folds, caches and networks are built."""
+    from saltkit.networks import available_backbones
+
+    root = Path(str(dataset_dir))
+    if not root.is_dir():
+        raise ConfigError(f"config key 'dataset_dir': {root} is not a folder; expected the TGS layout "
+                          "(train/images, train/masks, train.csv)")
+    try:
+        train_items(root)
+    except DatasetError as e:
+        raise ConfigError(f"config key 'dataset_dir': {e}") from None
+    for key, value, low in (("num_folds", num_folds, 2), ("batch_size", batch_size, 1), ("max_epochs", max_epochs, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"config key '{key}' must be an integer >= {low}, got {value!r}")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise ConfigError(f"config key 'fold' must be an integer in 0..{num_folds - 1} (num_folds={num_folds}), "
+                          f"got {fold!r}")
+    if backbone not in available_backbones():
+        close = difflib.get_close_matches(str(backbone), available_backbones(), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"config key 'backbone': unknown backbone {backbone!r}{hint}; "
+                          f"expected one of {available_backbones()}")
+    try:
+        check_variant(variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, value in (("learning_rate", learning_rate), ("warmup_epochs", warmup_epochs)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"config key '{key}' must be a number > 0, got {value!r}")
+
+
+def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") -> str:
+    """`runs/folds/<dataset folder name>-<hash of its absolute path>-k<K>.csv`.
+
+    Beside the runs rather than inside the dataset (the shipped sample may be read-only); the hash keeps the
+    splits of different datasets with the same folder name apart.
+    """
+    path = Path(str(dataset_dir)).resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return str(Path(root) / "folds" / f"{path.name}-{digest}-k{num_folds}.csv")
+
+
+def fold_split(dataset_dir, folds_csv, fold: int, num_folds: int) -> tuple[list[dict], list[dict]]:
+    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it)."""
+    folds_csv = Path(str(folds_csv))
+    if idist.get_rank() == 0:
+        folds_csv.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folds(dataset_dir, folds_csv, k=num_folds)
+    if idist.get_world_size() > 1:
+        idist.barrier()  # the other ranks read the file rank 0 wrote
+    try:
+        folds = ensure_folds(dataset_dir, folds_csv, k=num_folds)
+        return split_items(train_items(dataset_dir), folds, fold)
+    except DatasetError as e:
+        raise ConfigError(f"config keys 'folds_csv' / 'fold': {e}") from None
+
+
+def check_batch_size(items: Sequence[dict], batch_size: int, fold: int | None = None) -> None:
+    """The training fold must fill at least one batch per process (batches are dropped when incomplete)."""
+    per_rank = len(items) // idist.get_world_size()
+    if batch_size > per_rank:
+        where = f" of fold {fold}" if fold is not None else ""
+        ranks = f" per process ({idist.get_world_size()} processes)" if idist.get_world_size() > 1 else ""
+        raise ConfigError(f"config key 'batch_size' = {batch_size} is larger than the {per_rank} training "
+                          f"tiles{where}{ranks}; lower batch_size or use a larger dataset_dir")
+
+
+# ---------------------------------------------------------------- run directory, resume
+
+
+def resume_checkpoint(resume, run_dir) -> str | None:
+    """Checkpoint to resume from: None (`resume` false), `<run_dir>/last.pt` (true), or the path given."""
+    if isinstance(resume, (str, Path)) and str(resume).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
+        path = Path(str(resume))
+    elif as_bool(resume, "resume"):
+        path = Path(str(run_dir)) / "last.pt"
+    else:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"config key 'resume': {path} not found; nothing to resume (run without --resume first)")
+    return str(path)
+
+
+def prepare_run_dir(run_dir, record: Mapping, resume_path: str | None = None, argv: Sequence[str] | None = None) -> Path:
+    """Create the run directory and write `config.json` (resolved top-level keys + the command line); rank 0 only.
+
+    A fresh run (no resume) over an existing run directory replaces its checkpoints as it goes (logged).
+    """
+    run_dir = Path(str(run_dir))
+    if idist.get_rank() != 0:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_path is None and (run_dir / "last.pt").exists():
+        logger.warning(f"{run_dir} holds a previous run; starting afresh (its checkpoints will be replaced). "
+                       "Use --resume true to continue it, or --run_dir to keep both.")
+    argv = list(sys.argv if argv is None else argv)
+    content = {"resolved": jsonable(record), "command": argv, "resumed_from": resume_path}
+    name = "config.json" if resume_path is None else "config_resumed.json"
+    with atomic_write(run_dir / name) as f:
+        json.dump(content, f, indent=2)
+    return run_dir
+
+
+def jsonable(value):
+    """Config values made JSON-friendly: paths and devices as strings, containers recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------- seeding, AMP, devices, distributed
+
+
+def seed_everything(seed: int, deterministic=True) -> None:
+    """Seed python / numpy / torch (MONAI's set_determinism); `deterministic` false lets cuDNN pick fast kernels."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=int(seed))
+    if not as_bool(deterministic, "deterministic"):
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_settings(amp, device) -> dict:
+    """{"amp": bool, "amp_kwargs": {"dtype": ...}} for MONAI engines from config key `amp`.
+
+    `amp`: false, "bf16" (true means bf16) or "fp16". Autocast runs on CUDA only: elsewhere it is switched off
+    with a warning, so a GPU recipe still runs (slowly) on a CPU machine.
+    """
+    if isinstance(amp, str) and amp.strip().lower() in ("bf16", "bfloat16", "fp16", "float16", "half"):
+        dtype = torch.bfloat16 if amp.strip().lower() in ("bf16", "bfloat16") else torch.float16
+    elif as_bool(amp, "amp"):
+        dtype = torch.bfloat16
+    else:
+        return {"amp": False, "amp_kwargs": {}}
+    if torch.device(device).type != "cuda":
+        logger.warning(f"config key 'amp' = {amp!r}: mixed precision runs on CUDA only; training in float32 on {device}")
+        return {"amp": False, "amp_kwargs": {}}
+    return {"amp": True, "amp_kwargs": {"dtype": dtype}}
+
+
+def memory_format(channels_last) -> torch.memory_format:
+    return torch.channels_last if as_bool(channels_last, "channels_last") else torch.preserve_format
+
+
+def is_main_process() -> bool:
+    """True in single-process runs and on rank 0 of a distributed one (the process that writes files)."""
+    return idist.get_rank() == 0
+
+
+def init_distributed(distributed) -> None:
+    """Join the process group started by torchrun (env:// rendezvous): NCCL with CUDA, else gloo."""
+    if not as_bool(distributed, "distributed") or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("config key 'distributed' is true but WORLD_SIZE is not set; launch with "
+                          "`torchrun --nproc_per_node N -m monai.bundle run ...`")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(idist.get_local_rank())
+
+
+def distributed_device() -> torch.device:
+    """This process's device: cuda:<local rank> when CUDA is present, else cpu."""
+    return torch.device(f"cuda:{idist.get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def distributed_network(network: torch.nn.Module, device, sync_bn=False) -> torch.nn.Module:
+    """DistributedDataParallel around `network` (already on `device`), with SyncBatchNorm when `sync_bn`."""
+    device = torch.device(device)
+    if as_bool(sync_bn, "sync_bn"):
+        if device.type != "cuda":
+            raise ConfigError("config key 'sync_bn': SyncBatchNorm needs CUDA devices; set --sync_bn false on CPU")
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def finish(writer=None, distributed=False) -> None:
+    """Close the TensorBoard writer (flushes the events) and leave the process group."""
+    if writer is not None:
+        writer.close()
+    if as_bool(distributed, "distributed") and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
