@@ -1,7 +1,8 @@
 """Inference throughput on this CPU: flip TTA vs no TTA, and one doubled batch vs two forward passes.
 
-The network is the CPU recipe's (configs/cpu.json: backbone, num_filters, upsample_input when present; else
-resnet18 with 8 filters), random weights, eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
+The network is the CPU recipe's: backbone, num_filters and upsample_input of the training bundle's defaults,
+overridden by configs/cpu.json when it exists (resnet18 with 8 filters when neither says); random weights,
+eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import torch
 from benchmarks.run import Case
 
 BATCH = 16
-CPU_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cpu.json"
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_FILES = (REPO / "bundles" / "saltnet" / "configs" / "train.json", REPO / "configs" / "cpu.json")
 
 
 def recipe_arch() -> dict:
-    """SaltUNet kwargs of the CPU recipe (defaults when configs/cpu.json is absent or silent)."""
+    """SaltUNet kwargs of the CPU recipe (train.json defaults, then configs/cpu.json, when they exist)."""
     arch = {"backbone": "resnet18", "num_filters": 8}
-    if CPU_RECIPE.is_file():
-        cfg = json.loads(CPU_RECIPE.read_text())
-        arch.update({k: cfg[k] for k in ("backbone", "num_filters", "upsample_input") if k in cfg})
+    for f in RECIPE_FILES:
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            arch.update({k: cfg[k] for k in ("backbone", "num_filters", "upsample_input") if k in cfg})
     return arch
 
 
@@ -63,20 +66,9 @@ def per_image(ours, base):
 
 
 CASES = [
-    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=2,
+    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=4,
          notes=f"ours: flip TTA, baseline: no TTA; batch {BATCH} at 128px; images/s = batch / time"),
-    Case("inference_tta_batched_vs_two_passes", setup, with_tta, tta_two_passes, compare=max_diff, repeat=2,
+    Case("inference_tta_batched_vs_two_passes", setup, with_tta, tta_two_passes, compare=max_diff, repeat=4,
          notes="flip TTA as one doubled batch (ours) vs two forward passes"),
 ]
 
-
-if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.run import run_case
-
-    for case in CASES[:1]:
-        row = run_case(case, None)
-        print(f"{case.name}: TTA {BATCH / row['ours_s']:.1f} images/s, no TTA {BATCH / row['baseline_s']:.1f} "
-              f"images/s ({row['arch']})")

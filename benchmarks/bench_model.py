@@ -92,8 +92,8 @@ def oc_eval_diff() -> float:
 
 # ---------------------------------------------------------------- train step
 def step_setup(backbone: str, batch: int = 4, size: int = 128) -> dict:
-    """Ours (SDPA, in-place ABN, batched Lovasz) and the plain reference (plain attention, out-of-place ABN,
-    per-image Lovasz), same initial weights, each with its own AdamW; pad variant loss (centre 101 crop)."""
+    """Ours (SDPA, in-place ABN, batched Lovasz, fused AdamW) and the plain reference (plain attention,
+    out-of-place ABN, per-image Lovasz, for-loop AdamW), same initial weights; pad variant loss (centre 101 crop)."""
     torch.manual_seed(0)
     net = SaltUNet(backbone, pretrained=None)
     ref = copy.deepcopy(net)
@@ -102,8 +102,8 @@ def step_setup(backbone: str, batch: int = 4, size: int = 128) -> dict:
     return {
         "x": torch.rand(batch, 3, size, size),
         "target": random_masks(batch, size, empty=1),
-        "ours": (net, torch.optim.AdamW(net.parameters(), 1e-4), DeepSupervisionLoss(center_crop=101)),
-        "baseline": (ref, torch.optim.AdamW(ref.parameters(), 1e-4),
+        "ours": (net, torch.optim.AdamW(net.parameters(), 1e-4, fused=True), DeepSupervisionLoss(center_crop=101)),
+        "baseline": (ref, torch.optim.AdamW(ref.parameters(), 1e-4, foreach=False),
                      DeepSupervisionLoss(center_crop=101, reference=True)),
     }
 

@@ -346,7 +346,11 @@ def distributed_network(network: torch.nn.Module, device, sync_bn=False) -> torc
 
 
 def finish(writer=None, distributed=False) -> None:
-    """Close the TensorBoard writer (flushes the events) and leave the process group."""
+    """Close the TensorBoard writer (flushes the events), leave the process group, and switch MONAI's MetaTensor
+    tracking back on (initialize turns it off: plain tensors make the transforms ~3x faster)."""
+    from monai.data import set_track_meta
+
+    set_track_meta(True)
     if writer is not None:
         writer.close()
     if as_bool(distributed, "distributed") and torch.distributed.is_initialized():

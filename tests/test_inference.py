@@ -166,3 +166,29 @@ def test_bad_tile_is_named(bad, run_dir, sample_dir, tmp_path):
                    output_dir=str(tmp_path / "out"), progress=False)
     assert "badtile0001.png" in chain_text(info.value)
     assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_checkpoint_of_another_variant_is_refused(run_dir, tmp_path):
+    ckpt = torch.load(run_dir / "best_metric.pt", weights_only=True)
+    torch.save({**ckpt, "variant": "pad"}, tmp_path / "pad_model.pt")
+    with pytest.raises(Exception) as info:
+        bundle_run("inference", config_file=configs("inference", "resize"), ckpt=str(tmp_path / "pad_model.pt"),
+                   output_dir=str(tmp_path / "out"), progress=False)
+    assert "pad_model.pt was trained with variant 'pad'" in chain_text(info.value)
+
+
+def test_iou_and_worst_grid():
+    from saltkit.inference.evaluate import iou_per_tile, worst_grid
+
+    truths = np.zeros((3, 4, 4), dtype=np.uint8)
+    preds = np.zeros_like(truths)
+    truths[1, :2] = 1  # 8 px
+    preds[1, :1] = 1  # 4 px inside
+    preds[2, 0, 0] = 1  # salt where the truth is empty
+    np.testing.assert_allclose(iou_per_tile(preds, truths), [1.0, 0.5, 0.0])
+    images = np.full((3, 4, 4), 7, dtype=np.uint8)
+    grid = worst_grid(images, truths, preds, columns=2, gap=1)
+    assert grid.shape == (2 * 5, 2 * 3 * 5)
+    assert (grid[:4, :4] == 7).all() and grid[4, 0] == 128  # tile 0, then a grey gap
+    assert (grid[0:2, 20:24] == 255).all() and (grid[2:4, 20:24] == 0).all()  # tile 1's truth, 2nd triplet
+    assert (grid[0, 25:29] == 255).all() and grid[5, 10] == 255  # tile 1's and tile 2's predictions

@@ -173,3 +173,24 @@ def test_swa_bundle_missing_checkpoint(tmp_path):
         e = e.__cause__ or e.__context__
     assert "best_loss.pt" in "\n".join(text)
     assert not (tmp_path / "swa.pt").exists()
+
+
+def test_run_record_must_match_the_fold(tmp_path):
+    import json
+
+    from monai.bundle import run as bundle_run
+
+    from saltkit.inference.checkpoint import check_run_matches
+
+    (tmp_path / "config.json").write_text(json.dumps({"resolved": {"fold": 3, "num_folds": 10, "variant": "pad"}}))
+    check_run_matches(tmp_path, fold=3, num_folds=10, variant="pad")
+    check_run_matches(tmp_path / "elsewhere", fold=0)  # no record: nothing to check
+    with pytest.raises(ValueError, match="trained with fold 3 but config key 'fold' is 0; pass --fold 3"):
+        check_run_matches(tmp_path, fold=0)
+    with pytest.raises(Exception) as info:  # the swa bundle refuses it before any work
+        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"))
+    e, text = info.value, []
+    while e is not None:
+        text.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert "pass --fold 3" in "\n".join(text)

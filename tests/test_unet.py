@@ -50,6 +50,12 @@ def test_upsample_input_false_keeps_output_at_input_size():
     assert_heads(out, 1, 128, 128)
 
 
+def test_cheap_recipe_needs_64_px():
+    net = SaltUNet("resnet18", num_filters=4, upsample_input=False).eval()
+    with pytest.raises(ValueError, match=r"needs H and W >= 64.*\(1, 3, 32, 32\)"):
+        net(torch.rand(1, 3, 32, 32))
+
+
 def test_recipe_stage_sizes_for_128_input(resnet18_net):
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 128, 128), scale_factor=2, mode="bilinear")
     with torch.no_grad():

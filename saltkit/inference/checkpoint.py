@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -51,3 +52,27 @@ def load_network(
     ckpt = read_checkpoint(path, key)
     check_variant(ckpt, variant, path)
     return network_from_checkpoint(ckpt, path).to(device)
+
+
+def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_folds=None, variant=None) -> None:
+    """Fail when `run_dir/config.json` (written by training) records another fold split or variant.
+
+    SWA's BatchNorm pass and fold evaluation must use the run's own training / validation tiles; a checkpoint
+    scored on tiles it was trained on would look better than it is. Silent when the run has no config.json.
+    """
+    record_path = Path(run_dir) / "config.json"
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text()).get("resolved", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{record_path}: not a training run record ({e})") from e
+    expected = {"fold": fold, "num_folds": num_folds, "variant": variant}
+    for key, value in expected.items():
+        if value is not None and key in record and record[key] != value:
+            raise ValueError(f"{record_path}: the run was trained with {key} {record[key]!r} but config key "
+                             f"'{key}' is {value!r}; pass --{key} {record[key]}")
+    if dataset_dir is not None and record.get("dataset_dir"):
+        if Path(record["dataset_dir"]).resolve() != Path(str(dataset_dir)).resolve():
+            raise ValueError(f"{record_path}: the run was trained on {record['dataset_dir']} but config key "
+                             f"'dataset_dir' is {dataset_dir}")

@@ -23,8 +23,6 @@ from saltkit.metrics import kaggle_scores
 
 TILES_CSV = "tiles.csv"
 WORST_PNG = "worst_tiles.png"
-
-
 EVAL_SETS = ("fold", "all")
 
 

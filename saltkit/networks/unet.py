@@ -118,6 +118,9 @@ class SaltUNet(nn.Module):
             raise ValueError(f"SaltUNet expects (B, 3, H, W) with H and W multiples of {INPUT_MULTIPLE} "
                              f"(pad or resize 101 px tiles to 128); got {tuple(x.shape)}")
         size = x.shape[-2:]
+        if not self.upsample_input and min(size) < 2 * INPUT_MULTIPLE:
+            raise ValueError(f"SaltUNet(upsample_input=False) needs H and W >= {2 * INPUT_MULTIPLE} (the centre block "
+                             f"pools the 1/32 map once more); got {tuple(x.shape)}")
         x = (x - self.mean) / self.std
         if self.upsample_input:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
