@@ -192,3 +192,13 @@ def test_iou_and_worst_grid():
     assert (grid[:4, :4] == 7).all() and grid[4, 0] == 128  # tile 0, then a grey gap
     assert (grid[0:2, 20:24] == 255).all() and (grid[2:4, 20:24] == 0).all()  # tile 1's truth, 2nd triplet
     assert (grid[0, 25:29] == 255).all() and grid[5, 10] == 255  # tile 1's and tile 2's predictions
+
+
+def test_labelled_items(sample_dir, tmp_path):
+    from saltkit.inference.evaluate import labelled_items
+
+    assert len(labelled_items(sample_dir, "all")) == 100
+    val = labelled_items(sample_dir, "fold", tmp_path / "folds.csv", num_folds=10, fold=2)
+    assert len(val) == 10 and (tmp_path / "folds.csv").is_file()
+    with pytest.raises(ValueError, match="'eval_set'"):
+        labelled_items(sample_dir, "test")

@@ -34,6 +34,15 @@ TINY = {"num_folds": 5, "batch_size": 8, "num_filters": 4, "warmup_epochs": 1, "
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny batches gain nothing from two, and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_track_meta():
     yield

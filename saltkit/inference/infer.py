@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
 from saltkit.inference.postprocess import PostProcessing, postprocess
 from saltkit.inference.predict import predict_tiles
 from saltkit.inference.probabilities import Probabilities, save_probabilities
+from saltkit.rle import rle_encode
 from saltkit.submission import validate_submission, write_submission
 
 SUBMISSION = "submission.csv"
@@ -20,15 +22,19 @@ PROBABILITIES = "probabilities.npz"
 def write_prediction(
     pred: Probabilities, output: str | Path, settings: PostProcessing, expected_ids: Sequence[str] | None = None
 ) -> dict:
-    """Post-process `pred`, write and validate the submission CSV at `output`; return a summary dict.
+    """Post-process `pred`, validate and write the submission CSV at `output`; return a summary dict.
 
-    Summary keys: submission (path), tiles, empty (number of empty masks), empty_share.
+    The rows are validated (every expected id once, well-formed RLE) before the file is written, so a
+    failure leaves no invalid submission behind. Summary keys: submission (path), tiles, empty, empty_share.
     """
     masks = postprocess(pred.probs, pred.image_probs, settings)
     output = Path(output)
+    ids = pred.ids.tolist()
+    rles = rle_encode(masks)
+    rows = pd.DataFrame({"id": ids, "rle_mask": rles})
+    validate_submission(rows, list(expected_ids) if expected_ids is not None else ids, source=output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_submission(pred.ids.tolist(), masks, output)
-    validate_submission(output, list(expected_ids) if expected_ids is not None else pred.ids.tolist())
+    write_submission(ids, rles, output)
     empty = int((masks.reshape(len(masks), -1).max(axis=1) == 0).sum())
     return {"submission": str(output), "tiles": len(masks), "empty": empty, "empty_share": empty / len(masks)}
 
