@@ -65,7 +65,7 @@ def train_step(inputs: dict) -> float:
     loss = loss_fn(net(batch["image"]), batch["label"])
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 PIPELINE_VS_STEP = Case(

@@ -20,6 +20,7 @@ from saltkit.handlers import (
     ResumeError,
     ResumeFromCheckpoint,
     TerminateOnNan,
+    TimeLimit,
     WorstTilesImages,
     noam_scheduler,
     save_checkpoint,
@@ -234,3 +235,17 @@ def test_worst_tiles_grid_keeps_the_lowest_scores():
     assert grid.shape == (3, 3 * 101 + 4 * 2, 3 * 101 + 4 * 2)  # 3 rows x (tile, truth, prediction), 2 px padding
     text = writer.texts[0][1]
     assert text.index("b0t0 (0.00)") < text.index("b1t0 (0.00)")  # both misses first, in order seen
+
+
+def test_time_limit_stops_before_the_budget_runs_out(monkeypatch):
+    import saltkit.handlers.time_limit as tl
+
+    clock = iter(range(0, 10_000, 100))  # every call: 100 s later; one call per epoch start and end
+    monkeypatch.setattr(tl.time, "perf_counter", lambda: next(clock))
+    engine = Engine(lambda e, b: None)
+    TimeLimit(minutes=10).attach(engine)  # 600 s
+    engine.run([0], max_epochs=20)
+    # epoch 1 started at 0, epoch k ends at 100 k (epoch starts after the first do not read the clock):
+    # after epoch 5, 500 s + 100 s/epoch = 600 s is not past the budget; after epoch 6 it would be
+    assert engine.state.epoch == 6
+    TimeLimit(None).attach(Engine(lambda e, b: None))  # no limit: nothing attached

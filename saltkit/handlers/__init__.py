@@ -11,6 +11,7 @@ from saltkit.handlers.images import WorstTilesImages
 from saltkit.handlers.nan import DivergenceError, TerminateOnNan
 from saltkit.handlers.noam import NoamHandler, NoamLambda, noam_scheduler, warmup_steps
 from saltkit.handlers.progress import TrainingProgress
+from saltkit.handlers.time_limit import TimeLimit
 
 __all__ = [
     "BestCheckpoint",
@@ -21,6 +22,7 @@ __all__ = [
     "ResumeError",
     "ResumeFromCheckpoint",
     "TerminateOnNan",
+    "TimeLimit",
     "TrainingProgress",
     "WorstTilesImages",
     "noam_scheduler",
