@@ -153,7 +153,8 @@ class DeepSupervisionLoss(nn.Module):
 
     image_weight * BCE-with-logits(image logit, target non-empty)
     + pixel_weight * sum over the five pixel logits of symmetric_lovasz(ignore_empty=True)
-    + final_weight * symmetric_lovasz(final logit).
+    + final_weight * symmetric_lovasz(final logit)
+    + bce_weight * BCE-with-logits(final logit, target)   (0 in the recipe; speeds up short runs from scratch).
 
     center_crop=101 crops logits and targets to the central 101 x 101 first (inputs padded to 128), so both the
     Lovasz terms and "non-empty" only see the real tile. A bare tensor gets the final term only. All six Lovasz
@@ -161,9 +162,10 @@ class DeepSupervisionLoss(nn.Module):
     """
 
     def __init__(self, image_weight: float = 0.05, pixel_weight: float = 0.1, final_weight: float = 1.0,
-                 center_crop: int | None = None, reference: bool = False):
+                 center_crop: int | None = None, reference: bool = False, bce_weight: float = 0.0):
         super().__init__()
         self.image_weight, self.pixel_weight, self.final_weight = image_weight, pixel_weight, final_weight
+        self.bce_weight = bce_weight
         self.center_crop = center_crop
         self.reference = reference
 
@@ -192,6 +194,8 @@ class DeepSupervisionLoss(nn.Module):
         if image_logit is not None:
             has_salt = (target.flatten(1).amax(dim=1, keepdim=True) > 0).to(image_logit.dtype)
             loss = loss + self.image_weight * F.binary_cross_entropy_with_logits(image_logit, has_salt)
+        if self.bce_weight:
+            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits[0].float(), target.float())
         return loss
 
     @staticmethod

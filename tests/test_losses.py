@@ -113,6 +113,15 @@ def test_deep_supervision_matches_its_definition():
                                                                        rel=RTOL)
 
 
+def test_bce_weight_adds_pixel_bce_on_the_cropped_final_logit():
+    out = fake_output()
+    _, t = masks_and_logits(batch=4, size=128)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(center_crop(out.logit, 101), center_crop(t, 101))
+    base = DeepSupervisionLoss(center_crop=101)(out, t)
+    assert DeepSupervisionLoss(center_crop=101, bce_weight=0.5)(out, t).item() == pytest.approx(
+        base.item() + 0.5 * bce.item(), rel=RTOL)
+
+
 def test_deep_supervision_gradients_match_reference():
     out = fake_output(batch=3, size=64)
     _, t = masks_and_logits(batch=3, size=64)
