@@ -92,12 +92,14 @@ def oc_eval_diff() -> float:
 
 # ---------------------------------------------------------------- train step
 def step_setup(backbone: str, batch: int = 4, size: int = 128) -> dict:
-    """Ours (SDPA, in-place ABN, batched Lovasz, fused AdamW) and the plain reference (plain attention,
-    out-of-place ABN, per-image Lovasz, for-loop AdamW), same initial weights; pad variant loss (centre 101 crop)."""
+    """Ours (SDPA, low-resolution hypercolumn, in-place ABN, batched Lovasz, fused AdamW) and the plain reference
+    (plain attention, full-resolution concatenated hypercolumn, out-of-place ABN, per-image Lovasz, for-loop AdamW),
+    same initial weights; pad variant loss (centre 101 crop)."""
     torch.manual_seed(0)
     net = SaltUNet(backbone, pretrained=None)
     ref = copy.deepcopy(net)
     ref.set_attention("plain")
+    ref.set_hypercolumn("concat")
     set_inplace_activations(ref, False)
     return {
         "x": torch.rand(batch, 3, size, size),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,15 +36,19 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    """Minimum wall time over `repeat` runs (after one warm-up) and the last result."""
-    result = fn()
-    times = []
+def interleaved_times(ours: Callable[[], object], baseline: Callable[[], object], repeat: int):
+    """Time the two sides alternately (after one warm-up each), so a machine that speeds up or slows down during
+    the run affects both alike. Returns both time lists and the last results."""
+    r_ours, r_base = ours(), baseline()
+    t_ours, t_base = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
+        r_ours = ours()
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r_base = baseline()
+        t_base.append(time.perf_counter() - t0)
+    return t_ours, t_base, r_ours, r_base
 
 
 def load_cases() -> list[Case]:
@@ -60,9 +65,11 @@ def load_cases() -> list[Case]:
 def run_case(case: Case, repeat: int | None) -> dict:
     inputs = case.setup()
     n = repeat or case.repeat
-    t_ours, r_ours = best_time(lambda: case.ours(inputs), n)
-    t_base, r_base = best_time(lambda: case.baseline(inputs), n)
-    row = {"case": case.name, "ours_s": t_ours, "baseline_s": t_base, "ratio": t_base / t_ours, "notes": case.notes}
+    t_ours, t_base, r_ours, r_base = interleaved_times(lambda: case.ours(inputs), lambda: case.baseline(inputs), n)
+    # reported: the best time of each side, their ratio, and the median of the per-round ratios (robust to drift)
+    row = {"case": case.name, "ours_s": min(t_ours), "baseline_s": min(t_base), "ratio": min(t_base) / min(t_ours),
+           "median_round_ratio": statistics.median(b / o for o, b in zip(t_ours, t_base, strict=True)),
+           "notes": case.notes}
     if case.compare is not None:
         row.update(case.compare(r_ours, r_base))
     row.update(case.extra)

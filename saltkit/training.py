@@ -193,6 +193,23 @@ def check_config(dataset_dir, fold, num_folds, backbone: str, variant: str, batc
             raise ConfigError(f"config key '{key}' must be a number > 0, got {value!r}")
 
 
+def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
+    """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 that fits in the run when counted in epochs."""
+    if isinstance(cooldown_epochs, bool) or not isinstance(cooldown_epochs, (int, float)) or cooldown_epochs < 0:
+        raise ConfigError(f"config key 'cooldown_epochs' must be a number >= 0, got {cooldown_epochs!r}")
+    if unit == "epoch" and cooldown_epochs > max_epochs:
+        raise ConfigError(f"config key 'cooldown_epochs' ({cooldown_epochs}) is longer than the run "
+                          f"(max_epochs={max_epochs})")
+
+
+def check_augmentation(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:
+    """The augmentation and head-dropout probabilities are numbers in [0, 1]."""
+    for key, value in (("cutout_prob", cutout_prob), ("geometric_prob", geometric_prob),
+                       ("intensity_prob", intensity_prob), ("head_dropout", head_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value!r}")
+
+
 def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") -> str:
     """`runs/folds/<dataset folder name>-<hash of its absolute path>-k<K>.csv`.
 

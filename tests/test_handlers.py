@@ -24,8 +24,10 @@ from saltkit.handlers import (
     WorstTilesImages,
     noam_scheduler,
     save_checkpoint,
+    schedule_steps,
     warmup_steps,
 )
+from saltkit.handlers.checkpoints import load_schedule_keeping_settings
 from saltkit.handlers.images import worst_tile_order
 
 
@@ -58,6 +60,35 @@ def test_warmup_steps_units():
         warmup_steps(1, 10, "batch")
 
 
+def test_noam_cooldown_ramps_to_zero_over_the_last_steps():
+    plain, cooled = NoamLambda(4), NoamLambda(4, total_steps=20, cooldown_steps=5)
+    # unchanged up to the cool-down, then Noam x (T - step) / C: 1, 4/5, ..., 1/5 over steps 15..19, then 0
+    assert [cooled(k) for k in range(16)] == pytest.approx([plain(k) for k in range(16)], rel=1e-12)
+    assert [cooled(k) / plain(k) for k in range(15, 20)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2], rel=1e-12)
+    assert cooled(20) == 0.0 and cooled(25) == 0.0
+    assert schedule_steps(0, 10) == 0 and schedule_steps(1.5, 10, "epoch") == 15
+    assert schedule_steps(7, 10, "iteration") == 7
+    for bad in ({"cooldown_steps": -1, "total_steps": 10}, {"cooldown_steps": 5}, {"cooldown_steps": 11, "total_steps": 10}):
+        with pytest.raises(ValueError, match="cool-down"):
+            NoamLambda(4, **bad)
+
+
+def test_resume_keeps_the_configured_schedule_length():
+    """Extending a finished run (--max_epochs) moves the cool-down to the new end; the position is restored."""
+    opt = torch.optim.SGD(ToyNet().parameters(), lr=1.0)
+    short = noam_scheduler(opt, 4, total_steps=20, cooldown_steps=5)
+    for _ in range(20):
+        opt.step()
+        short.step()
+    assert short.get_last_lr()[0] == 0.0
+    longer = noam_scheduler(torch.optim.SGD(ToyNet().parameters(), lr=1.0), 4, total_steps=40, cooldown_steps=5)
+    load_schedule_keeping_settings(longer, short.state_dict())
+    assert longer.last_epoch == 20 and longer.lr_lambdas[0].total_steps == 40
+    longer.optimizer.step()
+    longer.step()
+    assert longer.get_last_lr()[0] == pytest.approx(NoamLambda(4)(21))
+
+
 def test_noam_handler_steps_per_iteration_and_records_lr():
     net = ToyNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -71,7 +102,7 @@ def test_noam_handler_steps_per_iteration_and_records_lr():
     assert seen == pytest.approx([0.1 * NoamLambda(4)(k) for k in range(1, 7)], rel=1e-9)
     assert opt.param_groups[0]["lr"] == pytest.approx(seen[-1])
     # the lambda is an object, so its warm-up travels in the scheduler state
-    assert sched.state_dict()["lr_lambdas"][0] == {"warmup_steps": 4.0}
+    assert sched.state_dict()["lr_lambdas"][0] == {"warmup_steps": 4.0, "total_steps": None, "cooldown_steps": 0.0}
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -249,3 +280,24 @@ def test_time_limit_stops_before_the_budget_runs_out(monkeypatch):
     # after epoch 5, 500 s + 100 s/epoch = 600 s is not past the budget; after epoch 6 it would be
     assert engine.state.epoch == 6
     TimeLimit(None).attach(Engine(lambda e, b: None))  # no limit: nothing attached
+
+
+def test_time_limit_ends_the_cooldown_at_the_last_epoch_that_fits(monkeypatch):
+    import saltkit.handlers.time_limit as tl
+
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr(tl.time, "perf_counter", lambda: next(clock))
+    opt = torch.optim.SGD(ToyNet().parameters(), lr=1.0)
+    sched = noam_scheduler(opt, 2, total_steps=40, cooldown_steps=6)  # 20 epochs of 2 iterations configured
+    engine = Engine(lambda e, b: opt.step())
+    NoamHandler(sched).attach(engine)
+    lrs = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(e.state.lr))
+    TimeLimit(minutes=10, lr_scheduler=sched).attach(engine)
+    engine.run([0, 0], max_epochs=20)
+    # 6 epochs fit (as above): the schedule now ends at iteration 12, so the run stops with the rate at 0 after a
+    # full 6-iteration ramp instead of being cut before its cool-down started
+    assert engine.state.epoch == 6 and sched.lr_lambdas[0].total_steps == 12
+    ramp = [NoamLambda(2)(k) * (12 - k) / 6 for k in range(7, 13)]
+    assert lrs[-6:] == pytest.approx(ramp, abs=1e-12) and lrs[-1] == 0.0
+    assert lrs[:6] == pytest.approx([NoamLambda(2)(k) for k in range(1, 7)])

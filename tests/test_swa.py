@@ -107,6 +107,11 @@ def test_different_archs_are_refused(tmp_path):
     b, _ = write_checkpoints(tmp_path / "b", n=1, arch={**ARCH, "num_filters": 8})
     with pytest.raises(ValueError, match="differs"):
         average_checkpoints([a[0], b[0]])
+    # attention implementation and dropout rates do not change the weights: those average
+    (tmp_path / "c").mkdir()
+    c, _ = write_checkpoints(tmp_path / "c", n=1, arch={**ARCH, "attention": "plain", "head_dropout": 0.5})
+    _, arch = average_checkpoints([a[0], c[0]])
+    assert arch == SaltUNet(**ARCH).arch
 
 
 def test_not_a_checkpoint(tmp_path):

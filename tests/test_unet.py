@@ -99,6 +99,30 @@ def test_sdpa_and_plain_networks_agree():
         assert (ta - tb).abs().max().item() < 1e-4
 
 
+def test_fused_hypercolumn_equals_the_concatenated_one():
+    """f = 16: d5 (128 channels) is projected before upsampling; outputs and weight gradients match the literal
+    concat form (eval mode: the dropouts are off), and the dropout masks act per (tile, channel) in both."""
+    torch.manual_seed(2)
+    net = SaltUNet("resnet18", num_filters=16).eval()
+    x = torch.rand(2, 3, 64, 64)
+    results = {}
+    for mode in ("concat", "fused"):
+        net.set_hypercolumn(mode)
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        (out.logit.square().mean() + sum(p.mean() for p in out.pixel_logits)).backward()
+        results[mode] = (out, net.pixel_fusion[1].weight.grad.clone(), net.pixel_heads[4][1][0].weight.grad.clone())
+    (a, ga, ha), (b, gb, hb) = results["concat"], results["fused"]
+    assert torch.allclose(a.logit, b.logit, atol=1e-5)
+    for ta, tb in zip(a.pixel_logits, b.pixel_logits, strict=True):
+        assert torch.equal(ta, tb)  # the heads see the same upsampled maps
+    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4) and torch.allclose(ha, hb, atol=1e-6, rtol=1e-4)
+    net.train().set_hypercolumn("fused")  # train mode: dropout before the upsampling
+    assert_heads(net(x), 2, 64, 64)
+    with pytest.raises(ValueError, match="hypercolumn"):
+        net.set_hypercolumn("stacked")
+
+
 def test_default_senet154_heads():
     torch.manual_seed(0)
     net = SaltUNet().eval()  # the recipe's default: senet154, f = 16

@@ -9,7 +9,7 @@ from saltkit.handlers.checkpoints import (
 )
 from saltkit.handlers.images import WorstTilesImages
 from saltkit.handlers.nan import DivergenceError, TerminateOnNan
-from saltkit.handlers.noam import NoamHandler, NoamLambda, noam_scheduler, warmup_steps
+from saltkit.handlers.noam import NoamHandler, NoamLambda, noam_scheduler, schedule_steps, warmup_steps
 from saltkit.handlers.progress import TrainingProgress
 from saltkit.handlers.time_limit import TimeLimit
 
@@ -27,5 +27,6 @@ __all__ = [
     "WorstTilesImages",
     "noam_scheduler",
     "save_checkpoint",
+    "schedule_steps",
     "warmup_steps",
 ]

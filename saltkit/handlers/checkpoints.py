@@ -26,7 +26,13 @@ from saltkit.io import atomic_write
 logger = logging.getLogger(__name__)
 
 # arch keys that change computation but not the weights; a resume may differ in them
-WEIGHT_NEUTRAL_ARCH_KEYS = ("attention",)
+# arch keys that change how the network computes, not which weights it has
+WEIGHT_NEUTRAL_ARCH_KEYS = ("attention", "head_dropout", "decoder_dropout", "bottleneck_dropout")
+
+
+def weight_arch(arch: dict) -> dict:
+    """`arch` without the weight-neutral keys: two networks with equal weight_arch load each other's weights."""
+    return {k: v for k, v in arch.items() if k not in WEIGHT_NEUTRAL_ARCH_KEYS}
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -174,7 +180,8 @@ class ResumeError(ValueError):
 
 def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
     """Raise ResumeError naming the differing arch keys when `saved` and `current` build different weights."""
-    keys = (set(saved) | set(current)) - set(WEIGHT_NEUTRAL_ARCH_KEYS)
+    saved, current = weight_arch(saved), weight_arch(current)
+    keys = set(saved) | set(current)
     diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
@@ -182,11 +189,23 @@ def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
                           "it was trained with, or a new run_dir to start afresh")
 
 
+def load_schedule_keeping_settings(scheduler, state: dict) -> None:
+    """`scheduler.load_state_dict(state)`, then put back the configured settings of its lambda objects
+    (LambdaLR restores their attributes too): the checkpoint supplies the position, the config the shape."""
+    lambdas = [fn for fn in getattr(scheduler, "lr_lambdas", []) if hasattr(fn, "__dict__")]
+    configured = [dict(vars(fn)) for fn in lambdas]
+    scheduler.load_state_dict(state)
+    for fn, settings in zip(lambdas, configured, strict=True):
+        vars(fn).clear()
+        vars(fn).update(settings)
+
+
 class ResumeFromCheckpoint:
     """On the trainer's STARTED event, restore network, optimizer, scheduler, epoch/iteration, best scores and
     RNG from a last.pt written by `LastCheckpoint`; training then continues with the next epoch.
 
-    The configured max_epochs is kept (so a finished run can be extended with `--max_epochs`). The checkpoint's
+    The configured max_epochs is kept (so a finished run can be extended with `--max_epochs`), and so are the
+    configured schedule settings (a cool-down follows the new length); the step count comes from the checkpoint. The checkpoint's
     arch must match the network's (ResumeError otherwise), and so must the epoch length (batches per epoch).
     """
 
@@ -219,7 +238,7 @@ class ResumeFromCheckpoint:
         unwrap(self.network).load_state_dict(ckpt["network"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and ckpt.get("scheduler") is not None:
-            self.lr_scheduler.load_state_dict(ckpt["scheduler"])
+            load_schedule_keeping_settings(self.lr_scheduler, ckpt["scheduler"])
         for b in self.best:
             if b.filename in ckpt["best"]:
                 b.load_state_dict(ckpt["best"][b.filename])

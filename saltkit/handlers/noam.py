@@ -3,6 +3,9 @@
     factor(step) = min(s / W, sqrt(W / s)),  s = step + 1,  W = warm-up steps
 so the rate climbs linearly to the base rate at step W - 1 and falls as 1 / sqrt(step) afterwards
 (the schedule of "Attention is all you need", normalised so that its peak is the optimizer's lr).
+
+An optional cool-down (off in the recipe) multiplies the factor by a linear ramp from 1 to 0 over the last C of
+T total steps, so a short fixed-length run ends at a small rate instead of mid-decay.
 """
 
 from __future__ import annotations
@@ -17,30 +20,46 @@ from torch.optim.lr_scheduler import LambdaLR
 
 class NoamLambda:
     """Multiplicative factor of the Noam schedule for `LambdaLR`; a class (not a closure) so it pickles and its
-    warm-up is saved in the scheduler's state_dict."""
+    settings are saved in the scheduler's state_dict. `cooldown_steps` > 0 needs `total_steps`."""
 
-    def __init__(self, warmup_steps: int | float):
+    def __init__(self, warmup_steps: int | float, total_steps: int | float | None = None,
+                 cooldown_steps: int | float = 0):
         if not warmup_steps > 0:
             raise ValueError(f"warm-up must be > 0 steps, got {warmup_steps}")
+        if cooldown_steps < 0:
+            raise ValueError(f"cool-down must be >= 0 steps, got {cooldown_steps}")
+        if cooldown_steps and (total_steps is None or not 0 < cooldown_steps <= total_steps):
+            raise ValueError(f"a cool-down of {cooldown_steps} steps needs total_steps >= it, got {total_steps}")
         self.warmup_steps = float(warmup_steps)
+        self.total_steps = None if total_steps is None else float(total_steps)
+        self.cooldown_steps = float(cooldown_steps)
 
     def __call__(self, step: int) -> float:
         s = step + 1
-        return min(s / self.warmup_steps, math.sqrt(self.warmup_steps / s))
+        factor = min(s / self.warmup_steps, math.sqrt(self.warmup_steps / s))
+        if self.cooldown_steps:
+            factor *= min(max((self.total_steps - step) / self.cooldown_steps, 0.0), 1.0)
+        return factor
 
 
-def warmup_steps(warmup: float, steps_per_epoch: int, unit: str = "epoch") -> float:
-    """Warm-up length in optimizer steps from a value counted in epochs (x steps_per_epoch) or iterations."""
+def schedule_steps(length: float, steps_per_epoch: int, unit: str = "epoch") -> float:
+    """A schedule length counted in epochs (x steps_per_epoch) or iterations, in optimizer steps."""
     if unit == "epoch":
-        return max(warmup * steps_per_epoch, 1.0)
+        return float(length) * steps_per_epoch
     if unit == "iteration":
-        return max(float(warmup), 1.0)
+        return float(length)
     raise ValueError(f"config key 'warmup_unit' must be 'epoch' or 'iteration', got {unit!r}")
 
 
-def noam_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: float) -> LambdaLR:
-    """LambdaLR with the Noam factor; step it once per iteration."""
-    return LambdaLR(optimizer, NoamLambda(warmup_steps))
+def warmup_steps(warmup: float, steps_per_epoch: int, unit: str = "epoch") -> float:
+    """Warm-up length in optimizer steps (at least 1) from a value counted in epochs or iterations."""
+    return max(schedule_steps(warmup, steps_per_epoch, unit), 1.0)
+
+
+def noam_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: float, total_steps: float | None = None,
+                   cooldown_steps: float = 0) -> LambdaLR:
+    """LambdaLR with the Noam factor (and optional final cool-down); step it once per iteration."""
+    return LambdaLR(optimizer, NoamLambda(warmup_steps, total_steps, cooldown_steps))
 
 
 class NoamHandler(LrScheduleHandler):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from saltkit.handlers.checkpoints import weight_arch
 from saltkit.inference.checkpoint import check_variant, network_from_checkpoint, read_checkpoint
 from saltkit.io import atomic_write
 
@@ -38,7 +39,7 @@ def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None)
     arch = dict(ckpts[0]["arch"])
     for p, c in zip(paths, ckpts, strict=True):
         check_variant(c, variant, p)
-        if dict(c["arch"]) != arch:
+        if weight_arch(c["arch"]) != weight_arch(arch):  # the first checkpoint's attention/dropout settings are kept
             raise ValueError(f"{p}: arch {c['arch']} differs from {paths[0]}'s {arch}; cannot average them")
     network = network_from_checkpoint(ckpts[0], paths[0])
     averaged = AveragedModel(network)  # default avg_fn: running equal-weight mean of the parameters

@@ -16,10 +16,15 @@ class TimeLimit:
     The budget counts from the trainer's start (this process; a resumed run gets a fresh budget). The next epoch's
     length is estimated as the mean of the epochs run so far, validation and checkpoints included. Attach it after
     the ValidationHandler and LastCheckpoint so the last epoch is validated and saved. `minutes` None: no limit.
+
+    With `lr_scheduler` (a Noam LambdaLR) whose schedule has a cool-down, the schedule's end follows the last epoch
+    expected to fit the budget (re-estimated after every epoch, never past max_epochs), so a fixed-time run ends
+    cooled down on any machine instead of being cut in the middle of its cool-down.
     """
 
-    def __init__(self, minutes: float | None):
+    def __init__(self, minutes: float | None, lr_scheduler=None):
         self.seconds = None if minutes is None else float(minutes) * 60
+        self.lr_scheduler = lr_scheduler
         self.start: float | None = None
         self.first_epoch = 0
 
@@ -36,7 +41,22 @@ class TimeLimit:
     def __call__(self, engine: Engine) -> None:
         elapsed = time.perf_counter() - self.start
         per_epoch = elapsed / (engine.state.epoch - self.first_epoch)
-        if engine.state.epoch < engine.state.max_epochs and elapsed + per_epoch > self.seconds:
+        fit = max(int((self.seconds - elapsed) // per_epoch), 0)  # further epochs that fit the budget
+        last_epoch = min(engine.state.max_epochs, engine.state.epoch + fit)
+        self.end_schedule_at(last_epoch * engine.state.epoch_length)
+        if last_epoch == engine.state.epoch < engine.state.max_epochs:
             logger.info(f"time limit {self.seconds / 60:.1f} min: stopping after epoch {engine.state.epoch} "
                         f"({elapsed / 60:.1f} min elapsed, {per_epoch / 60:.1f} min per epoch)")
             engine.terminate()
+
+    def end_schedule_at(self, total_steps: int) -> None:
+        """End a cool-down schedule at `total_steps`, or at its configured end if that comes first."""
+        for fn in getattr(self.lr_scheduler, "lr_lambdas", []):
+            if not getattr(fn, "cooldown_steps", 0):
+                continue
+            configured = vars(fn).setdefault("configured_total_steps", fn.total_steps)
+            end = float(min(total_steps, configured))
+            if end != fn.total_steps:
+                logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(end)} "
+                            f"(the last epoch expected to fit the budget; configured: {int(configured)})")
+                fn.total_steps = end

@@ -24,6 +24,7 @@ from .encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder, stage_channels
 from .object_context import ObjectContextBlock
 
 INPUT_MULTIPLE = 32
+HYPERCOLUMN_MODES = ("fused", "concat")
 
 
 class SaltOutput(NamedTuple):
@@ -65,7 +66,8 @@ class SaltUNet(nn.Module):
     """The recipe's network; forward (B, 3, H, W) in [0, 1] (H, W multiples of 32) -> SaltOutput.
 
     The input is normalised with the ImageNet mean/std inside the network.
-    `attention="plain"` swaps the fused attention for the reference implementation (same weights).
+    `attention="plain"` swaps the fused attention for the reference implementation (same weights), and
+    `set_hypercolumn("concat")` the low-resolution hypercolumn for the literal full-resolution one (same weights).
     """
 
     def __init__(self, backbone: str = "senet154", pretrained: str | Path | None = None, num_filters: int = 16,
@@ -99,6 +101,7 @@ class SaltUNet(nn.Module):
         self.image_fusion = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(32 * f, 32), nn.ReLU(inplace=True))
         self.image_logit = nn.Linear(32, 1)
         self.final = pixel_head(64 + 32, f, head_dropout)
+        self.hypercolumn = "fused"
 
     @property
     def arch(self) -> dict:
@@ -112,6 +115,45 @@ class SaltUNet(nn.Module):
                 ObjectContextBlock.check_attention(attention)
                 m.attention = attention
         self._arch["attention"] = attention
+
+    def set_hypercolumn(self, mode: str) -> None:
+        """"fused" (default) or "concat": two computations of the same heads and pixel fusion (same weights)."""
+        if mode not in HYPERCOLUMN_MODES:
+            raise ValueError(f"hypercolumn={mode!r}; expected one of {HYPERCOLUMN_MODES}")
+        self.hypercolumn = mode
+
+    def _hypercolumn_concat(self, ds: list[torch.Tensor], size: torch.Size):
+        """The recipe as written: upsample d2..d5 to d1's size, heads on each, dropout + conv1x1 on the concat."""
+        hyper = [d if d.shape[-2:] == size else _upsample(d, size) for d in ds]
+        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper, strict=True)]
+        return pixel_logits, self.pixel_fusion(torch.cat(hyper, dim=1))
+
+    def _hypercolumn_fused(self, ds: list[torch.Tensor], size: torch.Size):
+        """The same function with less full-resolution work.
+
+        Bilinear upsampling acts on each channel alone, so channel dropout and the 1x1 fusion conv commute with it.
+        A part with more channels than the fusion's 64 outputs (d5 when f = 16) is therefore dropped out and
+        projected at its own resolution (its slice of the fusion weight) and upsampled as 64 channels; its head
+        drops out before upsampling too. The other parts are concatenated at full resolution as written.
+        """
+        drop, conv = self.pixel_fusion
+        if not any(d.shape[-2:] != size and d.shape[1] > conv.out_channels for d in ds):
+            return self._hypercolumn_concat(ds, size)
+        weights = conv.weight.split([d.shape[1] for d in ds], dim=1)
+        pixel_logits, full, full_weights, projected = [], [], [], []
+        for head, d, w in zip(self.pixel_heads, ds, weights, strict=True):
+            if d.shape[-2:] != size and d.shape[1] > w.shape[0]:
+                pixel_logits.append(head[2](head[1](_upsample(head[0](d), size))))
+                projected.append(_upsample(F.conv2d(drop(d), w), size))
+            else:
+                u = d if d.shape[-2:] == size else _upsample(d, size)
+                pixel_logits.append(head(u))
+                full.append(u)
+                full_weights.append(w)
+        fusion = F.conv2d(drop(torch.cat(full, dim=1)), torch.cat(full_weights, dim=1), conv.bias)
+        for p in projected:
+            fusion = fusion + p
+        return pixel_logits, fusion
 
     def forward(self, x: torch.Tensor) -> SaltOutput:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % INPUT_MULTIPLE or x.shape[3] % INPUT_MULTIPLE:
@@ -133,9 +175,8 @@ class SaltUNet(nn.Module):
         d2 = self.decoder2(torch.cat([d3, e1], dim=1))
         d1 = self.decoder1(d2, e0)
         d_size = d1.shape[-2:]
-        hyper = [d1] + [F.interpolate(d, size=d_size, mode="bilinear", align_corners=False) for d in (d2, d3, d4, d5)]
-        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper, strict=True)]
-        pixel_fusion = self.pixel_fusion(torch.cat(hyper, dim=1))
+        hypercolumn = self._hypercolumn_fused if self.hypercolumn == "fused" else self._hypercolumn_concat
+        pixel_logits, pixel_fusion = hypercolumn([d1, d2, d3, d4, d5], d_size)
         image_fusion = self.image_fusion(F.adaptive_avg_pool2d(bottleneck, 1).flatten(1))
         image_logit = self.image_logit(image_fusion)
         broadcast = image_fusion[:, :, None, None].expand(-1, -1, *d_size)
@@ -144,6 +185,10 @@ class SaltUNet(nn.Module):
             logit = F.interpolate(logit, size=size, mode="bilinear", align_corners=False)
             pixel_logits = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pixel_logits]
         return SaltOutput(logit, tuple(pixel_logits), image_logit)
+
+
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def network_from_arch(arch: dict, pretrained: str | Path | None = None) -> SaltUNet:
