@@ -25,6 +25,7 @@ class TimeLimit:
     def __init__(self, minutes: float | None, lr_scheduler=None):
         self.seconds = None if minutes is None else float(minutes) * 60
         self.lr_scheduler = lr_scheduler
+        self.configured_ends: dict[int, float] = {}  # lambda index -> the schedule's configured total steps
         self.start: float | None = None
         self.first_epoch = 0
 
@@ -51,10 +52,10 @@ class TimeLimit:
 
     def end_schedule_at(self, total_steps: int) -> None:
         """End a cool-down schedule at `total_steps`, or at its configured end if that comes first."""
-        for fn in getattr(self.lr_scheduler, "lr_lambdas", []):
+        for i, fn in enumerate(getattr(self.lr_scheduler, "lr_lambdas", [])):
             if not getattr(fn, "cooldown_steps", 0):
                 continue
-            configured = vars(fn).setdefault("configured_total_steps", fn.total_steps)
+            configured = self.configured_ends.setdefault(i, fn.total_steps)
             end = float(min(total_steps, configured))
             if end != fn.total_steps:
                 logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(end)} "
