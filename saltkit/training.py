@@ -202,7 +202,7 @@ def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
                           f"(max_epochs={max_epochs})")
 
 
-def check_augmentation(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:
+def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:
     """The augmentation and head-dropout probabilities are numbers in [0, 1]."""
     for key, value in (("cutout_prob", cutout_prob), ("geometric_prob", geometric_prob),
                        ("intensity_prob", intensity_prob), ("head_dropout", head_dropout)):

@@ -25,8 +25,7 @@ from saltkit.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# arch keys that change computation but not the weights; a resume may differ in them
-# arch keys that change how the network computes, not which weights it has
+# arch keys that change how the network computes, not which weights it has; a resume or SWA may differ in them
 WEIGHT_NEUTRAL_ARCH_KEYS = ("attention", "head_dropout", "decoder_dropout", "bottleneck_dropout")
 
 
@@ -205,8 +204,8 @@ class ResumeFromCheckpoint:
     RNG from a last.pt written by `LastCheckpoint`; training then continues with the next epoch.
 
     The configured max_epochs is kept (so a finished run can be extended with `--max_epochs`), and so are the
-    configured schedule settings (a cool-down follows the new length); the step count comes from the checkpoint. The checkpoint's
-    arch must match the network's (ResumeError otherwise), and so must the epoch length (batches per epoch).
+    configured schedule settings (a cool-down follows the new length); the step count comes from the checkpoint.
+    The checkpoint's arch must match the network's (ResumeError otherwise), and so must the epoch length.
     """
 
     def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,

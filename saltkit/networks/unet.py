@@ -137,12 +137,13 @@ class SaltUNet(nn.Module):
         drops out before upsampling too. The other parts are concatenated at full resolution as written.
         """
         drop, conv = self.pixel_fusion
-        if not any(d.shape[-2:] != size and d.shape[1] > conv.out_channels for d in ds):
+        project = [d.shape[-2:] != size and d.shape[1] > conv.out_channels for d in ds]
+        if not any(project):
             return self._hypercolumn_concat(ds, size)
         weights = conv.weight.split([d.shape[1] for d in ds], dim=1)
         pixel_logits, full, full_weights, projected = [], [], [], []
-        for head, d, w in zip(self.pixel_heads, ds, weights, strict=True):
-            if d.shape[-2:] != size and d.shape[1] > w.shape[0]:
+        for head, d, w, low_res in zip(self.pixel_heads, ds, weights, project, strict=True):
+            if low_res:
                 pixel_logits.append(head[2](head[1](_upsample(head[0](d), size))))
                 projected.append(_upsample(F.conv2d(drop(d), w), size))
             else:
