@@ -42,3 +42,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None =
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Fail now, naming `folder` and its config `key`, when files cannot be created there (checked before a long
+    computation). The folder itself is not created: the nearest existing parent must be writable instead."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write to {folder} (config key '{key}'): {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to {folder} (config key '{key}'): {e.strerror or e}") from e
+    return folder

@@ -10,7 +10,7 @@ from monai.transforms import BorderPad, Resize
 from torch import nn
 
 from saltkit.geometry import pad_widths
-from saltkit.inference.restore import restore_tiles
+from saltkit.geometry import restore_tiles
 from saltkit.inference.tta import flip_predict, split_output, tta_probabilities
 
 

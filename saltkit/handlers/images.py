@@ -6,7 +6,7 @@ import torch
 from ignite.engine import Engine, Events
 from torchvision.utils import make_grid
 
-from saltkit.inference.restore import restore_tiles
+from saltkit.geometry import restore_tiles
 from saltkit.metrics import kaggle_scores, pixel_accuracy
 
 

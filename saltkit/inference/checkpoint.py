@@ -76,3 +76,46 @@ def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_fold
         if Path(record["dataset_dir"]).resolve() != Path(str(dataset_dir)).resolve():
             raise ValueError(f"{record_path}: the run was trained on {record['dataset_dir']} but config key "
                              f"'dataset_dir' is {dataset_dir}")
+
+
+def checkpoint_arch(path: str | Path) -> dict:
+    """The "arch" dict of the checkpoint at `path` (for configs that build the network before loading it)."""
+    return dict(read_checkpoint(path)["arch"])
+
+
+def checkpoint_variant(path: str | Path, variant: str | None = None) -> str:
+    """The variant the checkpoint at `path` was trained with; `variant` (a config's, or None) must agree."""
+    from saltkit.geometry import check_variant as valid_variant
+
+    recorded = read_checkpoint(path).get("variant")
+    if recorded is None and variant is None:
+        raise ValueError(f"{path} does not record its variant: merge configs/pad.json or configs/resize.json "
+                         "(config key 'variant')")
+    check_variant({"variant": recorded}, variant, path)
+    return valid_variant(recorded if recorded is not None else variant)
+
+
+def default_checkpoint(bundle_root: str | Path, run_dir: str | Path, name: str = "best_metric.pt") -> str:
+    """`bundle_root/models/model.pt` when it exists (a bundle with its model, as in the model zoo), else
+    `run_dir/name` (a training run's checkpoint)."""
+    bundled = Path(bundle_root) / "models" / "model.pt"
+    return str(bundled if bundled.is_file() else Path(run_dir) / name)
+
+
+def output_dir_for(ckpt: str | Path, workflow: str) -> str:
+    """`<folder of ckpt>/<workflow>/<ckpt stem>`: each checkpoint's report or prediction has its own folder."""
+    ckpt = Path(ckpt)
+    return str(ckpt.parent / workflow / ckpt.stem)
+
+
+def run_setting(ckpt: str | Path, key: str, default=None):
+    """`key` as the training run that wrote `ckpt` recorded it (its config.json beside it), else `default`."""
+    record_path = Path(ckpt).parent / "config.json"
+    if not record_path.is_file():
+        return default
+    try:
+        record = json.loads(record_path.read_text()).get("resolved", {})
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return default
+    value = record.get(key)
+    return default if value is None else value

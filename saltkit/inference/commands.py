@@ -23,8 +23,7 @@ def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ensemble_run(args: argparse.Namespace) -> int:
-    from saltkit.inference.ensemble import ensemble_files
-    from saltkit.inference.infer import write_prediction
+    from saltkit.inference.ensemble import ensemble_files, write_prediction
     from saltkit.inference.postprocess import PostProcessing
     from saltkit.inference.probabilities import save_probabilities
 

@@ -2,13 +2,18 @@
 
 All rules are off by default except the 0.5 threshold, so the defaults reproduce a plain thresholded prediction;
 tune them on a validation fold with the evaluate bundle before switching them on for a submission.
+Two forms of the same rules: `postprocess` on stacked numpy arrays (ensembles of saved probabilities), and
+`mask_transforms`, the MONAI post transforms the inference and evaluate engines run on each decollated tile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from monai.transforms import AsDiscreted, Compose, CopyItemsd, MapTransform
 from scipy import ndimage
 
 
@@ -77,3 +82,67 @@ def postprocess(
         empty |= masks.sum(axis=(1, 2)) < s.min_area
     masks[empty] = False
     return masks.astype(np.uint8)
+
+
+class RemoveSmallComponentsd(MapTransform):
+    """Drop 4-connected salt components of fewer than `min_size` pixels from `(1, H, W)` binary masks.
+
+    Ours, not MONAI's RemoveSmallObjectsd: that follows scikit-image, whose size rule changed in 0.26 (it now
+    also removes components of exactly `min_size` pixels); this keeps the recipe's rule on every version.
+    """
+
+    def __init__(self, keys, min_size: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.min_size = int(min_size)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = torch.as_tensor(d[key])
+            kept = remove_small_components(mask.detach().cpu().numpy().reshape(-1, *mask.shape[-2:]), self.min_size)
+            d[key] = torch.from_numpy(kept.reshape(mask.shape)).to(mask.dtype)
+        return d
+
+
+class EmptyTilesd(MapTransform):
+    """Empty a `(1, H, W)` mask when its tile's image-level salt probability is below `image_threshold`, or when
+    fewer than `min_area` pixels are salt. No MONAI transform works at the level of a whole tile."""
+
+    def __init__(self, keys, image_prob_keys: Sequence[str] | str | None = None, image_threshold: float | None = None,
+                 min_area: int = 0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        names = [image_prob_keys] if isinstance(image_prob_keys, str) else image_prob_keys
+        self.image_prob_keys = list(names) if names is not None else [None] * len(self.keys)
+        self.image_threshold = image_threshold
+        self.min_area = int(min_area)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, prob_key in self.key_iterator(d, self.image_prob_keys):
+            mask = d[key]
+            empty = self.min_area > 0 and float(mask.sum()) < self.min_area
+            if self.image_threshold is not None:
+                if prob_key is None or prob_key not in d:
+                    raise ValueError("config key 'image_threshold' is set but the network gives no image-level "
+                                     "probability (no image head in the prediction)")
+                empty = empty or float(torch.as_tensor(d[prob_key]).reshape(-1)[0]) < self.image_threshold
+            if empty:
+                d[key] = torch.zeros_like(mask)
+        return d
+
+
+def mask_transforms(settings: PostProcessing, prob_keys: Sequence[str] = ("prob",),
+                    mask_keys: Sequence[str] = ("mask",), image_prob_keys: Sequence[str] = ("image_prob",)) -> Compose:
+    """MONAI post transforms that add binary `mask_keys` `(1, H, W)` uint8 from probability `prob_keys`
+    (copy, `AsDiscreted` threshold, small components, tile-level emptying); the probabilities stay as they are."""
+    prob_keys, mask_keys = list(prob_keys), list(mask_keys)
+    # AsDiscrete keeps p >= t; the next float32 above t makes that the recipe's p > t for float32 probabilities
+    above = float(np.nextafter(np.float32(settings.threshold), np.float32(np.inf)))
+    steps = [CopyItemsd(keys=prob_keys, names=mask_keys),
+             AsDiscreted(keys=mask_keys, threshold=above, dtype=torch.uint8)]
+    if settings.min_component_size > 1:
+        steps.append(RemoveSmallComponentsd(mask_keys, settings.min_component_size))
+    if settings.image_threshold is not None or settings.min_area > 0:
+        steps.append(EmptyTilesd(mask_keys, list(image_prob_keys), settings.image_threshold, settings.min_area,
+                                 allow_missing_keys=False))
+    return Compose(steps)
