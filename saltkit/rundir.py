@@ -14,10 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-import ignite.distributed as idist
-
 from saltkit.io import host_name, remove_stale_temporaries
-from saltkit.training import ConfigError, as_bool
 
 try:
     import fcntl
@@ -81,6 +78,9 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
+        # imported here, as in the other functions: taking the lock needs neither MONAI nor torch
+        from saltkit.training import ConfigError
+
         raise ConfigError(f"config key 'run_dir': {path.parent} is in use by another training "
                           f"({lock_holder(path)}, lock file {path}); wait for it to end, or train into another "
                           "--run_dir") from None
@@ -120,6 +120,10 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
     files are removed first. Stale temporaries of killed writes are removed. Only rank 0 creates, locks and
     cleans; every rank checks, so all fail alike. Release the returned lock when the training ends.
     """
+    import ignite.distributed as idist
+
+    from saltkit.training import ConfigError, as_bool
+
     overwrite = as_bool(overwrite, "overwrite")
     run_dir = Path(str(run_dir))
     if resume_path is not None and overwrite:
@@ -148,6 +152,8 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
 
 def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool) -> None:
     """ConfigError when a fresh, non-overwriting run would replace the checkpoints of a previous run."""
+    from saltkit.training import ConfigError
+
     previous = previous_run_files(run_dir)
     if previous and resume_path is None and not overwrite:
         raise ConfigError(f"config key 'run_dir': {run_dir} holds a previous run "
