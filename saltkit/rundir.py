@@ -57,12 +57,14 @@ class RunDirLock:
 
 
 def lock_holder(path: Path) -> str:
-    """'pid N on HOST' as written into the lock file by its holder (or 'unknown process' when unreadable)."""
+    """'pid N' ('pid N on HOST' for another machine) as written into the lock file by its holder."""
     try:
         pid, _, host = path.read_text(encoding="utf-8").strip().partition(" ")
     except (OSError, UnicodeDecodeError):
         return "an unknown process"
-    return f"pid {pid}" + (f" on {host}" if host and host != host_name() else "") if pid else "an unknown process"
+    if not pid:
+        return "an unknown process"
+    return f"pid {pid} on {host}" if host and host != host_name() else f"pid {pid}"
 
 
 def lock_run_dir(run_dir: str | Path) -> RunDirLock:
@@ -151,7 +153,8 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
 
 
 def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool) -> None:
-    """ConfigError when a fresh, non-overwriting run would replace the checkpoints of a previous run."""
+    """ConfigError when a run would replace the checkpoints of a previous run: a fresh run without `overwrite`, or
+    a resume of a last.pt from another folder."""
     from saltkit.training import ConfigError
 
     previous = previous_run_files(run_dir)
@@ -159,3 +162,7 @@ def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool)
         raise ConfigError(f"config key 'run_dir': {run_dir} holds a previous run "
                           f"({', '.join(p.name for p in previous)}); continue it with --resume true, or start "
                           "afresh with --overwrite true (removes its checkpoints) or another --run_dir")
+    if previous and resume_path is not None and Path(resume_path).resolve().parent != run_dir.resolve():
+        raise ConfigError(f"config key 'run_dir': {run_dir} holds another run ({', '.join(p.name for p in previous)}) "
+                          f"than the {resume_path} to resume; resume into the checkpoint's own folder or an empty "
+                          "--run_dir")

@@ -55,7 +55,7 @@ def as_bool(value, key: str = "value") -> bool:
 
 
 def check_booleans(**values) -> None:
-    """ConfigError for the first boolean key whose value `as_bool` does not accept: `check_booleans(amp=@amp, ...)`."""
+    """ConfigError for the first boolean key whose value `as_bool` does not accept: `check_booleans(tta=@tta, ...)`."""
     for key, value in values.items():
         as_bool(value, key)
 
@@ -412,10 +412,14 @@ def amp_settings(amp, device) -> dict:
     """
     if isinstance(amp, str) and amp.strip().lower() in ("bf16", "bfloat16", "fp16", "float16", "half"):
         dtype = torch.bfloat16 if amp.strip().lower() in ("bf16", "bfloat16") else torch.float16
-    elif as_bool(amp, "amp"):
-        dtype = torch.bfloat16
     else:
-        return {"amp": False, "amp_kwargs": {}}
+        try:
+            on = as_bool(amp, "amp")
+        except ConfigError:
+            raise ConfigError(f"config key 'amp' must be false, true (bf16), 'bf16' or 'fp16', got {amp!r}") from None
+        if not on:
+            return {"amp": False, "amp_kwargs": {}}
+        dtype = torch.bfloat16
     if torch.device(device).type != "cuda":
         logger.warning(f"config key 'amp' = {amp!r}: mixed precision runs on CUDA only; training in float32 on {device}")
         return {"amp": False, "amp_kwargs": {}}

@@ -178,6 +178,9 @@ def test_overwrite_clears_the_previous_run(tmp_path):
         (run_dir / name).write_text("old")
     with pytest.raises(ConfigError, match="holds a previous run"):
         claim_run_dir(run_dir)
+    elsewhere = tmp_path / "elsewhere" / "last.pt"
+    with pytest.raises(ConfigError, match=rf"{run_dir} holds another run .* than the {elsewhere} to resume"):
+        claim_run_dir(run_dir, str(elsewhere))
     with pytest.raises(ConfigError, match="'resume' and 'overwrite' are both set"):
         claim_run_dir(run_dir, str(run_dir / "last.pt"), "true")
     with pytest.raises(ConfigError, match="'overwrite' must be true or false"):
