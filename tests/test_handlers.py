@@ -216,10 +216,12 @@ def test_resume_refuses_another_architecture(tmp_path):
 # ---------------------------------------------------------------- NaN guard, images
 
 
-def test_terminate_on_nan_raises_a_clear_error():
+def test_terminate_on_nan_raises_a_clear_error(tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"")  # a previous epoch's checkpoint
     engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan") if e.state.iteration == 3 else 1.0)})
-    TerminateOnNan(last_checkpoint="runs/x/last.pt").attach(engine)
-    with pytest.raises(DivergenceError, match=r"loss is nan at epoch 1, iteration 3; runs/x/last.pt holds"):
+    TerminateOnNan(last_checkpoint=str(last)).attach(engine)
+    with pytest.raises(DivergenceError, match=rf"loss is nan at epoch 1, iteration 3; {last} holds"):
         engine.run([0] * 5, max_epochs=1)
 
 

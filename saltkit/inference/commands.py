@@ -25,14 +25,23 @@ def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
 def _ensemble_run(args: argparse.Namespace) -> int:
     from saltkit.inference.ensemble import ensemble_files, write_prediction
     from saltkit.inference.postprocess import PostProcessing
-    from saltkit.inference.probabilities import save_probabilities
+    from saltkit.inference.probabilities import write_probabilities
+    from saltkit.io import atomic_write, check_writable
 
     settings = PostProcessing(threshold=args.threshold, min_component_size=args.min_component_size,
                               image_threshold=args.image_threshold, min_area=args.min_area)
-    mean = ensemble_files(args.probs)
+    check_writable(args.out.parent, "--out")
     if args.save_probs is not None:
-        print(f"wrote {save_probabilities(args.save_probs, mean)}")
-    summary = write_prediction(mean, args.out, settings)
+        check_writable(args.save_probs.parent, "--save-probs")
+    mean = ensemble_files(args.probs)
+    if args.save_probs is None:
+        summary = write_prediction(mean, args.out, settings)
+    else:
+        # the npz is renamed into place only after the submission was written: both files or neither
+        with atomic_write(args.save_probs, "wb") as f:
+            write_probabilities(f, mean)
+            summary = write_prediction(mean, args.out, settings)
+        print(f"wrote {args.save_probs}")
     print(f"ensembled {len(args.probs)} files over {summary['tiles']} tiles ({settings})")
     print(f"empty predictions: {summary['empty']}/{summary['tiles']} ({summary['empty_share']:.1%})")
     print(f"wrote {summary['submission']}")

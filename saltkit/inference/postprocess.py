@@ -34,15 +34,25 @@ class PostProcessing:
     min_area: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"config key 'threshold' must be in [0, 1], got {self.threshold}")
-        if self.min_component_size < 0 or self.min_area < 0:
-            raise ValueError(
-                f"config keys 'min_component_size' ({self.min_component_size}) and 'min_area' ({self.min_area}) "
-                "must be >= 0"
-            )
-        if self.image_threshold is not None and not 0.0 <= self.image_threshold <= 1.0:
-            raise ValueError(f"config key 'image_threshold' must be in [0, 1] or null, got {self.image_threshold}")
+        if isinstance(self.image_threshold, str) and self.image_threshold.strip().lower() in ("null", "none"):
+            object.__setattr__(self, "image_threshold", None)  # `--image_threshold null` from the command line
+        check_fraction("threshold", self.threshold)
+        check_count("min_component_size", self.min_component_size)
+        check_count("min_area", self.min_area)
+        if self.image_threshold is not None:
+            check_fraction("image_threshold", self.image_threshold, " or null")
+
+
+def check_fraction(key: str, value, alternative: str = "") -> None:
+    """ValueError naming config `key` unless `value` is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value <= 1:
+        raise ValueError(f"config key '{key}' must be a number in [0, 1]{alternative}, got {value!r}")
+
+
+def check_count(key: str, value) -> None:
+    """ValueError naming config `key` unless `value` is an integer >= 0 (a pixel count; 0 switches the rule off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"config key '{key}' must be an integer >= 0 (pixels; 0: off), got {value!r}")
 
 
 def remove_small_components(masks: np.ndarray, min_size: int) -> np.ndarray:
