@@ -21,6 +21,15 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 
+from saltkit.config import (  # noqa: F401  (the bundle configs call them as saltkit.training.*)
+    FALSE_WORDS,
+    TRUE_WORDS,
+    ConfigError,
+    as_bool,
+    check_booleans,
+    none_if_null,
+    require_int,
+)
 from saltkit.data.folds import ensure_folds, split_items
 from saltkit.data.layout import DatasetError, train_items
 from saltkit.io import atomic_write
@@ -29,47 +38,8 @@ from saltkit.transforms import check_variant
 logger = logging.getLogger(__name__)
 
 BUNDLE_SEPARATORS = ("::", "#")  # MONAI config id separators (new and old spelling)
-TRUE_WORDS = ("true", "1")
-FALSE_WORDS = ("false", "0")
 # `@id` / `%id` references inside config strings (the top-level key they start with)
 REFERENCE = re.compile(r"[@%]([A-Za-z_][A-Za-z0-9_]*)")
-
-
-class ConfigError(ValueError):
-    """A bundle config value that cannot work; the message names the key and what was expected."""
-
-
-# ---------------------------------------------------------------- values from the command line
-
-
-def as_bool(value, key: str = "value") -> bool:
-    """A boolean config key's value: true / false (any case), 1 / 0, as a bool, an integer or a string (the command
-    line gives `--tta false` as the string "false"). Anything else is a ConfigError naming `key`."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise ConfigError(f"config key '{key}' must be true or false (or 1 / 0), got {value!r}")
-
-
-def check_booleans(**values) -> None:
-    """ConfigError for the first boolean key whose value `as_bool` does not accept: `check_booleans(tta=@tta, ...)`."""
-    for key, value in values.items():
-        as_bool(value, key)
-
-
-def require_int(key: str, value, low: int) -> int:
-    """`value` when it is an integer >= `low`, else a ConfigError naming `key` (bools are not integers here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"config key '{key}' must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def none_if_null(value):
-    """`--pretrained null` arrives as the string 'null'; map 'null' / 'none' / '' to None."""
-    return None if isinstance(value, str) and value.strip().lower() in ("null", "none", "") else value
 
 
 # ---------------------------------------------------------------- unknown keys on the command line

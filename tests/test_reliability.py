@@ -56,7 +56,7 @@ TRAIN, SWA, INFERENCE = CONFIGS / "train.json", CONFIGS / "swa.json", CONFIGS / 
 PAD, RESIZE = REPO / "configs/pad.json", REPO / "configs/resize.json"
 # 20 tiles in 5 folds: 16 training tiles, 2 iterations of 8 per epoch, one epoch
 TINY = {"num_folds": 5, "batch_size": 8, "num_filters": 4, "warmup_epochs": 1, "max_epochs": 1,
-        "flip_validation": False, "progress": False}
+        "tta": False, "progress": False}
 BAD_NAME = b"\xff\xfebad"  # not valid UTF-8
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
@@ -284,7 +284,7 @@ def test_booleans_are_parsed_one_way():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"progress": "maybe"}, r"'progress' must be true or false \(or 1 / 0\), got 'maybe'"),
-    ({"flip_validation": "yes"}, r"'flip_validation' must be true or false"),
+    ({"tta": "yes"}, r"'tta' must be true or false"),
     ({"overwrite": "sure"}, r"'overwrite' must be true or false"),
     ({"num_filters": 0}, r"'num_filters' must be an integer >= 1, got 0"),
     ({"val_interval": 0}, r"'val_interval' must be an integer >= 1, got 0"),

@@ -177,7 +177,7 @@ def test_short_run_learns(resumed_run):
 
 def test_resize_variant_runs(small_dataset, tmp_path):
     run_dir = tmp_path / "resize_fold0"
-    run_training(small_dataset, run_dir, variant_config=RESIZE, max_epochs=2, flip_validation="false",
+    run_training(small_dataset, run_dir, variant_config=RESIZE, max_epochs=2, tta="false",
                  cooldown_epochs=1, cutout_prob=0.0)
     config = json.loads((run_dir / "config.json").read_text())["resolved"]
     assert config["variant"] == "resize" and config["loss_center_crop"] is None and config["val_tiles"] == 8
