@@ -22,6 +22,7 @@ from saltkit.handlers import (
     TerminateOnNan,
     TimeLimit,
     WorstTilesImages,
+    cooldown_steps,
     noam_scheduler,
     save_checkpoint,
     schedule_steps,
@@ -71,6 +72,18 @@ def test_noam_cooldown_ramps_to_zero_over_the_last_steps():
     for bad in ({"cooldown_steps": -1, "total_steps": 10}, {"cooldown_steps": 5}, {"cooldown_steps": 11, "total_steps": 10}):
         with pytest.raises(ValueError, match="cool-down"):
             NoamLambda(4, **bad)
+
+
+def test_cooldown_longer_than_the_run_covers_the_run(caplog):
+    """configs/cpu.json's 3-epoch cool-down under --max_epochs 2: the ramp spans the run instead of failing."""
+    assert cooldown_steps(3, 10, total_steps=80) == 30  # fits: unchanged
+    with caplog.at_level("INFO", logger="saltkit.handlers.noam"):
+        assert cooldown_steps(3, 10, total_steps=20) == 20
+    assert "'cooldown_epochs' (3 epochs) is longer than the run (20 iterations)" in caplog.text
+    assert cooldown_steps(50, 10, total_steps=20, unit="iteration") == 20
+    whole = NoamLambda(4, total_steps=20, cooldown_steps=cooldown_steps(3, 10, total_steps=20))
+    assert [whole(k) / NoamLambda(4)(k) for k in (0, 10, 19)] == pytest.approx([1.0, 0.5, 0.05], rel=1e-12)
+    assert whole(20) == 0.0
 
 
 def test_resume_keeps_the_configured_schedule_length():
