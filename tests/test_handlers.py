@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -30,6 +31,7 @@ from saltkit.handlers import (
 )
 from saltkit.handlers.checkpoints import load_schedule_keeping_settings
 from saltkit.handlers.images import worst_tile_order
+from saltkit.pictures import BOTH_RGB, TRUTH_RGB
 
 
 class ToyNet(nn.Linear):
@@ -240,8 +242,8 @@ class FakeWriter:
     def __init__(self):
         self.images, self.texts, self.flushed = [], [], 0
 
-    def add_image(self, tag, img, global_step):
-        self.images.append((tag, img, global_step))
+    def add_image(self, tag, img, global_step, dataformats="CHW"):
+        self.images.append((tag, img, global_step, dataformats))
 
     def add_text(self, tag, text, step):
         self.texts.append((tag, text, step))
@@ -274,9 +276,13 @@ def test_worst_tiles_grid_keeps_the_lowest_scores():
     writer = FakeWriter()
     WorstTilesImages(writer, "pad", num_tiles=3).attach(engine)
     engine.run(batches, max_epochs=1)
-    (tag, grid, step), = writer.images
-    assert tag == "val/worst_tiles" and step == 1
-    assert grid.shape == (3, 3 * 101 + 4 * 2, 3 * 101 + 4 * 2)  # 3 rows x (tile, truth, prediction), 2 px padding
+    (tag, grid, step, dataformats), = writer.images
+    assert tag == "val/worst_tiles" and step == 1 and dataformats == "HWC"
+    # saltkit.pictures.tile_grid of the three worst: one row of three outlined tiles at twice the size
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3 and 3 * 202 < grid.shape[1] < 3 * 202 + 40
+    # a 50 x 50 square's inner outline is 196 tile pixels, 4 grid pixels each: the two missed squares in the truth
+    # colour, the third (predicted exactly) where truth and prediction coincide
+    assert (grid == TRUTH_RGB).all(-1).sum() == 2 * 196 * 4 and (grid == BOTH_RGB).all(-1).sum() == 196 * 4
     text = writer.texts[0][1]
     assert text.index("b0t0 (0.00)") < text.index("b1t0 (0.00)")  # both misses first, in order seen
 
