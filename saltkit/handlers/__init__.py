@@ -17,12 +17,13 @@ from saltkit.handlers.noam import (
     schedule_steps,
     warmup_steps,
 )
-from saltkit.handlers.progress import TrainingProgress
+from saltkit.handlers.progress import EpochSummary, TrainingProgress
 from saltkit.handlers.time_limit import TimeLimit
 
 __all__ = [
     "BestCheckpoint",
     "DivergenceError",
+    "EpochSummary",
     "LastCheckpoint",
     "NoamHandler",
     "NoamLambda",

@@ -14,7 +14,8 @@ def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
     """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (config key '{key}')")
+        raise FileNotFoundError(f"checkpoint not found: {path} (config key '{key}'); train the run first, "
+                                f"or pass --{key} with an existing checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
