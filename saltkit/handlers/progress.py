@@ -149,13 +149,14 @@ class EpochSummary:
 
     def announce(self, engine: Engine) -> None:
         loader = engine.state.dataloader
-        tiles = f"{len(loader.dataset)} training tiles, " if hasattr(loader, "dataset") else ""
+        known = [f"{len(loader.dataset)} training tiles" if hasattr(loader, "dataset") else "",
+                 f"batch {loader.batch_size}" if getattr(loader, "batch_size", None) else ""]
+        details = ", ".join(k for k in known if k)
         val = getattr(self.validator, "data_loader", None)  # MONAI engines keep their loader before they run
-        val = f", validating {len(val.dataset)} tiles" if hasattr(val, "dataset") else ""
         first = engine.state.epoch + 1
         epochs = f"epochs {first}-{engine.state.max_epochs}" if first > 1 else f"{engine.state.max_epochs} epochs"
-        logger.info(f"training: {epochs} of {engine.state.epoch_length} iterations ({tiles}"
-                    f"batch {getattr(loader, 'batch_size', '?')}){val}")
+        logger.info(f"training: {epochs} of {engine.state.epoch_length} iterations" + (f" ({details})" if details else "")
+                    + (f", validating {len(val.dataset)} tiles" if hasattr(val, "dataset") else ""))
 
     def start_clock(self, engine: Engine) -> None:
         self.started = time.perf_counter()
