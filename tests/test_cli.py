@@ -109,7 +109,7 @@ def test_registry_and_extension():
 
 def test_console_errors_have_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "saltkit.cli", "score", str(tmp_path / "t.csv"),
-                             str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=120)
+                             str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"saltkit score: error: {tmp_path / 't.csv'}: file not found " \
