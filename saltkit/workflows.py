@@ -69,6 +69,18 @@ def bundle_config(workflow: Workflow) -> Path:
     return path
 
 
+def override_file(name: str) -> str:
+    """An override file as given when it exists, else the checkout's file of that name (`configs/pad.json` from
+    any folder); FileNotFoundError naming both places when neither exists."""
+    if Path(name).is_file():
+        return name
+    in_checkout = checkout_dir() / name
+    if not Path(name).is_absolute() and in_checkout.is_file():
+        return shown_path(in_checkout)
+    raise FileNotFoundError(f"config file {name} not found (nor {in_checkout}); override files come first, "
+                            f"e.g. configs/pad.json, then --KEY VALUE pairs")
+
+
 def bundle_argv(workflow: Workflow, args: Sequence[str]) -> list[str]:
     """`python -m monai.bundle run ...` arguments (argv[0] = monai.bundle's __main__) for `saltkit NAME ARGS`.
 
@@ -78,7 +90,7 @@ def bundle_argv(workflow: Workflow, args: Sequence[str]) -> list[str]:
 
     args = list(args)
     split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
-    files = [shown_path(bundle_config(workflow))] + args[:split]
+    files = [shown_path(bundle_config(workflow))] + [override_file(f) for f in args[:split]]
     return [bundle_main.__file__, "run", workflow.run_id, "--config_file", repr(files), *args[split:]]
 
 

@@ -148,6 +148,17 @@ def test_workflow_command_line_is_the_bundle_command_line():
     assert not is_shipped("/tmp/my_recipe.json")
 
 
+def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch):
+    from saltkit.workflows import WORKFLOWS, bundle_argv
+
+    monkeypatch.chdir(tmp_path)
+    swa = next(w for w in WORKFLOWS if w.name == "swa")
+    files = eval(bundle_argv(swa, ["configs/resize.json", "--run_dir", "runs/resize_fold0"])[4])
+    assert Path(files[1]) == REPO / "configs" / "resize.json"
+    with pytest.raises(FileNotFoundError, match="config file configs/rezise.json not found"):
+        bundle_argv(swa, ["configs/rezise.json"])
+
+
 def test_warnings_about_shipped_configs_are_silenced(recwarn):
     import logging
     import warnings
