@@ -61,8 +61,13 @@ def user_error(exc: BaseException) -> BaseException | None:
 
 
 def one_line(exc: BaseException) -> str:
-    """The error's message on one line (whitespace runs collapsed)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The error's message on one line (whitespace runs collapsed); for an error re-raised from a DataLoader
+    worker, the original error's own message (the last line of the worker's traceback)."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def program_name(argv: list[str] | None = None) -> str:

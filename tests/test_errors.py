@@ -84,6 +84,24 @@ def test_names_and_lines():
     assert one_line(ValueError("a\n  b\tc ")) == "a b c"
 
 
+def test_error_from_a_loader_worker(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from saltkit.transforms import LoadTiled
+
+    class Tiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, k):
+            return LoadTiled(keys="image")({"image": tmp_path / f"{k}.png"})
+
+    error = raised(lambda: next(iter(DataLoader(Tiles(), num_workers=1))))
+    assert type(error) is DatasetError and "Original Traceback" in str(error)  # re-raised by the main process
+    assert one_line(wrapped(error).__cause__) == f"{tmp_path / '0.png'}: image file not found"
+
+
 def test_installed_by_import_saltkit():
     import saltkit  # noqa: F401
 
