@@ -4,9 +4,10 @@ Each one runs, in this process, exactly the command line
 
     python -m monai.bundle run RUN_ID --config_file "['bundles/saltnet/configs/WORKFLOW.json', FILES...]" --KEY VALUE ...
 
-(the run's config.json records that command line), with two warnings of MONAI's that are about the configs we
-ship silenced: the eval() notice printed for every config file, and "Not all config files are in ...", which
-every override file in `configs/` triggers. A config file from anywhere else keeps both warnings.
+(the run's config.json records that command line), with MONAI's notes about the configs we ship silenced: the
+eval() warning printed for every config file, "Not all config files are in ..." (every override file in
+`configs/` triggers it) and "Setting logging properties based on config". A config file from anywhere else keeps
+them. `python -m monai.bundle run` itself prints them before any saltkit code runs.
 """
 
 from __future__ import annotations
