@@ -81,7 +81,7 @@ def test_cooldown_longer_than_the_run_covers_the_run(caplog):
     assert cooldown_steps(3, 10, total_steps=80) == 30  # fits: unchanged
     with caplog.at_level("INFO", logger="saltkit.handlers.noam"):
         assert cooldown_steps(3, 10, total_steps=20) == 20
-    assert "'cooldown_epochs' (3 epochs) is longer than the run (20 iterations)" in caplog.text
+    assert "'cooldown_epochs' (3 epochs) is longer than the run (2 epochs of 10 iterations)" in caplog.text
     assert cooldown_steps(50, 10, total_steps=20, unit="iteration") == 20
     whole = NoamLambda(4, total_steps=20, cooldown_steps=cooldown_steps(3, 10, total_steps=20))
     assert [whole(k) / NoamLambda(4)(k) for k in (0, 10, 19)] == pytest.approx([1.0, 0.5, 0.05], rel=1e-12)

@@ -60,7 +60,8 @@ def cooldown_steps(cooldown: float, steps_per_epoch: int, total_steps: float, un
     steps = schedule_steps(cooldown, steps_per_epoch, unit)
     if steps > total_steps:
         logger.info(f"config key 'cooldown_epochs' ({cooldown:g} {unit}s) is longer than the run "
-                    f"({total_steps:g} iterations): the learning-rate cool-down spans the whole run")
+                    f"({total_steps / steps_per_epoch:g} epochs of {steps_per_epoch} iterations): "
+                    "the learning-rate cool-down spans the whole run")
         return float(total_steps)
     return steps
 
