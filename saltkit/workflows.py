@@ -140,7 +140,10 @@ def run_workflow(workflow: Workflow, args: Sequence[str]) -> int:
 
     from saltkit.training import config_file_list
 
+    from saltkit.logs import details_at_debug
+
     argv = bundle_argv(workflow, args)
+    details_at_debug()  # MONAI's input summary, logged through its own handlers, whatever the workflow's config
     saved = sys.argv
     sys.argv = argv
     try:
