@@ -242,12 +242,9 @@ def check_integers(num_filters, val_interval, seed) -> None:
 
 
 def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
-    """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 that fits in the run when counted in epochs."""
+    """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 (one longer than the run covers the run)."""
     if isinstance(cooldown_epochs, bool) or not isinstance(cooldown_epochs, (int, float)) or cooldown_epochs < 0:
         raise ConfigError(f"config key 'cooldown_epochs' must be a number >= 0, got {cooldown_epochs!r}")
-    if unit == "epoch" and cooldown_epochs > max_epochs:
-        raise ConfigError(f"config key 'cooldown_epochs' ({cooldown_epochs}) is longer than the run "
-                          f"(max_epochs={max_epochs})")
 
 
 def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:

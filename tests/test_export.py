@@ -21,10 +21,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_cli_export_matches_checkpoint(checkpoint, tmp_path, capsys):
-    out = tmp_path / "model.ts"
-    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
-    assert "verified" in capsys.readouterr().out
+def test_cli_export_matches_checkpoint(checkpoint, capsys):
+    assert main(["export", str(checkpoint)]) == 0  # default: beside the checkpoint, not in the current folder
+    out = checkpoint.with_suffix(".ts")
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: " in printed and "verified" in printed
     module, meta = load_exported(out)
     assert meta["arch"]["backbone"] == "resnet18" and meta["source"] == str(checkpoint)
     net = load_network(checkpoint)

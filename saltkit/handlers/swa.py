@@ -96,7 +96,8 @@ def run_swa(
     paths = [Path(p) for p in checkpoints]
     for p in paths:  # fail before any work, naming the first missing file
         if not p.is_file():
-            raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints')")
+            raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints'); "
+                                    "train the run to its end first, or list the files to average with --checkpoints")
     network, arch = average_checkpoints(paths, variant)
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
     network.to(device)

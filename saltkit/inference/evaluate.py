@@ -57,26 +57,8 @@ def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: n
     )
 
 
-def worst_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, ids: Sequence[str] | None = None,
-               scores: np.ndarray | None = None, columns: int = 4, gap: int = 2) -> np.ndarray:
-    """uint8 grey grid of [image | truth | prediction] triplets, `columns` triplets per row, in input order.
-
-    images `(N, H, W)` uint8, truths / preds `(N, H, W)` {0, 1}; panels are separated by `gap` grey pixels.
-    """
-    n, h, w = images.shape
-    rows = -(-n // columns)
-    cols = min(n, columns)
-    grid = np.full((rows * (h + gap), cols * 3 * (w + gap)), 128, dtype=np.uint8)
-    for k in range(n):
-        y = (k // columns) * (h + gap)
-        for p, panel in enumerate((images[k], truths[k] * 255, preds[k] * 255)):
-            x = ((k % columns) * 3 + p) * (w + gap)
-            grid[y : y + h, x : x + w] = panel
-    return grid
-
-
 def save_png(path: str | Path, array: np.ndarray) -> Path:
-    """Write an 8-bit grey image atomically."""
+    """Write an 8-bit grey `(H, W)` or RGB `(H, W, 3)` image atomically."""
     path = Path(path)
     with atomic_write(path, "wb") as f:
         Image.fromarray(array).save(f, format="PNG")

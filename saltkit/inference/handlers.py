@@ -131,7 +131,8 @@ class EvaluationReport(TileCollector):
         self.result: dict = {}
 
     def write(self, engine: Engine) -> None:
-        from saltkit.inference.evaluate import save_png, tile_table, worst_grid
+        from saltkit.inference.evaluate import save_png, tile_table
+        from saltkit.pictures import tile_grid
 
         a = self.arrays()
         truths = (a["label"] > 0.5).astype(np.uint8)
@@ -147,7 +148,7 @@ class EvaluationReport(TileCollector):
             images = np.stack([load_image(self.items[self.ids[k]]["image"]) for k in order])
             scores = table["score_tta"].to_numpy()[order]
             png_path = save_png(self.output_dir / WORST_PNG,
-                                worst_grid(images, truths[order], tta[order], [self.ids[k] for k in order], scores))
+                                tile_grid(images, truths[order], tta[order], [self.ids[k] for k in order], scores))
         self.result = {"tiles": len(table), "score": float(table["score"].mean()),
                        "score_tta": float(table["score_tta"].mean()), "iou": float(table["iou"].mean()),
                        "iou_tta": float(table["iou_tta"].mean())}
