@@ -2,6 +2,7 @@
 
 from .encoders import (
     Encoder,
+    WeightsHashError,
     WeightsNotFoundError,
     available_backbones,
     build_encoder,
@@ -17,6 +18,7 @@ __all__ = [
     "ObjectContextBlock",
     "SaltOutput",
     "SaltUNet",
+    "WeightsHashError",
     "WeightsNotFoundError",
     "available_backbones",
     "build_encoder",
