@@ -115,7 +115,7 @@ def download_weights(url: str, path: Path) -> Path:
     """Download `url` to `path` (via a `.partial` file renamed into place), checking its SHA-256 against the prefix
     in the file name; nothing is left at `path` when the download fails or the hash differs."""
     if not url.startswith(("https://", "file://")):
-        raise ValueError(f"weights URL {url} must use https")
+        raise ValueError(f"weights URL {url} must use https (or file:// for a local mirror)")
     expected = published_hash(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
