@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,12 @@ NAMES = {"RandCutoutd": "cutout", "RandFlipd": "flip", "RandCropRescaled": "crop
 SCALE, GAP, HEADER = 2, 4, 16
 
 
-def bundle_transforms(dataset_dir: Path, folds_csv: Path) -> tuple[list, list]:
+def bundle_transforms(dataset_dir: Path) -> tuple[list, list]:
+    """(deterministic, random) transforms of `train#...` exactly as the bundle builds them."""
     parser = ConfigParser()
     parser.read_config([str(c) for c in CONFIGS])
-    parser["dataset_dir"], parser["folds_csv"] = str(dataset_dir), str(folds_csv)
+    parser["dataset_dir"] = str(dataset_dir)
+    parser["folds_csv"] = str(Path(tempfile.gettempdir()) / "augmentation_grid_folds.csv")  # never written here
     parser.parse()
     return parser.get_parsed_content("train#deterministic_transforms"), parser.get_parsed_content(
         "train#random_transforms")
@@ -87,9 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=REPO / "bundles/saltnet/docs/augmentation.png")
     args = ap.parse_args(argv)
     set_track_meta(False)
-    out_dir = args.out.parent
-    deterministic, randoms = bundle_transforms(args.dataset_dir, out_dir / ".augmentation_folds.csv")
-    (out_dir / ".augmentation_folds.csv").unlink(missing_ok=True)
+    deterministic, randoms = bundle_transforms(args.dataset_dir)
     cols = columns(randoms, args.seed)
     tiles = pick_tiles(args.dataset_dir, args.rows)
     side = 101 * SCALE
