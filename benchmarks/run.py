@@ -30,6 +30,8 @@ class Case:
     baseline: Callable[[object], object]
     unit: str = "s"
     notes: str = ""
+    # what the baseline is, for the table ("the original's algorithm" where the original recipe's code is the baseline)
+    baseline_name: str = ""
     # optional: (ours_result, baseline_result) -> dict of extra figures (e.g. max abs diff, peak memory)
     compare: Callable[[object, object], dict] | None = None
     repeat: int = 3
@@ -69,7 +71,7 @@ def run_case(case: Case, repeat: int | None) -> dict:
     # reported: the best time of each side, their ratio, and the median of the per-round ratios (robust to drift)
     row = {"case": case.name, "ours_s": min(t_ours), "baseline_s": min(t_base), "ratio": min(t_base) / min(t_ours),
            "median_round_ratio": statistics.median(b / o for o, b in zip(t_ours, t_base, strict=True)),
-           "notes": case.notes}
+           "baseline_name": case.baseline_name, "notes": case.notes}
     if case.compare is not None:
         row.update(case.compare(r_ours, r_base))
     row.update(case.extra)
