@@ -139,9 +139,10 @@ def runtime_describe(inputs: dict) -> dict:
 
 
 CASES = [
-    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=4,
+    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=4, baseline_name="no TTA",
          notes=f"ours: flip TTA, baseline: no TTA; batch {BATCH} at 128px; images/s = batch / time"),
     Case("inference_tta_batched_vs_two_passes", setup, with_tta, tta_two_passes, compare=max_diff, repeat=4,
+         baseline_name="two forward passes",
          notes="flip TTA as one doubled batch (ours) vs two forward passes"),
     Case("inference_onnxruntime_vs_torch", runtime_setup, runtime_side("onnxruntime"), runtime_side("torch"),
          compare=max_diff, describe=runtime_describe, repeat=5, baseline_name="torch eager (2 threads)",
