@@ -8,8 +8,8 @@ The batched implementation sorts the (B, HW) errors once and builds the Lovasz w
 Jaccard extension, piecewise constant in the logits) without autograd; the loss of a row is sum(f(e) * w) in
 descending-error order and its gradient f'(e) * w, scattered back to the pixel order. The symmetric loss needs
 one sort for both terms: lovasz(-x, 1 - t) has the same hinge errors 1 - x * (2t - 1). On the CPU the rows are
-computed in numpy: its SIMD sort of packed (error, index) keys is about 15x faster than torch's CPU sort, and
-numpy does not stall when other processes hold the cores. On other devices they are torch operations.
+computed in numpy: its SIMD sort of packed (error, index) keys is about 10x faster than torch's CPU sort, and
+numpy's single-threaded passes do not stall when other processes hold the cores. Other devices use torch ops.
 `lovasz_hinge_reference` is the textbook per-image loop (DeepSupervisionLoss(reference=True)).
 """
 
