@@ -1,17 +1,26 @@
-"""Inference throughput on this CPU: flip TTA vs no TTA, and one doubled batch vs two forward passes.
+"""Inference throughput on this CPU: flip TTA vs no TTA, one doubled batch vs two forward passes, and ONNX Runtime
+vs torch eager.
 
 The network is the CPU recipe's: backbone, num_filters and upsample_input of the training bundle's defaults,
 overridden by configs/cpu.json when it exists (resnet18 with 8 filters when neither says); random weights,
 eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
+
+inference_onnxruntime_vs_torch: the same network exported with `saltkit export --format onnx` and run by
+OnnxRuntimeNetwork vs the torch network, both with 2 threads, on the shared test tiles (reflect-padded to 128 as
+the pad variant): each round takes the next batch of 32 tiles, and each side predicts it with flip TTA (the tiles
+and their mirror images in one batch, probabilities averaged). tiles/s = 32 / time.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from benchmarks.bench_data import FULL_DATA
 from benchmarks.run import Case
 
 BATCH = 16
@@ -64,13 +73,82 @@ def max_diff(a, b):
 
 
 def per_image(ours, base):
-    return {"batch": BATCH, "arch": str(recipe_arch())}
+    return {"per_round": BATCH, "per_round_unit": "tiles", "arch": str(recipe_arch())}
+
+
+# ---------------------------------------------------------------- ONNX Runtime vs torch eager
+ORT_BATCH = 32
+THREADS = 2
+
+
+def test_tiles() -> tuple[np.ndarray, str]:
+    """The shared test tiles as uint8 (N, 101, 101) (the shipped sample's when the shared data is absent)."""
+    from saltkit.data.layout import load_image, sample_dir, test_items
+
+    root = FULL_DATA if (FULL_DATA / "test" / "images").is_dir() else sample_dir()
+    tiles = np.stack([load_image(it["image"]) for it in test_items(root)])
+    return tiles, f"{len(tiles)} test tiles of {root}"
+
+
+def runtime_setup() -> dict:
+    """The CPU recipe network (random weights) as a checkpoint, its ONNX export, both runtimes, and the tiles."""
+    from saltkit.export import export_onnx
+    from saltkit.inference.checkpoint import load_network
+    from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(pretrained=None, **recipe_arch())
+    with tempfile.TemporaryDirectory(prefix="saltkit_bench_onnx_") as folder:  # both runtimes load into memory
+        ckpt = Path(folder) / "model.pt"
+        torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, ckpt)
+        model, difference = export_onnx(ckpt, Path(folder) / "model.onnx")
+        runtimes = {"torch": load_network(ckpt), "onnxruntime": OnnxRuntimeNetwork(model, threads=THREADS)}
+    tiles, source = test_tiles()
+    return {**runtimes, "tiles": tiles, "source": source, "export_difference": difference,
+            "cursor": {"torch": 0, "onnxruntime": 0}}
+
+
+def padded_batch(tiles: np.ndarray, start: int) -> torch.Tensor:
+    """Tiles [start, start + ORT_BATCH) (wrapping) as (B, 3, 128, 128) floats in [0, 1], reflect-padded."""
+    from saltkit.geometry import pad_widths
+
+    idx = np.arange(start, start + ORT_BATCH) % len(tiles)
+    grey = torch.from_numpy(tiles[idx]).float().div_(255.0)[:, None]
+    before, after = pad_widths(grey.shape[-1], 128)
+    return torch.nn.functional.pad(grey, (before, after, before, after), mode="reflect").expand(-1, 3, -1, -1)
+
+
+def runtime_side(name: str):
+    def run(inputs: dict):
+        from saltkit.inference.tta import tta_probabilities
+
+        start = inputs["cursor"][name]
+        inputs["cursor"][name] += ORT_BATCH  # each round, the next batch of tiles (the same for both sides)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            return tta_probabilities(inputs[name], padded_batch(inputs["tiles"], start), tta=True)[0]
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def runtime_describe(inputs: dict) -> dict:
+    return {"per_round": ORT_BATCH, "per_round_unit": "tiles", "threads": THREADS, "tiles": inputs["source"],
+            "arch": str(recipe_arch()), "export_max_prob_diff": inputs["export_difference"]}
 
 
 CASES = [
-    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=4,
+    Case("inference_tta_vs_plain", setup, with_tta, without_tta, compare=per_image, repeat=4, baseline_name="no TTA",
          notes=f"ours: flip TTA, baseline: no TTA; batch {BATCH} at 128px; images/s = batch / time"),
     Case("inference_tta_batched_vs_two_passes", setup, with_tta, tta_two_passes, compare=max_diff, repeat=4,
+         baseline_name="two forward passes",
          notes="flip TTA as one doubled batch (ours) vs two forward passes"),
+    Case("inference_onnxruntime_vs_torch", runtime_setup, runtime_side("onnxruntime"), runtime_side("torch"),
+         compare=max_diff, describe=runtime_describe, repeat=5, baseline_name="torch eager (2 threads)",
+         notes=f"flip TTA on batches of {ORT_BATCH} shared test tiles, {THREADS} threads each: ONNX Runtime (ours) vs "
+               "torch eager; ratio > 1: ONNX Runtime is faster"),
 ]
 

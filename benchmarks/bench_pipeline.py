@@ -74,6 +74,7 @@ PIPELINE_VS_STEP = Case(
     ours=augment_batch,
     baseline=train_step,
     compare=lambda batch, _loss: {"batch_size": len(batch["image"])},
+    baseline_name="one train step of the CPU recipe",
     notes="ours: random transforms + collate of one batch (configs/cpu.json); baseline: one train step on it; "
           "images/s = batch_size / time; ratio > 1 means the loader outpaces training",
     repeat=3,
@@ -84,6 +85,7 @@ TRACK_META = Case(
     setup=setup,
     ours=lambda inputs: augment_batch(inputs, track_meta=False),
     baseline=lambda inputs: augment_batch(inputs, track_meta=True),
+    baseline_name="MetaTensor tracking on",
     notes="random transforms of one batch with MetaTensor tracking off (train.json) vs on (MONAI default)",
     repeat=3,
 )

@@ -2,7 +2,9 @@
 
     python benchmarks/run.py [NAME ...] [--repeat N] [--out benchmarks/results/latest.json]
 
-Cases live in `benchmarks/bench_*.py` modules, each exposing `CASES`: a list of `Case`.
+Cases live in `benchmarks/bench_*.py` modules, each exposing `CASES`: a list of `Case`. Besides the JSON, the run
+writes a Markdown table (same name, .md) of each case, its baseline and the median per-round ratio, with the
+machine's load average when the case ran (other processes on the cores depress the figures).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,8 +33,12 @@ class Case:
     baseline: Callable[[object], object]
     unit: str = "s"
     notes: str = ""
+    # what the baseline is, for the table ("the original's algorithm" where the original recipe's code is the baseline)
+    baseline_name: str = ""
     # optional: (ours_result, baseline_result) -> dict of extra figures (e.g. max abs diff, peak memory)
     compare: Callable[[object, object], dict] | None = None
+    # optional: inputs -> dict of figures that describe the setup (data source, sizes)
+    describe: Callable[[object], dict] | None = None
     repeat: int = 3
     extra: dict = field(default_factory=dict)
 
@@ -69,11 +76,30 @@ def run_case(case: Case, repeat: int | None) -> dict:
     # reported: the best time of each side, their ratio, and the median of the per-round ratios (robust to drift)
     row = {"case": case.name, "ours_s": min(t_ours), "baseline_s": min(t_base), "ratio": min(t_base) / min(t_ours),
            "median_round_ratio": statistics.median(b / o for o, b in zip(t_ours, t_base, strict=True)),
-           "notes": case.notes}
+           "baseline_name": case.baseline_name, "notes": case.notes}
     if case.compare is not None:
         row.update(case.compare(r_ours, r_base))
+    if case.describe is not None:
+        row.update(case.describe(inputs))
     row.update(case.extra)
+    row["load_avg_1min"] = os.getloadavg()[0]
     return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's benchmark table: case, what ours does, the baseline, the median per-round ratio, best times."""
+    lines = [f"Machine: {os.cpu_count()} CPU cores; ratio = median over rounds of baseline time / our time.", "",
+             "| case | ours | baseline | ratio | best times (ours / baseline) | load |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        times = f"{r['ours_s']:.3g} s / {r['baseline_s']:.3g} s"
+        if "per_round" in r:
+            unit = r.get("per_round_unit", "items")
+            times += f" ({r['per_round'] / r['ours_s']:.3g} / {r['per_round'] / r['baseline_s']:.3g} {unit}/s)"
+        what = r["notes"].split(";")[0]
+        lines.append(f"| `{r['case']}` | {what} | {r['baseline_name'] or '-'} | {r['median_round_ratio']:.2f}x | "
+                     f"{times} | {r['load_avg_1min']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=2))
     tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    table = markdown_table(rows)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

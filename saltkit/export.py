@@ -1,11 +1,15 @@
-"""TorchScript export of a checkpoint's network, returning only the final logit.
+"""Export of a checkpoint's network: TorchScript (the default, as MONAI bundles use it) or ONNX.
 
     saltkit export runs/pad_fold0/swa.pt --out model.ts
+    saltkit export runs/pad_fold0/swa.pt --format onnx --out model.onnx
 
-The exported module maps `(B, 3, S, S)` float tiles in [0, 1] (padded or resized to S = 128 as in training)
-to `(B, 1, S, S)` salt logits; undo the padding / resize and apply a sigmoid outside. It is traced at S x S, so
-use that size; the batch size is free. The checkpoint's arch and source path travel in the extra file
-`saltkit.json`.
+TorchScript maps `(B, 3, S, S)` float tiles in [0, 1] (padded or resized to S = 128 as in training) to the
+`(B, 1, S, S)` final salt logit. ONNX (torch.onnx's dynamo exporter; input "image", a dynamic batch axis) gives
+the outputs "logit" `(B, 1, S, S)` and "image_logit" `(B, 1)`, checked with ONNX Runtime against the checkpoint
+on real tiles before the file is written; `saltkit.inference.onnx_runtime.OnnxRuntimeNetwork` runs it in place
+of the torch network. Undo the padding / resize and apply a sigmoid outside. Both are fixed at S x S; the batch
+size is free. The checkpoint's arch and source path travel along (`saltkit.json`: an extra file in TorchScript,
+a metadata property in ONNX).
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ from pathlib import Path
 import torch
 from monai.networks.utils import convert_to_torchscript
 
+from saltkit.data.layout import load_image, sample_dir, test_items
+from saltkit.geometry import pad_widths
 from saltkit.inference.checkpoint import read_checkpoint
+from saltkit.inference.onnx_runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, require_module
 from saltkit.io import atomic_write
 from saltkit.networks import SaltUNet
+
+# Largest allowed difference of probabilities (pixel and image) between ONNX Runtime and the checkpoint.
+ONNX_TOLERANCE = 1e-4
 
 
 class SaltUNetLogit(SaltUNet):
@@ -28,6 +38,14 @@ class SaltUNetLogit(SaltUNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).logit
+
+
+class SaltUNetOutputs(SaltUNet):
+    """SaltUNet whose forward returns `(final logit (B, 1, H, W), image logit (B, 1))` (same weights and keys)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = super().forward(x)
+        return out.logit, out.image_logit
 
 
 def logit_network_from_arch(arch: dict, source: str | Path = "checkpoint") -> SaltUNetLogit:
@@ -98,3 +116,76 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
     return module.eval(), json.loads(files["saltkit.json"] or "{}")
+
+
+def verification_tiles(variant: str | None, image_size: int = 128, limit: int = 16) -> torch.Tensor:
+    """Real tiles to check an export on: the shipped sample's test images as `(N, 3, S, S)` floats in [0, 1],
+    reflect-padded ("pad" or unknown variant) or bilinearly resized ("resize") to S = image_size."""
+    items = test_items(sample_dir())[:limit]
+    grey = torch.stack([torch.from_numpy(load_image(it["image"])) for it in items]).float().div_(255.0)
+    tiles = grey[:, None].expand(-1, 3, -1, -1)
+    if variant == "resize":
+        return torch.nn.functional.interpolate(tiles, size=(image_size, image_size), mode="bilinear",
+                                               align_corners=False)
+    before, after = pad_widths(tiles.shape[-1], image_size)
+    return torch.nn.functional.pad(tiles, (before, after, before, after), mode="reflect")
+
+
+def _probability_difference(session, network: torch.nn.Module, tiles: torch.Tensor) -> float:
+    """Max abs difference of sigmoid(logit) and sigmoid(image logit) between an ONNX Runtime session and `network`."""
+    logit, image_logit = session.run(list(OUTPUT_NAMES), {INPUT_NAME: tiles.numpy()})
+    with torch.no_grad():
+        expected = network(tiles)
+    return max(float((torch.sigmoid(torch.from_numpy(got)) - torch.sigmoid(want)).abs().max())
+               for got, want in zip((logit, image_logit), expected, strict=True))
+
+
+def export_onnx(ckpt: str | Path, out: str | Path, image_size: int = 128,
+                verify: bool = True) -> tuple[Path, float | None]:
+    """Export the checkpoint's network to ONNX at `out` (atomically) -> (out, max probability difference).
+
+    Input "image" `(batch, 3, image_size, image_size)`; outputs "logit" `(batch, 1, S, S)` and "image_logit"
+    `(batch, 1)`. With `verify`, ONNX Runtime runs the model on real tiles first (16 of the shipped sample, shaped
+    as the checkpoint's variant) and nothing is written when its probabilities differ from the checkpoint's by
+    more than ONNX_TOLERANCE; the difference is returned (None without `verify`).
+    """
+    onnx = require_module("onnx", "ONNX export")
+    require_module("onnxscript", "ONNX export")
+    ort = require_module("onnxruntime", "checking an ONNX export") if verify else None
+    ckpt = Path(ckpt)
+    state = read_checkpoint(ckpt)
+    arch = dict(state["arch"])
+    arch.pop("pretrained", None)
+    network = SaltUNetOutputs(pretrained=None, **arch)
+    network.load_state_dict(state["network"])
+    network.eval()
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notices about decompositions and deprecations
+        program = torch.onnx.export(
+            network, (example,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
+    model = program.model_proto
+    meta = {
+        "arch": state["arch"],
+        "variant": state.get("variant"),
+        "source": str(ckpt),
+        "input": f"{INPUT_NAME}: (B, 3, {image_size}, {image_size}) float in [0, 1]",
+        "output": f"logit: (B, 1, {image_size}, {image_size}); image_logit: (B, 1)",
+    }
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
+    data = model.SerializeToString()
+    difference = None
+    if verify:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        tiles = verification_tiles(state.get("variant"), image_size)
+        difference = _probability_difference(session, network, tiles)
+        if not difference <= ONNX_TOLERANCE:
+            raise ValueError(f"{ckpt}: the ONNX export differs from the checkpoint by {difference:.3g} in probability "
+                             f"on {len(tiles)} sample tiles (tolerance {ONNX_TOLERANCE}); {out} not written")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as f:
+        f.write(data)
+    return out, difference

@@ -4,17 +4,20 @@ Conventions: logits and targets are (B, 1, H, W) or (B, H, W) (anything with the
 {0, 1} floats. `smooth=True` feeds the sorted hinge errors e into the Lovasz extension as elu(e) + 1 (the
 recipe's variant), `smooth=False` as relu(e) (the paper's). Losses are computed in float32.
 
-The batched implementation sorts a (B, HW) tensor once and builds the Lovasz weights (the gradient of the
-Jaccard extension, piecewise constant in the logits) without autograd, then scatters them back to the pixel
-order; the loss is sum(f(e) * w) with w detached, whose gradient is exactly the Lovasz hinge's. The symmetric
-loss needs one sort for both terms: lovasz(-x, 1 - t) has the same hinge errors 1 - x * (2t - 1).
-`lovasz_hinge_reference` is the textbook per-image loop, kept for tests and benchmarks.
+The batched implementation sorts the (B, HW) errors once and builds the Lovasz weights (the gradient of the
+Jaccard extension, piecewise constant in the logits) without autograd; the loss of a row is sum(f(e) * w) in
+descending-error order and its gradient f'(e) * w, scattered back to the pixel order. The symmetric loss needs
+one sort for both terms: lovasz(-x, 1 - t) has the same hinge errors 1 - x * (2t - 1). On the CPU the rows are
+computed in numpy: its SIMD sort of packed (error, index) keys is about 10x faster than torch's CPU sort, and
+numpy's single-threaded passes do not stall when other processes hold the cores. Other devices use torch ops.
+`lovasz_hinge_reference` is the textbook per-image loop (DeepSupervisionLoss(reference=True)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,11 +62,88 @@ def _lovasz_pixel_weights(errors: torch.Tensor, targets: torch.Tensor, symmetric
     return torch.empty_like(w).scatter_(1, order, w)
 
 
-def _lovasz_rows(logits: torch.Tensor, targets: torch.Tensor, smooth: bool, symmetric: bool) -> torch.Tensor:
-    """Row-wise Lovasz hinge of float32 (R, N) logits / targets -> (R,) losses, differentiable in logits."""
+def _lovasz_rows_torch(logits: torch.Tensor, targets: torch.Tensor, smooth: bool, symmetric: bool) -> torch.Tensor:
+    """Row-wise Lovasz hinge of float32 (R, N) logits / targets -> (R,) losses, with torch ops (any device)."""
     errors = 1.0 - logits * (2.0 * targets - 1.0)
     weights = _lovasz_pixel_weights(errors.detach(), targets, symmetric)
     return (_hinge_fn(errors, smooth) * weights).sum(dim=1)
+
+
+def _descending_order_numpy(errors: np.ndarray) -> np.ndarray:
+    """Flat indices that sort each row of float32 (R, N) `errors` in descending order (ties: lower index first).
+
+    One int64 sort of keys (order-preserving integer image of the error) << 32 | flat index.
+    """
+    bits = errors.view(np.int32)
+    # Negative floats' bit patterns order backwards as int32; flipping all but the sign bit fixes that, and
+    # inverting every bit turns ascending into descending.
+    key = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+    np.invert(key, out=key)
+    packed = key.astype(np.int64)
+    packed <<= 32
+    packed |= np.arange(errors.size, dtype=np.int64).reshape(errors.shape)
+    packed.sort(axis=1)
+    packed &= 0xFFFFFFFF
+    return packed
+
+
+def _jaccard_weights_numpy(gts: np.ndarray, cum_fg: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """`_jaccard_weights` from the label counts: (R, 1) totals, (R, N) cumulative counts, (N,) 1-based positions."""
+    jaccard = 1.0 - (gts - cum_fg) / (gts + (position - cum_fg))
+    jaccard[:, 1:] -= jaccard[:, :-1].copy()
+    return jaccard
+
+
+def _lovasz_rows_numpy(logits: np.ndarray, targets: np.ndarray, smooth: bool,
+                       symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise Lovasz hinge of float32 (R, N) arrays -> ((R,) losses, (R, N) gradient of each row's loss)."""
+    signs = 2.0 * targets - 1.0
+    errors = 1.0 - logits * signs
+    order = _descending_order_numpy(errors)
+    errors_sorted, gt_sorted = errors.ravel().take(order), targets.ravel().take(order)
+    n = errors.shape[1]
+    gts = gt_sorted.sum(axis=1, keepdims=True, dtype=np.float32)
+    cum_fg = np.cumsum(gt_sorted, axis=1, dtype=np.float32)
+    position = np.arange(1, n + 1, dtype=np.float32)
+    w = _jaccard_weights_numpy(gts, cum_fg, position)
+    if symmetric:  # labels 1 - t: total n - gts, cumulative position - cum_fg
+        w += _jaccard_weights_numpy(np.float32(n) - gts, position - cum_fg, position)
+        w *= 0.5
+    positive = errors_sorted > 0
+    if smooth:  # elu(e) + 1 = e + 1 above 0, exp(e) below; its derivative 1 above 0, exp(e) below
+        below = np.exp(np.minimum(errors_sorted, 0.0))
+        hinge, slope = np.where(positive, errors_sorted + 1.0, below), np.where(positive, np.float32(1.0), below)
+    else:
+        hinge, slope = np.maximum(errors_sorted, 0.0), positive.astype(np.float32)
+    losses = (hinge * w).sum(axis=1, dtype=np.float32)
+    grad = np.empty_like(errors)
+    grad.ravel()[order] = slope * w
+    grad *= -signs  # d error / d logit
+    return losses, grad
+
+
+class _LovaszRowsNumpy(torch.autograd.Function):
+    """`_lovasz_rows_numpy` as an autograd function of CPU float32 (R, N) logits -> (R,) losses."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, smooth: bool, symmetric: bool) -> torch.Tensor:
+        losses, grad = _lovasz_rows_numpy(logits.detach().contiguous().numpy(), targets.contiguous().numpy(),
+                                          smooth, symmetric)
+        ctx.save_for_backward(torch.from_numpy(grad))
+        return torch.from_numpy(losses)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_losses[:, None] * grad, None, None, None
+
+
+def _lovasz_rows(logits: torch.Tensor, targets: torch.Tensor, smooth: bool, symmetric: bool) -> torch.Tensor:
+    """Row-wise Lovasz hinge of float32 (R, N) logits / targets -> (R,) losses, differentiable in logits."""
+    if logits.device.type == "cpu" and logits.numel() < 2**32:
+        return _LovaszRowsNumpy.apply(logits, targets, smooth, symmetric)
+    return _lovasz_rows_torch(logits, targets, smooth, symmetric)
 
 
 def lovasz_hinge(logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True,

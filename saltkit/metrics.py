@@ -13,8 +13,8 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-# Tiles per chunk when counting pixels: keeps the bool temporaries in cache.
-_COUNT_CHUNK = 256
+# Tiles per chunk when packing masks into bits: keeps the packed rows in cache.
+_PACK_CHUNK = 1024
 
 
 def _flat_numpy(x, name: str) -> np.ndarray:
@@ -38,13 +38,19 @@ def pixel_counts(preds, truths) -> np.ndarray:
     p, t = _flat_numpy(preds, "preds"), _flat_numpy(truths, "truths")
     if p.shape != t.shape:
         raise ValueError(f"preds {p.shape} and truths {t.shape} differ in shape (after flattening)")
-    # Summing bytes into uint16 is several times faster than into int64 and cannot overflow below 65536 pixels.
+    # Packing 8 pixels per byte reads the masks once (several times faster than a row reduction); popcounts of the
+    # packed rows give the counts. packbits takes bool and integer arrays, nonzero = 1.
+    if p.dtype.kind not in "bui":
+        p = p != 0
+    if t.dtype.kind not in "bui":
+        t = t != 0
     acc = np.uint16 if p.shape[1] < 2**16 else np.uint64
     counts = np.empty((4, len(p)), dtype=np.int64)
-    for lo in range(0, len(p), _COUNT_CHUNK):
-        pb, tb = p[lo : lo + _COUNT_CHUNK] != 0, t[lo : lo + _COUNT_CHUNK] != 0
-        for row, m in enumerate((pb & tb, pb, tb, pb != tb)):
-            counts[row, lo : lo + _COUNT_CHUNK] = m.view(np.uint8).sum(1, dtype=acc)
+    for lo in range(0, len(p), _PACK_CHUNK):
+        pp, pt = np.packbits(p[lo : lo + _PACK_CHUNK], axis=1), np.packbits(t[lo : lo + _PACK_CHUNK], axis=1)
+        for row, bits in enumerate((pp & pt, pp, pt)):
+            counts[row, lo : lo + _PACK_CHUNK] = np.bitwise_count(bits).sum(1, dtype=acc)
+    counts[3] = counts[1] + counts[2] - 2 * counts[0]  # |p xor t| = |p| + |t| - 2 |p and t|
     return counts
 
 

@@ -11,6 +11,8 @@ from saltkit.losses import (
     DeepSupervisionLoss,
     LovaszHinge,
     SymmetricLovasz,
+    _lovasz_rows_torch,
+    _LovaszRowsNumpy,
     lovasz_hinge,
     lovasz_hinge_reference,
     symmetric_lovasz,
@@ -122,8 +124,17 @@ def test_bce_weight_adds_pixel_bce_on_the_cropped_final_logit():
         base.item() + 0.5 * bce.item(), rel=RTOL)
 
 
+def tie_free_logits(*shape, seed=0):
+    """Logits whose hinge errors 1 - x * (2t - 1) are all distinct and exact for any {0, 1} t: a shuffled grid of
+    (k + 1/4) / 1024. At tied errors the Lovasz gradient depends on the sort's order among the ties."""
+    n = int(np.prod(shape))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return ((perm - n // 2).float() + 0.25).div(1024).reshape(shape)
+
+
 def test_deep_supervision_gradients_match_reference():
-    out = fake_output(batch=3, size=64)
+    out = SaltOutput(tie_free_logits(3, 1, 64, 64), tuple(tie_free_logits(3, 1, 64, 64, seed=s) for s in range(1, 6)),
+                     torch.randn(3, 1, generator=torch.Generator().manual_seed(0)))
     _, t = masks_and_logits(batch=3, size=64)
     grads = []
     for reference in (False, True):
@@ -160,3 +171,19 @@ def test_shape_mismatch_is_reported():
         lovasz_hinge(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
     with pytest.raises(ValueError, match="center_crop=None"):
         DeepSupervisionLoss()(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9))
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_numpy_rows_match_torch_rows(smooth, symmetric):
+    # CPU tensors go through numpy; other devices through torch operations: same losses and gradients.
+    _, t = masks_and_logits(batch=4, size=32)
+    t = t.reshape(4, -1)
+    results = []
+    for rows in (_LovaszRowsNumpy.apply, _lovasz_rows_torch):
+        x = tie_free_logits(4, 32 * 32).requires_grad_()
+        losses = rows(x, t, smooth, symmetric)
+        (losses * torch.arange(1.0, 5.0)).sum().backward()  # unequal weights: each row's gradient counts
+        results.append((losses.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from saltkit.cli import Subcommand, register_subcommand
@@ -63,18 +64,32 @@ def _ensemble_run(args: argparse.Namespace) -> int:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="checkpoint with 'network' and 'arch' (e.g. runs/pad_fold0/swa.pt)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="TorchScript file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts)")
-    p.add_argument("--image-size", type=int, default=128, help="network input size used for tracing (128)")
-    p.add_argument("--no-verify", action="store_true", help="skip comparing the traced output with the eager one")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                   help="torchscript (default; returns the final logit) or onnx (final and image logits, for "
+                        "ONNX Runtime; needs pip install 'saltkit[onnx]')")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts / swa.onnx)")
+    p.add_argument("--image-size", type=int, default=128, help="network input size of the export (128)")
+    p.add_argument("--no-verify", action="store_true", help="skip comparing the export's output with the checkpoint's")
 
 
 def _export_run(args: argparse.Namespace) -> int:
-    from saltkit.export import export_torchscript
+    from saltkit.export import ONNX_TOLERANCE, export_onnx, export_torchscript
 
-    out = args.out or args.ckpt.with_suffix(".ts")
-    out = export_torchscript(args.ckpt, out, image_size=args.image_size, verify=not args.no_verify)
-    print(f"wrote {out}: TorchScript, (B, 3, {args.image_size}, {args.image_size}) tiles in [0, 1] -> "
+    size = args.image_size
+    if args.format == "onnx":
+        try:
+            out, difference = export_onnx(args.ckpt, args.out or args.ckpt.with_suffix(".onnx"), image_size=size,
+                                          verify=not args.no_verify)
+        except ImportError as e:
+            print(f"saltkit export: error: {e}", file=sys.stderr)
+            return 2
+        checked = "" if difference is None else (f" (checked with ONNX Runtime on sample tiles: max probability "
+                                                 f"difference {difference:.2g} <= {ONNX_TOLERANCE:g})")
+        print(f"wrote {out}: ONNX, image (B, 3, {size}, {size}) tiles in [0, 1] -> logit (B, 1, {size}, {size}), "
+              f"image_logit (B, 1){checked}")
+        return 0
+    out = export_torchscript(args.ckpt, args.out or args.ckpt.with_suffix(".ts"), image_size=size, verify=not args.no_verify)
+    print(f"wrote {out}: TorchScript, (B, 3, {size}, {size}) tiles in [0, 1] -> "
           "(B, 1, H, W) final logit" + ("" if args.no_verify else " (verified against the checkpoint)"))
     return 0
 
@@ -85,5 +100,5 @@ def register(registry: dict[str, Subcommand]) -> None:
         "ensemble", "average saved probabilities of several runs into one validated submission",
         _ensemble_arguments, _ensemble_run))
     register_subcommand(registry, Subcommand(
-        "export", "export a checkpoint's network to TorchScript (returns the final logit)",
+        "export", "export a checkpoint's network to TorchScript (the default) or ONNX",
         _export_arguments, _export_run))
