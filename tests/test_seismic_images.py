@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
+from tiny_networks import TinyConv
 
 from saltkit.cli import main
 from saltkit.data.layout import load_image, load_mask, sample_dir, train_items
 from saltkit.networks import SaltUNet
-from saltkit.networks.unet import SaltOutput
 from saltkit.seismic import (
     Normalization,
     assemble_mosaic,
@@ -28,19 +27,6 @@ from saltkit.seismic import (
 from saltkit.seismic.images import outline_overlay, section_files
 from saltkit.seismic.inferer import section_inferer
 from saltkit.transforms import LoadTiled
-
-
-class TinyConv(nn.Module):
-    """A one-layer stand-in for SaltUNet (same output type), so the I/O tests cost milliseconds."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 1, 5, padding=2)
-
-    def forward(self, x):
-        logit = 4 * self.conv(x - 0.5)
-        return SaltOutput(logit, (logit,), logit.mean((2, 3)))
 
 
 @pytest.fixture(scope="module")

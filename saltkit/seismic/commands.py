@@ -54,9 +54,12 @@ def _predict_run(args: argparse.Namespace) -> int:
 
     from saltkit.seismic.normalize import Normalization
     from saltkit.seismic.predict import default_device, join_torchrun, load_predictor, run_predict
+    from saltkit.seismic.segy import is_segy_path, read_layout
 
     joined = join_torchrun()
     try:
+        if is_segy_path(args.input):
+            read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
         device = default_device(args.device)
         norm = Normalization(args.normalize or ("percentile" if args.input.suffix.lower() in (".sgy", ".segy")
                                                  else "auto"),
