@@ -4,6 +4,7 @@ scale, mosaics of real tiles, the predict workflow's outputs and the `saltkit pr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,18 @@ def test_mosaic_command(tgs_dir, tmp_path, capsys):
     image = np.asarray(Image.open(tmp_path / "mosaic_94_2.png"))
     mask = np.asarray(Image.open(tmp_path / "mosaic_94_2_mask.png"))
     assert image.shape == mask.shape == (1010, 1010) and set(np.unique(mask)) <= {0, 128, 255}
+
+
+def test_predict_bundle_matches_command(tiny_ckpt, tile_paths, tmp_path):
+    """bundles/saltnet/configs/predict.json runs the same workflow as `saltkit predict`."""
+    from monai.bundle import run
+
+    image = tmp_path / "section.npy"
+    np.save(image, np.tile(load_image(tile_paths[2]), (2, 1)))  # 202 x 101
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "cli"), "--tta", "false",
+                 "--no-progress"]) == 0
+    config = Path(__file__).resolve().parents[1] / "bundles" / "saltnet" / "configs" / "predict.json"
+    run(run_id="predict", config_file=str(config), input=str(image), output=str(tmp_path / "bundle"),
+        ckpt=str(tiny_ckpt), tta=False, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "bundle" / "section_prob.npy"),
+                                  np.load(tmp_path / "cli" / "section_prob.npy"))

@@ -52,8 +52,13 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _predict_run(args: argparse.Namespace) -> int:
     import torch
 
-    from saltkit.seismic.normalize import Normalization
-    from saltkit.seismic.predict import default_device, join_torchrun, load_predictor, run_predict
+    from saltkit.seismic.predict import (
+        default_device,
+        join_torchrun,
+        load_predictor,
+        normalization_for,
+        run_predict,
+    )
     from saltkit.seismic.segy import is_segy_path, read_layout
 
     joined = join_torchrun()
@@ -61,9 +66,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         if is_segy_path(args.input):
             read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
         device = default_device(args.device)
-        norm = Normalization(args.normalize or ("percentile" if args.input.suffix.lower() in (".sgy", ".segy")
-                                                 else "auto"),
-                             tuple(args.clip_percentiles), None if args.clip_range is None else tuple(args.clip_range))
+        norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant)
         provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap}
         summary = run_predict(args.input, args.out, network, inferer, threshold=args.threshold, normalization=norm,

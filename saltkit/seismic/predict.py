@@ -23,22 +23,37 @@ from saltkit.seismic.segy import is_segy_path
 from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, predict_volume
 
 
-def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
-                   variant: str | None = None) -> tuple[nn.Module, Inferer]:
-    """The checkpoint's network (eval mode, on `device`) and the section inferer of the variant it was trained with.
-
-    `variant` is only needed for checkpoints that do not record theirs.
-    """
-    from saltkit.inference import load_network, read_checkpoint
-    from saltkit.seismic.inferer import section_inferer
+def checkpoint_variant(ckpt: str | Path, variant: str | None = None) -> str:
+    """The variant ("pad" / "resize") the checkpoint was trained with; `variant` only for checkpoints without one."""
+    from saltkit.inference import read_checkpoint
 
     recorded = read_checkpoint(ckpt).get("variant")
-    if recorded is None and variant is None:
+    if recorded is None and variant in (None, "", "null"):
         raise ValueError(f"{ckpt} does not record its variant; pass --variant pad or --variant resize")
-    if recorded is not None and variant is not None and recorded != variant:
+    if recorded is not None and variant not in (None, "", "null") and recorded != variant:
         raise ValueError(f"{ckpt} was trained with variant {recorded!r}, not {variant!r}; leave --variant out")
+    return recorded or variant
+
+
+def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
+                   variant: str | None = None) -> tuple[nn.Module, Inferer]:
+    """The checkpoint's network (eval mode, on `device`) and the section inferer of the variant it was trained with."""
+    from saltkit.inference import load_network
+    from saltkit.seismic.inferer import section_inferer
+
+    variant = checkpoint_variant(ckpt, variant)
     network = load_network(ckpt, device)
-    return network, section_inferer(recorded or variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size)
+    return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size)
+
+
+def normalization_for(input: str | Path, normalize: str | None = None, clip_percentiles=(1.0, 99.0),
+                      clip_range=None) -> Normalization:
+    """The intensity mapping for `input`: `normalize` if given, else "percentile" for SEG-Y and "auto" for images;
+    `clip_range` (low, high) fixes the clip instead of percentiles."""
+    if normalize in (None, "", "null"):
+        normalize = "percentile" if is_segy_path(input) else "auto"
+    rng = None if clip_range in (None, "", "null") else tuple(float(v) for v in clip_range)
+    return Normalization(normalize, tuple(float(v) for v in clip_percentiles), rng)
 
 
 def predict_images(
@@ -99,7 +114,8 @@ def default_device(device=None) -> torch.device:
     """`device` if given, else this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
     if device not in (None, "", "auto"):
         return torch.device(device)
-    return torch.device(f"cuda:{idist.get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, also before the group is joined
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_predict(
