@@ -37,18 +37,20 @@ def setup():
     return net, torch.rand(BATCH, 3, 128, 128)
 
 
+@torch.no_grad()
 def with_tta(inputs):
-    from saltkit.inference.tta import tta_probabilities
+    from saltkit.inference import FlipTTAInferer
 
     net, x = inputs
-    return tta_probabilities(net, x, tta=True)[0]
+    return FlipTTAInferer(tta=True)(x, net)["prob"]
 
 
+@torch.no_grad()
 def without_tta(inputs):
-    from saltkit.inference.tta import tta_probabilities
+    from saltkit.inference import FlipTTAInferer
 
     net, x = inputs
-    return tta_probabilities(net, x, tta=False)[0]
+    return FlipTTAInferer(tta=False)(x, net)["prob"]
 
 
 @torch.no_grad()

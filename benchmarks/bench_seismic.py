@@ -76,16 +76,16 @@ def section_inputs():
 
 def section_case(tta: bool, overlap: float) -> Case:
     def ours(inputs):
-        from saltkit.seismic.inferer import section_inferer
+        from saltkit.inference import section_inferer
         from saltkit.seismic.sections import predict_section
 
         return predict_section(inputs["net"], section_inferer("pad", tta=tta, overlap=overlap), inputs["grey"])
 
     @torch.no_grad()
     def tiles(inputs):
-        from saltkit.seismic.inferer import section_inferer
+        from saltkit.inference import section_inferer
 
-        return section_inferer("pad", tta=tta, overlap=overlap)(inputs["tiles"], inputs["net"])["pred"]
+        return section_inferer("pad", tta=tta, overlap=overlap)(inputs["tiles"], inputs["net"])["prob"]
 
     def compare(section, tile_probs):
         return {"samples": section.size, "source": section_inputs()["source"], "arch": str(recipe_arch())}
@@ -140,7 +140,7 @@ def predict_child(src: str, out: str) -> None:
     import resource
     import time
 
-    from saltkit.seismic.inferer import section_inferer
+    from saltkit.inference import section_inferer
     from saltkit.seismic.volume import predict_volume
 
     torch.set_num_threads(2)

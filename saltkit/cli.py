@@ -1,4 +1,4 @@
-"""`saltkit` command line: a registry of subcommands (folds, score, check-data, ...).
+"""`saltkit` command line: a registry of subcommands (folds, score, check-data, ..., and the bundle workflows).
 
 Other packages add subcommands with a module listed in EXTENSION_MODULES that defines
 `register(registry)` and calls `register_subcommand(registry, Subcommand(...))` in it.
@@ -25,6 +25,8 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False  # arguments reach `run` unparsed, as `args.args` (the bundle workflows)
+    one_line_errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # besides saltkit's own errors
 
 
 def register_subcommand(registry: dict[str, Subcommand], command: Subcommand) -> None:
@@ -148,26 +150,70 @@ def all_subcommands() -> dict[str, Subcommand]:
                 continue
             raise
         module.register(registry)
+    from saltkit.workflows import register as register_workflows
+
+    register_workflows(registry)  # last: a module above may define its own `predict`
     return registry
 
 
+DESCRIPTION = """TGS salt segmentation toolkit.
+
+The bundle workflows (train, swa, evaluate, inference, ...) take override files, then any bundle key:
+  saltkit train configs/pad.json --max_epochs 2
+is `python -m monai.bundle run training --config_file "['bundles/saltnet/configs/train.json','configs/pad.json']"
+--max_epochs 2`. The other commands spell options with hyphens (--min-component-size); underscores work too.
+Errors end with one line `saltkit COMMAND: error: ...` (exit code 2); SALTKIT_DEBUG=1 shows the traceback."""
+
+
 def build_parser(registry: dict[str, Subcommand]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saltkit", description="TGS salt segmentation toolkit")
+    parser = argparse.ArgumentParser(prog="saltkit", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in registry.values():
+    for command in sorted(registry.values(), key=lambda c: not c.passthrough):  # bundle workflows first
         command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
     return parser
 
 
+def hyphenated_options(args: list[str]) -> list[str]:
+    """`--min_component_size 5` -> `--min-component-size 5` (option names only; values are left alone)."""
+    out = []
+    for a in args:
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            a = "--" + name[2:].replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
+def parse_command_line(parser: argparse.ArgumentParser, registry: dict[str, Subcommand],
+                       argv: list[str]) -> argparse.Namespace:
+    """Namespace of `saltkit ARGV`: a passthrough command gets its arguments unparsed (`args.args`)."""
+    command = registry.get(argv[0]) if argv else None
+    if command is not None and command.passthrough:
+        if not {"-h", "--help"} & set(argv[1:]):
+            return argparse.Namespace(command=argv[0], args=argv[1:])
+        return parser.parse_args(argv[:1] + ["--help"])
+    return parser.parse_args(argv[:1] + hyphenated_options(argv[1:]))
+
+
 def main(argv: list[str] | None = None, registry: dict[str, Subcommand] | None = None) -> int:
-    """Run `saltkit ARGS`; bad input gives a one-line message on stderr and exit code 2 (no traceback)."""
+    """Run `saltkit ARGS`; bad input gives a one-line message on stderr and exit code 2 (no traceback).
+
+    Bad input: saltkit's own errors (saltkit.errors), and for the commands that say so, any ValueError / OSError.
+    """
+    from saltkit.errors import EXIT_CODE, debug_enabled, report, user_error
+
     registry = all_subcommands() if registry is None else registry
-    args = build_parser(registry).parse_args(argv)
+    args = parse_command_line(build_parser(registry), registry, sys.argv[1:] if argv is None else list(argv))
+    command = registry[args.command]
     try:
-        return registry[args.command].run(args)
-    except (ValueError, OSError) as e:
-        print(f"saltkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return command.run(args)
+    except Exception as e:
+        bad_input = user_error(e) or (e if isinstance(e, command.one_line_errors) else None)
+        if bad_input is None or debug_enabled():
+            raise
+        report(bad_input, f"saltkit {args.command}")
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ use that size; the batch size is free. The checkpoint's arch and source path tra
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -29,11 +30,21 @@ class SaltUNetLogit(SaltUNet):
         return super().forward(x).logit
 
 
-def logit_network_from_arch(arch: dict) -> SaltUNetLogit:
-    """`SaltUNetLogit` with the architecture of a checkpoint's "arch" (random weights; load them after)."""
+def logit_network_from_arch(arch: dict, source: str | Path = "checkpoint") -> SaltUNetLogit:
+    """`SaltUNetLogit` with the architecture of a checkpoint's "arch" (random weights; load them after).
+
+    ValueError naming `source` when the arch is not a mapping of SaltUNet constructor arguments that build."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"{source}: 'arch' must be a dict of SaltUNet arguments, got {type(arch).__name__}")
     arch = dict(arch)
     arch.pop("pretrained", None)
-    return SaltUNetLogit(pretrained=None, **arch)
+    unknown = sorted(set(arch) - set(inspect.signature(SaltUNet).parameters))
+    if unknown:
+        raise ValueError(f"{source}: arch has unknown keys {unknown}; expected SaltUNet constructor arguments")
+    try:
+        return SaltUNetLogit(pretrained=None, **arch)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{source}: cannot build the network of its arch {arch} ({e})") from None
 
 
 def checkpoint_arch(path: str | Path) -> dict:
@@ -48,8 +59,14 @@ def export_torchscript(ckpt: str | Path, out: str | Path, image_size: int = 128,
     """
     ckpt = Path(ckpt)
     state = read_checkpoint(ckpt)
-    network = logit_network_from_arch(state["arch"])
-    network.load_state_dict(state["network"])
+    network = logit_network_from_arch(state["arch"], ckpt)
+    try:
+        network.load_state_dict(state["network"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        lines = str(e).strip().splitlines()  # torch: a heading line, then one line per kind of mismatch
+        detail = (lines[1] if len(lines) > 1 else str(e)).strip()
+        raise ValueError(f"{ckpt}: weights do not match its own arch {state['arch']} "
+                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from None
     network.eval()
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():

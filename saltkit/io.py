@@ -1,20 +1,79 @@
-"""Atomic file writes: a reader never sees a half-written CSV, checkpoint or npz, and a failed write leaves none."""
+"""Atomic file writes: a reader never sees a half-written CSV, checkpoint or npz, and a failed write leaves none.
+
+A write goes to a hidden temporary `.NAME.<pid>@<host>.<random>.tmp` beside its target, renamed onto it when
+complete. A killed process cannot remove its temporary, so the next write into that folder removes the
+temporaries whose writer is gone (same host, process no longer alive); `check_writable` does the same for a whole
+output folder before a command starts.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+# `.NAME.<pid>@<host>.<random>.tmp`: the writer's pid and host tell whether a leftover temporary is stale
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[^.]+\.tmp$")
+
+
+class FolderNotWritableError(OSError):
+    """An output folder that cannot be created or written; the message names the folder and the config key."""
+
+
+def host_name() -> str:
+    """This machine's name, reduced to the characters a temporary's name may hold."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def process_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this machine (signal 0 tests for it without disturbing it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of `atomic_write` in `folder` (only those for target `name` when given) whose writing
+    process is no longer alive on this host; returns the removed paths. Other files are never touched."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    host = host_name()
+    try:
+        candidates = [folder / n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    for path in candidates:
+        m = TEMPORARY.match(path.name)
+        if m is None or (name is not None and m["name"] != name) or m["host"] != host:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or process_alive(pid):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # removed meanwhile by another process cleaning the same folder
+            pass
+    return removed
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None = "", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success it is renamed onto `path` (os.replace).
 
-    On an exception inside the block the temporary file is removed and `path` is left untouched.
+    On an exception inside the block the temporary file is removed and `path` is left untouched; temporaries of
+    `path` left by killed processes are removed first.
     `mode` is "w" (text, utf-8 by default) or "wb" (binary: torch.save, np.savez). The parent folder must exist.
     Usage: `with atomic_write("folds.csv") as f: df.to_csv(f, index=False)`.
     """
@@ -28,8 +87,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None =
         newline = None
     else:
         open_kwargs.setdefault("encoding", "utf-8")
+    remove_stale_temporaries(path.parent, path.name)
     # Same folder as the target so os.replace is a rename within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{host_name()}.",
+                                    suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode, newline=newline, **open_kwargs) as f:
@@ -42,3 +103,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None =
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: str | os.PathLike, key: str, probe_bytes: int = 1 << 16) -> Path:
+    """Make sure output can be written to `folder` before any compute starts; returns it as a Path.
+
+    Creates the folder (and parents) when missing, then writes, syncs and removes a probe file of `probe_bytes`
+    (so a read-only folder and a full disk both fail here), and removes stale `atomic_write` temporaries left in
+    it by killed processes. Raises FolderNotWritableError naming the folder and the config `key`.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".write-check.{os.getpid()}@{host_name()}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * probe_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            Path(probe).unlink(missing_ok=True)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise FolderNotWritableError(f"config key '{key}': cannot write to {folder} ({reason}); "
+                                     "choose a writable folder with free space") from None
+    remove_stale_temporaries(folder)
+    return folder

@@ -91,8 +91,10 @@ class _TileMean(Metric):
 
     @reinit__is_reduced
     def update(self, output) -> None:
-        """`output` = (y_pred logits (B, 1, H, W), y binary (B, 1, H, W))."""
-        y_pred, y = output[0].detach(), output[1].detach()
+        """`output` = (y_pred logits (B, 1, H, W), y binary (B, 1, H, W)); lists of `(1, H, W)` tiles (a decollated
+        engine output) are stacked."""
+        y_pred, y = (torch.stack(list(v)) if isinstance(v, (list, tuple)) else v for v in output[:2])
+        y_pred, y = y_pred.detach(), y.detach()
         if y_pred.shape != y.shape or y.ndim not in (3, 4):
             raise ValueError(f"{type(self).__name__}: y_pred {tuple(y_pred.shape)} and y {tuple(y.shape)} must "
                              "have the same (B, 1, H, W) shape")

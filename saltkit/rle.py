@@ -6,6 +6,7 @@ space-separated `start length` pairs of its salt runs, and an empty mask as the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,10 @@ import numpy as np
 TILE_SHAPE = (101, 101)
 # Masks per chunk when encoding a batch: keeps the (chunk, H*W) temporaries in cache-friendly sizes.
 _ENCODE_CHUNK = 256
+# Tokens are ASCII digits (a minus sign is let through to be reported as a start or length < 1); int() alone would
+# also take '1_0', '+5' and non-ASCII digits, which the competition's parser rejects.
+_TOKEN = re.compile(r"-?[0-9]+")
+_RLE_TEXT = re.compile(r"\s*(?:-?[0-9]+(?:\s+-?[0-9]+)*)?\s*")
 
 
 class RLEError(ValueError):
@@ -65,19 +70,22 @@ def rle_encode(mask) -> str | list[str]:
 def rle_runs(rle: str | None, shape: tuple[int, int] = TILE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     """Parse and check `rle` against a mask of `shape`; returns (starts, lengths), 1-based int64 (R,).
 
-    Raises RLEError naming the token or run that is wrong: non-integer, odd count, start or length < 1,
-    starts not ascending, overlapping runs, or a run past the H*W pixels.
+    Raises RLEError naming the token or run that is wrong: a token that is not ASCII digits, odd count, start or
+    length < 1, starts not ascending, overlapping runs, or a run past the H*W pixels.
     """
     if rle is None or (isinstance(rle, float) and np.isnan(rle)):
         rle = ""
     if not isinstance(rle, str):
         raise RLEError(f"RLE must be a string, got {type(rle).__name__}")
     words = rle.split()
+    if not _RLE_TEXT.fullmatch(rle):
+        bad = next(w for w in words if not _TOKEN.fullmatch(w))
+        raise RLEError(f"RLE token {bad!r} is not an integer (ASCII digits 0-9 only)")
     try:
         values = np.array(words, dtype=np.int64)
-    except ValueError:
-        bad = next(w for w in words if not _is_int(w))
-        raise RLEError(f"RLE token {bad!r} is not an integer") from None
+    except OverflowError:
+        bad = next(w for w in words if abs(int(w)) > np.iinfo(np.int64).max)
+        raise RLEError(f"RLE token {bad!r} is far larger than any pixel number") from None
     if len(values) % 2:
         raise RLEError(f"RLE has {len(values)} numbers; expected an even count of 'start length' pairs")
     starts, lengths = values[0::2], values[1::2]
@@ -102,14 +110,6 @@ def rle_runs(rle: str | None, shape: tuple[int, int] = TILE_SHAPE) -> tuple[np.n
         raise RLEError(f"RLE run {len(starts)} (start {starts[-1]}, length {lengths[-1]}) ends at pixel {ends[-1]}, "
                        f"past the {n_pixels} pixels of a {shape[0]}x{shape[1]} mask")
     return starts, lengths
-
-
-def _is_int(word: str) -> bool:
-    try:
-        int(word)
-    except ValueError:
-        return False
-    return True
 
 
 def rle_decode(rle: str | None, shape: tuple[int, int] = TILE_SHAPE) -> np.ndarray:

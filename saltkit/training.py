@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,15 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 
+from saltkit.config import (  # noqa: F401  (the bundle configs call them as saltkit.training.*)
+    FALSE_WORDS,
+    TRUE_WORDS,
+    ConfigError,
+    as_bool,
+    check_booleans,
+    none_if_null,
+    require_int,
+)
 from saltkit.data.folds import ensure_folds, split_items
 from saltkit.data.layout import DatasetError, train_items
 from saltkit.io import atomic_write
@@ -28,31 +38,8 @@ from saltkit.transforms import check_variant
 logger = logging.getLogger(__name__)
 
 BUNDLE_SEPARATORS = ("::", "#")  # MONAI config id separators (new and old spelling)
-TRUE_WORDS = ("true", "yes", "1", "on")
-FALSE_WORDS = ("false", "no", "0", "off", "none", "null", "")
-
-
-class ConfigError(ValueError):
-    """A bundle config value that cannot work; the message names the key and what was expected."""
-
-
-# ---------------------------------------------------------------- values from the command line
-
-
-def as_bool(value, key: str = "value") -> bool:
-    """Config booleans arrive as bools or, from the command line (`--resume true`), as strings."""
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-
-
-def none_if_null(value):
-    """`--pretrained null` arrives as the string 'null'; map 'null' / 'none' / '' to None."""
-    return None if isinstance(value, str) and value.strip().lower() in ("null", "none", "") else value
+# `@id` / `%id` references inside config strings (the top-level key they start with)
+REFERENCE = re.compile(r"[@%]([A-Za-z_][A-Za-z0-9_]*)")
 
 
 # ---------------------------------------------------------------- unknown keys on the command line
@@ -141,8 +128,59 @@ def parse_bundle_argv(argv: Sequence[str]) -> tuple[list[str], list[str]] | None
     return files, overrides
 
 
+def referenced_keys(content) -> set[str]:
+    """Top-level keys that the `@id` / `%id` references in a config's strings point to (recursively)."""
+    if isinstance(content, str):
+        return {top_key(m) for m in REFERENCE.findall(content)}
+    if isinstance(content, Mapping):
+        return set().union(*(referenced_keys(v) for v in content.values()))
+    if isinstance(content, (list, tuple)):
+        return set().union(*(referenced_keys(v) for v in content))
+    return set()
+
+
+def bundle_keys(folder: Path) -> set[str]:
+    """Top-level keys defined by any JSON config of a bundle's config folder (the folder of the first config)."""
+    from monai.bundle import ConfigParser
+
+    keys: set[str] = set()
+    for f in sorted(folder.glob("*.json")):
+        try:
+            content = ConfigParser.load_config_file(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, Mapping):
+            keys |= set(content)
+    return keys
+
+
+def override_file_typos(files: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """{file: {unknown key: close matches}} for the override files (all but the first config file).
+
+    A key (the top-level part of an id such as `loss#bce_weight`) is known when another of the files defines or
+    references it, or a config of the first file's bundle defines it (`loss_center_crop` in configs/pad.json is a
+    training key, harmless when pad.json is merged into swa.json).
+    """
+    from monai.bundle import ConfigParser
+
+    contents = [ConfigParser.load_config_file(f) for f in files]
+    for f, content in zip(files, contents, strict=True):
+        if not isinstance(content, Mapping):
+            raise ConfigError(f"{f}: a bundle config must be a mapping of keys, got {type(content).__name__}")
+    family = bundle_keys(Path(files[0]).parent) if files else set()
+    typos: dict[str, dict[str, list[str]]] = {}
+    for k in range(1, len(files)):
+        others = [c for j, c in enumerate(contents) if j != k]
+        known = family.union(*(set(c) | referenced_keys(c) for c in others))
+        unknown = unknown_keys(known, contents[k])
+        if unknown:
+            typos[files[k]] = unknown
+    return typos
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Fail on a command-line override of a key that no config file defines (`--max_epoch 3` for max_epochs).
+    """Fail on an override of a key that no config file defines: on the command line (`--max_epoch 3` for
+    max_epochs) or inside an override file merged after the bundle config (`{"max_epoch": 3}`).
 
     Does nothing when the process is not `python -m monai.bundle run` (e.g. monai.bundle.run called in Python).
     """
@@ -150,6 +188,10 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     if parsed is None:
         return
     files, overrides = parsed
+    for f, unknown in override_file_typos(files).items():
+        lines = [i + (f" (did you mean {' or '.join(m)}?)" if m else "") for i, m in unknown.items()]
+        raise ConfigError(f"{f}: unknown config key(s) {'; '.join(lines)}. No other config file of {files} "
+                          "defines them; check the spelling (keys are listed in bundles/saltnet/docs/README.md)")
     unknown = unknown_keys(config_keys(files), overrides)
     if unknown:
         lines = [f"--{i}" + (f" (did you mean {' or '.join(m)}?)" if m else "") for i, m in unknown.items()]
@@ -174,8 +216,7 @@ def check_config(dataset_dir, fold, num_folds, backbone: str, variant: str, batc
     except DatasetError as e:
         raise ConfigError(f"config key 'dataset_dir': {e}") from None
     for key, value, low in (("num_folds", num_folds, 2), ("batch_size", batch_size, 1), ("max_epochs", max_epochs, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"config key '{key}' must be an integer >= {low}, got {value!r}")
+        require_int(key, value, low)
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
         raise ConfigError(f"config key 'fold' must be an integer in 0..{num_folds - 1} (num_folds={num_folds}), "
                           f"got {fold!r}")
@@ -193,13 +234,17 @@ def check_config(dataset_dir, fold, num_folds, backbone: str, variant: str, batc
             raise ConfigError(f"config key '{key}' must be a number > 0, got {value!r}")
 
 
+def check_integers(num_filters, val_interval, seed) -> None:
+    """Integer keys checked before the network is built: num_filters >= 1, val_interval >= 1, seed >= 0."""
+    require_int("num_filters", num_filters, 1)
+    require_int("val_interval", val_interval, 1)
+    require_int("seed", seed, 0)
+
+
 def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
-    """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 that fits in the run when counted in epochs."""
+    """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 (one longer than the run covers the run)."""
     if isinstance(cooldown_epochs, bool) or not isinstance(cooldown_epochs, (int, float)) or cooldown_epochs < 0:
         raise ConfigError(f"config key 'cooldown_epochs' must be a number >= 0, got {cooldown_epochs!r}")
-    if unit == "epoch" and cooldown_epochs > max_epochs:
-        raise ConfigError(f"config key 'cooldown_epochs' ({cooldown_epochs}) is longer than the run "
-                          f"(max_epochs={max_epochs})")
 
 
 def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:
@@ -253,6 +298,8 @@ def resume_checkpoint(resume, run_dir) -> str | None:
     """Checkpoint to resume from: None (`resume` false), `<run_dir>/last.pt` (true), or the path given."""
     if isinstance(resume, (str, Path)) and str(resume).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         path = Path(str(resume))
+        if not path.is_file():
+            raise ConfigError(f"config key 'resume' must be true, false or the path of a last.pt; {path} is no file")
     elif as_bool(resume, "resume"):
         path = Path(str(run_dir)) / "last.pt"
     else:
@@ -262,18 +309,36 @@ def resume_checkpoint(resume, run_dir) -> str | None:
     return str(path)
 
 
+def split_digest(split: tuple[Sequence[dict], Sequence[dict]]) -> str:
+    """Hash of a fold split's (train ids, validation ids): equal exactly when both sets of tile ids are equal."""
+    train, val = ([str(it["id"]) for it in part] for part in split)
+    text = json.dumps({"train": sorted(train), "val": sorted(val)})
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def check_resume(resume_path: str | None, expected: Mapping | None = None) -> None:
+    """Before anything heavy: the checkpoint to resume is a readable last.pt of this same run (variant, fold and
+    the split's tile ids, see `saltkit.handlers.checkpoints.check_same_run`); ConfigError naming the path if not."""
+    if resume_path is None:
+        return
+    from saltkit.handlers.checkpoints import ResumeError, check_same_run, read_resume_checkpoint
+
+    try:
+        ckpt = read_resume_checkpoint(resume_path, mmap=True)
+        check_same_run(ckpt, dict(expected or {}), resume_path)
+    except ResumeError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
+
+
 def prepare_run_dir(run_dir, record: Mapping, resume_path: str | None = None, argv: Sequence[str] | None = None) -> Path:
     """Create the run directory and write `config.json` (resolved top-level keys + the command line); rank 0 only.
 
-    A fresh run (no resume) over an existing run directory replaces its checkpoints as it goes (logged).
+    A previous run in the folder was refused or removed before (`saltkit.rundir.claim_run_dir`).
     """
     run_dir = Path(str(run_dir))
     if idist.get_rank() != 0:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_path is None and (run_dir / "last.pt").exists():
-        logger.warning(f"{run_dir} holds a previous run; starting afresh (its checkpoints will be replaced). "
-                       "Use --resume true to continue it, or --run_dir to keep both.")
     argv = list(sys.argv if argv is None else argv)
     content = {"resolved": jsonable(record), "command": argv, "resumed_from": resume_path}
     name = "config.json" if resume_path is None else "config_resumed.json"
@@ -300,7 +365,7 @@ def seed_everything(seed: int, deterministic=True) -> None:
     """Seed python / numpy / torch (MONAI's set_determinism); `deterministic` false lets cuDNN pick fast kernels."""
     from monai.utils import set_determinism
 
-    set_determinism(seed=int(seed))
+    set_determinism(seed=require_int("seed", seed, 0))
     if not as_bool(deterministic, "deterministic"):
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -314,10 +379,14 @@ def amp_settings(amp, device) -> dict:
     """
     if isinstance(amp, str) and amp.strip().lower() in ("bf16", "bfloat16", "fp16", "float16", "half"):
         dtype = torch.bfloat16 if amp.strip().lower() in ("bf16", "bfloat16") else torch.float16
-    elif as_bool(amp, "amp"):
-        dtype = torch.bfloat16
     else:
-        return {"amp": False, "amp_kwargs": {}}
+        try:
+            on = as_bool(amp, "amp")
+        except ConfigError:
+            raise ConfigError(f"config key 'amp' must be false, true (bf16), 'bf16' or 'fp16', got {amp!r}") from None
+        if not on:
+            return {"amp": False, "amp_kwargs": {}}
+        dtype = torch.bfloat16
     if torch.device(device).type != "cuda":
         logger.warning(f"config key 'amp' = {amp!r}: mixed precision runs on CUDA only; training in float32 on {device}")
         return {"amp": False, "amp_kwargs": {}}

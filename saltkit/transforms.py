@@ -3,24 +3,46 @@
 Data dicts flow as: {"image": path, "label": path, ...} -> LoadTiled -> image float (C, 101, 101) in [0, 1],
 label float (1, 101, 101) in {0, 1} -> random augmentation (train only) -> RepeatChanneld to 3 channels ->
 TileLabeld (keeps the 101 x 101 label for the metric) -> the variant's spatial transform (configs/pad.json:
-reflect pad to 128; configs/resize.json: resize to 128) -> network. After the network, `TilePredictiond` maps the
-logits back onto the 101 x 101 tile grid, so metrics always compare tiles, whatever the variant.
+reflect pad to 128; configs/resize.json: resize to 128; `network_input_transform`) -> network. After the network,
+`TilePredictiond` maps the prediction back onto the 101 x 101 tile grid, so metrics always compare tiles, whatever
+the variant; inference does the same per tile with `tile_output_transform`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import BorderPadd, MapTransform, Resized, SpatialCropd
 
 from saltkit.data.layout import load_image, load_mask
-from saltkit.geometry import TILE_SIZE
-from saltkit.inference.restore import VARIANTS, restore_tiles
+from saltkit.geometry import NETWORK_SIZE, TILE_SIZE, check_variant, pad_widths, restore_tiles
 
-FLIP_KEY = "flipped"
 TILE_LABEL_KEY = "label_tile"
+PROB_THRESHOLD = 0.5
+
+
+def network_input_transform(variant: str, keys: KeysCollection = ("image", "label")) -> MapTransform:
+    """The variant's tile -> network transform: reflect pad 101 -> 128 (pad) or resize to 128 (resize; bilinear
+    image, nearest mask: a key named "label" gets nearest). Missing keys are allowed (test tiles have no label)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if check_variant(variant) == "pad":
+        before, after = pad_widths(TILE_SIZE, NETWORK_SIZE)
+        return BorderPadd(keys, spatial_border=[before, after, before, after], mode="reflect", allow_missing_keys=True)
+    modes = ["nearest" if k.startswith("label") else "bilinear" for k in keys]
+    return Resized(keys, spatial_size=[NETWORK_SIZE, NETWORK_SIZE], mode=modes, allow_missing_keys=True)
+
+
+def tile_output_transform(variant: str, keys: KeysCollection = ("prob",)) -> MapTransform:
+    """The variant's network -> tile transform for `(C, 128, 128)` maps: central 101 x 101 crop (pad) or bilinear
+    resize to 101 (resize); the inverse of `network_input_transform` (as `geometry.restore_tiles` on batches)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if check_variant(variant) == "pad":
+        # not CenterSpatialCropd: its centre (64 - 50 = 14) is one pixel off the padding's 13 px before
+        before, _ = pad_widths(TILE_SIZE, NETWORK_SIZE)
+        return SpatialCropd(keys, roi_start=[before, before], roi_end=[before + TILE_SIZE] * 2, allow_missing_keys=True)
+    return Resized(keys, spatial_size=[TILE_SIZE, TILE_SIZE], mode="bilinear", allow_missing_keys=True)
 
 
 class LoadTiled(MapTransform):
@@ -62,42 +84,14 @@ class TileLabeld(MapTransform):
         return d
 
 
-class FlipFlaggedd(MapTransform):
-    """Horizontally flip `keys` of the items whose `flag` key is true (the flipped copies of flip validation)."""
-
-    def __init__(self, keys: KeysCollection = ("image", "label"), flag: str = FLIP_KEY, allow_missing_keys: bool = True):
-        super().__init__(keys, allow_missing_keys)
-        self.flag = flag
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        if d.get(self.flag, False):
-            for key in self.key_iterator(d):
-                d[key] = torch.flip(torch.as_tensor(d[key]), dims=(-1,))
-        return d
-
-
-def with_flipped_copies(items: Sequence[dict], enabled: bool = True) -> list[dict]:
-    """Items plus, when `enabled`, a copy of each marked `flipped=True` (the recipe's flip-augmented validation).
-
-    Every item gets the `flipped` key so batches collate the same way.
-    """
-    plain = [{**it, FLIP_KEY: False} for it in items]
-    return plain + [{**it, FLIP_KEY: True} for it in items] if enabled else plain
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"config key 'variant' must be one of {list(VARIANTS)}, got {variant!r}")
-    return variant
-
-
 class TilePredictiond:
-    """Engine postprocessing: add `tile_pred` (B, 1, 101, 101) logits and `tile_label` (B, 1, 101, 101) {0, 1}.
+    """Engine postprocessing: add `tile_pred` (B, 1, 101, 101) binary salt masks and `tile_label` (B, 1, 101, 101).
 
-    Called by MONAI engines (decollate=False) on the merged batch + output dict; `pred` is a SaltOutput (its
-    `.logit` is used) or a (B, 1, H, W) tensor at network resolution. pad: central crop; resize: bilinear resize
-    back to 101 (as inference does). The label is the copy `TileLabeld` kept before the spatial transform.
+    Called by MONAI engines (decollate=False) on the merged batch + output dict. `pred` is what the engine's
+    network or inferer returned at network resolution: a SaltOutput or logit tensor (training: salt where the
+    logit is > 0) or the probability dict of `FlipTTAInferer` (validation: salt where "prob" > 0.5). pad: central
+    crop; resize: bilinear resize back to 101 (as inference does). The label is the copy `TileLabeld` kept before
+    the spatial transform.
     """
 
     def __init__(self, variant: str, size: int = TILE_SIZE):
@@ -106,10 +100,15 @@ class TilePredictiond:
 
     def __call__(self, data: dict) -> dict:
         pred = data["pred"]
-        logit = pred if isinstance(pred, torch.Tensor) else pred.logit
-        data["tile_pred"] = restore_tiles(logit.detach().float(), self.variant, self.size)
+        if isinstance(pred, dict):
+            prob = restore_tiles(pred["prob"].detach().float(), self.variant, self.size)
+            data["tile_pred"] = (prob > PROB_THRESHOLD).float()
+        else:
+            logit = pred if isinstance(pred, torch.Tensor) else pred.logit
+            data["tile_pred"] = (restore_tiles(logit.detach().float(), self.variant, self.size) > 0).float()
+        device = data["tile_pred"].device
         if TILE_LABEL_KEY in data:
-            data["tile_label"] = torch.as_tensor(data[TILE_LABEL_KEY]).to(logit.device)
+            data["tile_label"] = torch.as_tensor(data[TILE_LABEL_KEY]).to(device)
         else:  # no copy kept: undo the spatial transform on the label itself, re-binarised
             data["tile_label"] = (restore_tiles(data["label"].float(), self.variant, self.size) > 0.5).float()
         return data

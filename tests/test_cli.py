@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from saltkit.data.folds import read_folds
 from saltkit.data.layout import copy_subset, read_rle_masks, sample_dir, train_items
 from saltkit.metrics import kaggle_scores
 from saltkit.submission import write_submission
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -109,8 +112,96 @@ def test_registry_and_extension():
 
 def test_console_errors_have_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "saltkit.cli", "score", str(tmp_path / "t.csv"),
-                             str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=120)
+                             str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"saltkit score: error: {tmp_path / 't.csv'}: file not found " \
                                     "(expected a CSV with header id,rle_mask)"
+
+
+def test_help_lists_the_bundle_workflows(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name, run_id in (("train", "training"), ("swa", "swa"), ("evaluate", "evaluate"), ("inference", "inference")):
+        assert f"    {name} " in out or f"    {name}\n" in out
+        assert f"monai.bundle run {run_id})" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("python -m monai.bundle run training --config_file \"['bundles/saltnet/configs/train.json', FILES...]\""
+            in out)
+
+
+def test_workflow_command_line_is_the_bundle_command_line():
+    from saltkit.workflows import WORKFLOWS, bundle_argv, is_shipped
+
+    train = next(w for w in WORKFLOWS if w.name == "train")
+    argv = bundle_argv(train, ["configs/pad.json", "configs/cpu.json", "--max-epochs", "2", "--fold=1"])
+    assert Path(argv[0]).parent.name == "bundle" and argv[1:3] == ["run", "training"]
+    assert argv[3] == "--config_file" and argv[5:] == ["--max-epochs", "2", "--fold=1"]
+    files = eval(argv[4])  # the repr of a list, as fire reads it
+    assert Path(files[0]).resolve() == (REPO / "bundles/saltnet/configs/train.json").resolve()
+    assert files[1:] == ["configs/pad.json", "configs/cpu.json"]
+    assert all(is_shipped(REPO / f) for f in files[1:]) and is_shipped(files[0])
+    assert not is_shipped("/tmp/my_recipe.json")
+
+
+def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch):
+    from saltkit.workflows import WORKFLOWS, bundle_argv
+
+    monkeypatch.chdir(tmp_path)
+    swa = next(w for w in WORKFLOWS if w.name == "swa")
+    files = eval(bundle_argv(swa, ["configs/resize.json", "--run_dir", "runs/resize_fold0"])[4])
+    assert Path(files[1]) == REPO / "configs" / "resize.json"
+    with pytest.raises(FileNotFoundError, match="config file configs/rezise.json not found"):
+        bundle_argv(swa, ["configs/rezise.json"])
+
+
+def test_warnings_about_shipped_configs_are_silenced(recwarn):
+    import logging
+    import warnings
+
+    from saltkit.workflows import shipped_config_warnings_silenced
+
+    monai_log = logging.getLogger("monai.bundle.workflows")  # MONAI's own handler, no propagation
+    logged: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: logged.append(record.getMessage())
+    monai_log.addHandler(collect)
+    shipped = [str(REPO / "bundles/saltnet/configs/train.json"), str(REPO / "configs/pad.json")]
+    try:
+        for files, shown in ((shipped, False), (shipped + ["/tmp/mine.json"], True)):
+            recwarn.clear()
+            logged.clear()
+            with shipped_config_warnings_silenced(files):
+                warnings.warn("parsing config_file ['x']: any `_target_` value ...", UserWarning, stacklevel=1)
+                monai_log.warning("Not all config files are in bundles/saltnet/configs. If logging_file ...")
+                monai_log.warning("Cannot find the config file")
+                warnings.warn("another warning", UserWarning, stacklevel=1)
+            messages = [str(w.message) for w in recwarn]
+            assert ("parsing config_file ['x']: any `_target_` value ..." in messages) == shown
+            assert any(m.startswith("Not all config files") for m in logged) == shown
+            assert "another warning" in messages and "Cannot find the config file" in logged  # only those two
+    finally:
+        monai_log.removeHandler(collect)
+
+
+def test_option_spellings(tmp_path, capsys):
+    from saltkit.cli import hyphenated_options
+
+    assert hyphenated_options(["--min_component_size", "5", "--out=a_b.csv", "x_y"]) == \
+        ["--min-component-size", "5", "--out=a_b.csv", "x_y"]
+    out = tmp_path / "per_image.csv"
+    truth = sample_dir() / "train.csv"
+    assert main(["score", str(truth), str(truth), "--per_image", str(out)]) == 0
+    assert out.is_file() and capsys.readouterr().out.splitlines()[-1] == "1.000000"
+
+
+def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    argv = ["score", str(tmp_path / "t.csv"), str(tmp_path / "p.csv")]
+    assert main(argv) == 2
+    monkeypatch.setenv("SALTKIT_DEBUG", "1")
+    with pytest.raises(ValueError, match="t.csv: file not found"):
+        main(argv)

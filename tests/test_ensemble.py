@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from saltkit.cli import main
 from saltkit.inference.ensemble import average_probabilities, ensemble_files
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
 
@@ -67,3 +70,19 @@ def test_bad_files(tmp_path):
     np.savez(other, x=np.zeros(3))
     with pytest.raises(ValueError, match="other.npz.*missing arrays"):
         load_probabilities(other)
+
+
+def test_cli_ensemble_writes_beside_its_inputs(tmp_path, monkeypatch, capsys):
+    ids = ["t1", "t2", "t3"]
+    a, b = make(ids, 1), make(ids, 2)
+    a.probs[0], b.probs[0] = 0.9, 0.9  # tile t1: all salt, one 10201-pixel component
+    paths = [save_probabilities(tmp_path / "runs" / run / "inference" / "probabilities.npz", p)
+             for run, p in (("pad_fold0", a), ("resize_fold0", b))]
+    monkeypatch.chdir(tmp_path)
+    # no --out: runs/ensemble/submission.csv, not the current folder; underscore spelling accepted
+    assert main(["ensemble", *map(str, paths), "--min_component_size", "20000"]) == 0
+    out = Path("runs") / "ensemble" / "submission.csv"
+    assert f"wrote {out}" in capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "id,rle_mask" and rows[1] == "t1,"  # the component is smaller than 20000 pixels: removed
+    assert not (tmp_path / "submission.csv").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -22,6 +23,7 @@ from saltkit.handlers import (
     TerminateOnNan,
     TimeLimit,
     WorstTilesImages,
+    cooldown_steps,
     noam_scheduler,
     save_checkpoint,
     schedule_steps,
@@ -29,6 +31,7 @@ from saltkit.handlers import (
 )
 from saltkit.handlers.checkpoints import load_schedule_keeping_settings
 from saltkit.handlers.images import worst_tile_order
+from saltkit.pictures import BOTH_RGB, TRUTH_RGB
 
 
 class ToyNet(nn.Linear):
@@ -71,6 +74,18 @@ def test_noam_cooldown_ramps_to_zero_over_the_last_steps():
     for bad in ({"cooldown_steps": -1, "total_steps": 10}, {"cooldown_steps": 5}, {"cooldown_steps": 11, "total_steps": 10}):
         with pytest.raises(ValueError, match="cool-down"):
             NoamLambda(4, **bad)
+
+
+def test_cooldown_longer_than_the_run_covers_the_run(caplog):
+    """configs/cpu.json's 3-epoch cool-down under --max_epochs 2: the ramp spans the run instead of failing."""
+    assert cooldown_steps(3, 10, total_steps=80) == 30  # fits: unchanged
+    with caplog.at_level("INFO", logger="saltkit.handlers.noam"):
+        assert cooldown_steps(3, 10, total_steps=20) == 20
+    assert "'cooldown_epochs' (3 epochs) is longer than the run (2 epochs of 10 iterations)" in caplog.text
+    assert cooldown_steps(50, 10, total_steps=20, unit="iteration") == 20
+    whole = NoamLambda(4, total_steps=20, cooldown_steps=cooldown_steps(3, 10, total_steps=20))
+    assert [whole(k) / NoamLambda(4)(k) for k in (0, 10, 19)] == pytest.approx([1.0, 0.5, 0.05], rel=1e-12)
+    assert whole(20) == 0.0
 
 
 def test_resume_keeps_the_configured_schedule_length():
@@ -216,10 +231,12 @@ def test_resume_refuses_another_architecture(tmp_path):
 # ---------------------------------------------------------------- NaN guard, images
 
 
-def test_terminate_on_nan_raises_a_clear_error():
+def test_terminate_on_nan_raises_a_clear_error(tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"")  # a previous epoch's checkpoint
     engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan") if e.state.iteration == 3 else 1.0)})
-    TerminateOnNan(last_checkpoint="runs/x/last.pt").attach(engine)
-    with pytest.raises(DivergenceError, match=r"loss is nan at epoch 1, iteration 3; runs/x/last.pt holds"):
+    TerminateOnNan(last_checkpoint=str(last)).attach(engine)
+    with pytest.raises(DivergenceError, match=rf"loss is nan at epoch 1, iteration 3; {last} holds"):
         engine.run([0] * 5, max_epochs=1)
 
 
@@ -227,8 +244,8 @@ class FakeWriter:
     def __init__(self):
         self.images, self.texts, self.flushed = [], [], 0
 
-    def add_image(self, tag, img, global_step):
-        self.images.append((tag, img, global_step))
+    def add_image(self, tag, img, global_step, dataformats="CHW"):
+        self.images.append((tag, img, global_step, dataformats))
 
     def add_text(self, tag, text, step):
         self.texts.append((tag, text, step))
@@ -261,9 +278,13 @@ def test_worst_tiles_grid_keeps_the_lowest_scores():
     writer = FakeWriter()
     WorstTilesImages(writer, "pad", num_tiles=3).attach(engine)
     engine.run(batches, max_epochs=1)
-    (tag, grid, step), = writer.images
-    assert tag == "val/worst_tiles" and step == 1
-    assert grid.shape == (3, 3 * 101 + 4 * 2, 3 * 101 + 4 * 2)  # 3 rows x (tile, truth, prediction), 2 px padding
+    (tag, grid, step, dataformats), = writer.images
+    assert tag == "val/worst_tiles" and step == 1 and dataformats == "HWC"
+    # saltkit.pictures.tile_grid of the three worst: one row of three outlined tiles at twice the size
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3 and 3 * 202 < grid.shape[1] < 3 * 202 + 40
+    # a 50 x 50 square's inner outline is 196 tile pixels, 4 grid pixels each: the two missed squares in the truth
+    # colour, the third (predicted exactly) where truth and prediction coincide
+    assert (grid == TRUTH_RGB).all(-1).sum() == 2 * 196 * 4 and (grid == BOTH_RGB).all(-1).sum() == 196 * 4
     text = writer.texts[0][1]
     assert text.index("b0t0 (0.00)") < text.index("b1t0 (0.00)")  # both misses first, in order seen
 

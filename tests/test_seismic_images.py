@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tiny_networks import TinyConv
 
 from saltkit.cli import main
 from saltkit.data.layout import load_image, load_mask, sample_dir, train_items
+from saltkit.inference import restore_tiles, section_inferer, tile_inferer
 from saltkit.networks import SaltUNet
 from saltkit.seismic import (
     Normalization,
@@ -26,7 +28,6 @@ from saltkit.seismic import (
     read_section,
 )
 from saltkit.seismic.images import outline_overlay, section_files
-from saltkit.seismic.inferer import section_inferer
 from saltkit.transforms import LoadTiled
 
 
@@ -124,16 +125,19 @@ def test_mosaic_places_real_tiles_on_their_grid(tgs_dir, mosaics):
 
 def test_sections_of_any_size(tile_paths):
     """Sizes from 1 pixel to non-multiples of 32 and larger than a window give a probability of the same size; a
-    lone tile is the tile itself (the same probabilities as the inferer on the tile batch)."""
+    lone tile gets the tile path's probabilities."""
     net, inferer = TinyConv().eval(), section_inferer("pad", tta=True, overlap=0.5)
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (7, 300), (101, 101), (129, 65), (250, 333)]:
         prob = predict_section(net, inferer, rng.random(shape, dtype=np.float32))
         assert prob.shape == shape and prob.dtype == np.float32
         assert 0 <= prob.min() and prob.max() <= 1
+    # a lone tile: the tile path (reflect-padded 13 / 14 to 128 as in training, flip TTA, central 101 x 101)
     tile = load_image(tile_paths[0]).astype(np.float32) / 255
-    batch = torch.from_numpy(tile)[None, None].expand(1, 3, -1, -1)
-    np.testing.assert_array_equal(predict_section(net, inferer, tile), inferer(batch, net)["pred"][0, 0].numpy())
+    padded = F.pad(torch.from_numpy(tile)[None, None].expand(1, 3, -1, -1), (13, 14, 13, 14), mode="reflect")
+    with torch.no_grad():
+        tile_path = restore_tiles(tile_inferer(tta=True)(padded, net)["prob"], "pad")[0, 0].numpy()
+    np.testing.assert_allclose(predict_section(net, inferer, tile), tile_path, atol=1e-6)
 
 
 def test_predict_folder_writes_outputs_and_index(tile_paths, tmp_path):

@@ -18,8 +18,8 @@ from tiny_networks import TinyConv
 
 from saltkit.cli import main
 from saltkit.data.layout import load_image, sample_dir, train_items
+from saltkit.inference import section_inferer
 from saltkit.seismic import Normalization, normalize_section, predict_images, predict_section, predict_volume
-from saltkit.seismic.inferer import section_inferer
 from saltkit.seismic.segy import (
     FORMAT_OFFSET,
     TEXT_BYTES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -147,8 +148,11 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
     paths, nets = checkpoints
     for p, name in zip(paths, ("best_loss.pt", "best_accuracy.pt", "best_metric.pt"), strict=True):
         shutil.copy(p, run_dir / name)
-    bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), dataset_dir=str(data),
-               folds_csv=str(tmp_path / "folds.csv"), num_folds=3, fold=1, batch_size=4)
+    # the run's own record gives the dataset, the fold file and the fold: nothing to retype
+    record = {"dataset_dir": str(data), "folds_csv": str(tmp_path / "folds.csv"), "num_folds": 3, "fold": 1,
+              "variant": "pad"}
+    (run_dir / "config.json").write_text(json.dumps({"resolved": record}))
+    bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), batch_size=4)
     swa = torch.load(run_dir / "swa.pt", weights_only=True)
     assert set(swa) >= {"network", "arch", "checkpoints"}
     assert [Path(p).name for p in swa["checkpoints"]] == ["best_loss.pt", "best_accuracy.pt", "best_metric.pt"]
@@ -181,8 +185,6 @@ def test_swa_bundle_missing_checkpoint(tmp_path):
 
 
 def test_run_record_must_match_the_fold(tmp_path):
-    import json
-
     from monai.bundle import run as bundle_run
 
     from saltkit.inference.checkpoint import check_run_matches
@@ -192,8 +194,12 @@ def test_run_record_must_match_the_fold(tmp_path):
     check_run_matches(tmp_path / "elsewhere", fold=0)  # no record: nothing to check
     with pytest.raises(ValueError, match="trained with fold 3 but config key 'fold' is 0; pass --fold 3"):
         check_run_matches(tmp_path, fold=0)
-    with pytest.raises(Exception) as info:  # the swa bundle refuses it before any work
-        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"))
+    with pytest.raises(ValueError, match="trained with variant 'pad' but config key 'variant' is 'resize'; "
+                                         "merge configs/pad.json"):
+        check_run_matches(tmp_path, variant="resize")
+    with pytest.raises(Exception) as info:  # the swa bundle refuses a --fold other than the run's before any work
+        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"),
+                   fold=0)
     e, text = info.value, []
     while e is not None:
         text.append(str(e))

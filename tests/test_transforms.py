@@ -1,5 +1,5 @@
 """The transform chain of the training bundle on real sample tiles: loading, augmentation keeps masks binary,
-pad vs resize shapes, the tile label kept for the metric, flip validation copies, mapping logits back to tiles."""
+pad vs resize shapes, the tile label kept for the metric, mapping predictions back to tiles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from PIL import Image
 
 from saltkit.data.layout import load_image, load_mask, train_items
 from saltkit.geometry import center_crop
-from saltkit.transforms import FlipFlaggedd, LoadTiled, TileLabeld, TilePredictiond, with_flipped_copies
+from saltkit.transforms import (
+    LoadTiled,
+    TileLabeld,
+    TilePredictiond,
+    network_input_transform,
+    tile_output_transform,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "bundles/saltnet/configs/train.json"
@@ -97,14 +103,10 @@ def test_validation_chain_is_the_tile_mapped_to_128(variant, items, tmp_path):
     parser = bundle(variant, tmp_path)
     chain = parser.get_parsed_content("validate#preprocessing")
     it = items[0]
-    out = chain({**it, "flipped": False})
-    flipped = chain({**it, "flipped": True})
+    out = chain(dict(it))
     mask = torch.from_numpy(load_mask(it["label"])).float()[None]
     assert torch.equal(out["label_tile"], mask)
-    assert torch.equal(flipped["label_tile"], mask.flip(-1))
     if variant == "pad":
-        # the copy is flipped before padding (13 px left, 14 right), so compare the tiles
-        assert torch.equal(center_crop(flipped["image"], 101), center_crop(out["image"], 101).flip(-1))
         image = torch.from_numpy(load_image(it["image"])).float() / 255
         assert torch.allclose(center_crop(out["image"], 101)[0], image)
         # reflect padding without repeating the edge pixel (numpy 'reflect' = OpenCV BORDER_REFLECT_101)
@@ -115,25 +117,35 @@ def test_validation_chain_is_the_tile_mapped_to_128(variant, items, tmp_path):
         assert out["image"].shape == (3, 128, 128)
 
 
-def test_with_flipped_copies_and_flip_flag():
-    items = [{"id": "a"}, {"id": "b"}]
-    doubled = with_flipped_copies(items, True)
-    assert [(d["id"], d["flipped"]) for d in doubled] == [("a", False), ("b", False), ("a", True), ("b", True)]
-    assert [d["flipped"] for d in with_flipped_copies(items, False)] == [False, False]
-    x = torch.arange(6.0).reshape(1, 2, 3)
-    assert torch.equal(FlipFlaggedd(keys="image")({"image": x, "flipped": True})["image"], x.flip(-1))
-    assert torch.equal(FlipFlaggedd(keys="image")({"image": x, "flipped": False})["image"], x)
+@pytest.mark.parametrize("variant", ["pad", "resize"])
+def test_tile_output_transform_inverts_the_network_input_transform(variant, items):
+    image = torch.from_numpy(load_image(items[0]["image"])).float()[None] / 255
+    to_net, to_tile = network_input_transform(variant, "image"), tile_output_transform(variant, "image")
+    x = to_net({"image": image})["image"]
+    assert x.shape == (1, 128, 128)
+    back = to_tile({"image": x})["image"]
+    if variant == "pad":
+        assert torch.equal(torch.as_tensor(back), image)  # the padding's 13 px before, not a centre at 14
+    else:
+        assert back.shape == (1, 101, 101) and (torch.as_tensor(back) - image).abs().mean() < 0.02
+    # a label is resized with nearest neighbours and stays binary
+    label = (torch.rand(1, 101, 101) > 0.5).float()
+    net_label = network_input_transform(variant)({"image": image, "label": label})["label"]
+    assert set(torch.unique(torch.as_tensor(net_label)).tolist()) <= {0.0, 1.0}
 
 
 def test_tile_prediction_maps_logits_back_to_the_tile():
     logits = torch.randn(2, 1, 128, 128)
     label = (torch.rand(2, 1, 128, 128) > 0.5).float()
     out = TilePredictiond("pad")({"pred": logits, "label": label})
-    assert torch.equal(out["tile_pred"], logits[..., 13:114, 13:114])
+    assert torch.equal(out["tile_pred"], (logits[..., 13:114, 13:114] > 0).float())
     assert torch.equal(out["tile_label"], label[..., 13:114, 13:114])
+    # the probability dict of FlipTTAInferer (validation): salt where the probability is > 0.5
+    out = TilePredictiond("pad")({"pred": {"prob": torch.sigmoid(logits)}, "label": label})
+    assert torch.equal(out["tile_pred"], (logits[..., 13:114, 13:114] > 0).float())
     tile = (torch.rand(2, 1, 101, 101) > 0.5).float()
     out = TilePredictiond("resize")({"pred": torch.full((2, 1, 128, 128), 3.0), "label": label, "label_tile": tile})
-    assert out["tile_pred"].shape == (2, 1, 101, 101) and torch.allclose(out["tile_pred"], torch.tensor(3.0))
+    assert out["tile_pred"].shape == (2, 1, 101, 101) and torch.equal(out["tile_pred"], torch.ones(2, 1, 101, 101))
     assert torch.equal(out["tile_label"], tile)  # the copy kept before resizing, not a resized-back label
     with pytest.raises(ValueError, match="'variant'"):
         TilePredictiond("crop")

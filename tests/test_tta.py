@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from monai.transforms import BorderPad, Resize
 from torch import nn
 
-from saltkit.geometry import pad_widths
-from saltkit.inference.restore import restore_tiles
-from saltkit.inference.tta import flip_predict, split_output, tta_probabilities
+from saltkit.geometry import pad_widths, restore_tiles
+from saltkit.inference import FlipTTAInferer
+from saltkit.inference.inferers import split_output
 
 
 class SymmetricConv(nn.Module):
@@ -39,8 +39,8 @@ def test_flip_equivariant_model_gives_same_output_with_tta():
     torch.manual_seed(0)
     net = SymmetricConv().eval()
     x = torch.rand(4, 3, 128, 128)
-    with_tta, _ = tta_probabilities(net, x, tta=True)
-    without, _ = tta_probabilities(net, x, tta=False)
+    with_tta = FlipTTAInferer(tta=True)(x, net)["prob"]
+    without = FlipTTAInferer(tta=False)(x, net)["prob"]
     assert with_tta.shape == (4, 1, 128, 128)
     torch.testing.assert_close(with_tta, without, atol=1e-6, rtol=0)
 
@@ -48,14 +48,12 @@ def test_flip_equivariant_model_gives_same_output_with_tta():
 def test_tta_averages_probability_with_flipped_back_probability():
     x = torch.rand(2, 3, 16, 16)
     net = Shifted()
-    pred = flip_predict(net, x, tta=True)
+    pred = FlipTTAInferer(tta=True, keep_plain=True)(x, net)
     p_plain = torch.sigmoid(net(x))
     p_flip_back = torch.sigmoid(net(x.flip(-1))).flip(-1)
-    torch.testing.assert_close(pred.prob, p_plain)
-    torch.testing.assert_close(pred.flipped_prob, p_flip_back)
-    prob, image_prob = pred.tta()
-    torch.testing.assert_close(prob, (p_plain + p_flip_back) / 2)  # probabilities, not logits, are averaged
-    assert image_prob is None
+    torch.testing.assert_close(pred["prob_plain"], p_plain)
+    torch.testing.assert_close(pred["prob"], (p_plain + p_flip_back) / 2)  # probabilities, not logits, are averaged
+    assert "image_prob" not in pred
     assert not torch.allclose(p_plain, p_flip_back)
 
 
@@ -66,7 +64,8 @@ def test_image_head_is_flip_averaged():
             return logit, (logit,), x[:, 0, :, :4].mean(dim=(1, 2))[:, None]  # TorchScript-style tuple
 
     x = torch.rand(3, 3, 8, 8)
-    prob, image_prob = tta_probabilities(WithHead(), x)
+    pred = FlipTTAInferer()(x, WithHead())
+    prob, image_prob = pred["prob"], pred["image_prob"][:, 0]
     expected = (torch.sigmoid(x[:, 0, :, :4].mean(dim=(1, 2))) + torch.sigmoid(x[:, 0, :, -4:].mean(dim=(1, 2)))) / 2
     torch.testing.assert_close(image_prob, expected)
     assert prob.shape == (3, 1, 8, 8)

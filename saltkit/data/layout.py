@@ -5,11 +5,15 @@
     <root>/train.csv               id,rle_mask (empty rle_mask = no salt)
     <root>/depths.csv              id,z (optional; a missing id gets depth NaN)
     <root>/test/images/<id>.png    unlabelled tiles
+
+File names end in .png in any case (.PNG too); a name that is not valid UTF-8 is refused (ids go into UTF-8 CSVs).
+Palette PNGs are read through their palette (grey palettes only), never as raw palette indices.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,6 +38,11 @@ def id_listing(ids: Iterable[str], limit: int = 5) -> str:
     ids = list(ids)
     shown = ", ".join(ids[:limit])
     return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in all)"
+
+
+def printable(path: str | Path) -> str:
+    """`path` as text that prints anywhere: bytes of a name that are not valid UTF-8 appear as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def csv_line(row: int) -> int:
@@ -116,29 +125,41 @@ def depth_lookup(root: str | Path) -> dict[str, float]:
 # ---------------------------------------------------------------- PNG files
 
 
-def _read_png(path: str | Path, what: str) -> np.ndarray:
+def _read_png(path: str | Path, what: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixels of a PNG; the size is checked against `shape` (H, W) before decoding, a palette image is mapped
+    through its palette (which must be grey) to 8-bit grey."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: {what} file not found")
+        raise DatasetError(f"{printable(path)}: {what} file not found")
     try:
         with Image.open(path) as im:
+            if shape is not None and (im.height, im.width) != tuple(shape):
+                raise DatasetError(f"{printable(path)}: {what} is {im.height}x{im.width} pixels (HxW); "
+                                   f"expected {shape[0]}x{shape[1]}")
+            if im.mode in ("P", "PA"):
+                return _grey_from_palette(np.asarray(im.convert("RGB")), path, what)
             return np.asarray(im)
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{printable(path)}: {what} is far too large to read ({e}); expected a "
+                           f"{TILE_SHAPE[0]}x{TILE_SHAPE[1]} tile") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read the {what} ({e})") from None
+        raise DatasetError(f"{printable(path)}: cannot read the {what} ({e})") from None
 
 
-def _check_shape(arr: np.ndarray, path, what: str, shape: tuple[int, int] | None) -> None:
-    if shape is not None and arr.shape[:2] != tuple(shape):
-        raise DatasetError(f"{path}: {what} is {arr.shape[0]}x{arr.shape[1]} pixels (HxW); "
-                           f"expected {shape[0]}x{shape[1]}")
+def _grey_from_palette(rgb: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """(H, W, 3) colours of a palette PNG -> (H, W) uint8 grey; DatasetError when a used colour is not grey."""
+    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+        raise DatasetError(f"{printable(path)}: palette {what} with colours that are not grey; expected a grey PNG")
+    return np.ascontiguousarray(rgb[..., 0])
 
 
 def load_image(path: str | Path, shape: tuple[int, int] | None = TILE_SHAPE) -> np.ndarray:
     """Load a seismic tile -> uint8 (H, W). Accepts 8-bit grey or RGB(A) with equal channels; checks (H, W) = shape."""
-    arr = _read_png(path, "image")
+    arr = _read_png(path, "image", shape)
     if arr.dtype != np.uint8:
         raise DatasetError(f"{path}: image has {arr.dtype} pixels; expected 8-bit grey or RGB")
-    _check_shape(arr, path, "image", shape)
     if arr.ndim == 3:
         if arr.shape[2] not in (3, 4):
             raise DatasetError(f"{path}: image has {arr.shape[2]} channels; expected 1 (grey) or 3 (RGB)")
@@ -161,11 +182,10 @@ def mask_foreground(arr: np.ndarray) -> int:
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = TILE_SHAPE) -> np.ndarray:
     """Load a salt mask PNG -> uint8 (H, W) in {0, 1}. Only 0 and the full-scale value (255 / 65535) are allowed."""
-    arr = _read_png(path, "mask")
+    arr = _read_png(path, "mask", shape)
     if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16, np.int32, bool):
         raise DatasetError(f"{path}: mask is {arr.dtype} with shape {arr.shape}; expected a single-channel "
                            "8-bit (0/255) or 16-bit (0/65535) PNG")
-    _check_shape(arr, path, "mask", shape)
     fg = mask_foreground(arr)
     salt = arr == fg
     if not (salt | (arr == 0)).all():
@@ -183,8 +203,34 @@ def _require_dir(path: Path, what: str) -> None:
         raise DatasetError(f"{path}: {what} folder not found")
 
 
+def png_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """({id: path} of the .png files in `folder`, any case of the suffix; [problems]): a name that is not valid
+    UTF-8, or two files of one id (a.png and a.PNG), is a problem and left out."""
+    ids: dict[str, Path] = {}
+    problems: list[str] = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() != ".png" or not p.is_file():
+            continue
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{printable(p)}: file name is not valid UTF-8; rename it (ids are written to UTF-8 CSVs)")
+            continue
+        if p.stem in ids:
+            problems.append(f"{p}: id {p.stem} has two files ({ids[p.stem].name} and {p.name}); keep one")
+            del ids[p.stem]
+            continue
+        ids[p.stem] = p
+    return ids, problems
+
+
 def _png_ids(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.glob("*.png"))}
+    """{id: path} of the .png files in `folder`; DatasetError on a problem of `png_files`."""
+    ids, problems = png_files(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DatasetError(problems[0] + more)
+    return ids
 
 
 def train_items(root: str | Path) -> list[dict]:
@@ -241,7 +287,8 @@ def check_dataset(root: str | Path, shape: tuple[int, int] = TILE_SHAPE) -> list
             problems.append(f"{folder}: {what} folder not found")
     if problems:
         return problems
-    images, masks = _png_ids(images_dir), _png_ids(masks_dir)
+    (images, image_problems), (masks, mask_problems) = png_files(images_dir), png_files(masks_dir)
+    problems += image_problems + mask_problems
     if not images:
         problems.append(f"{images_dir}: no .png train images")
     no_mask = [i for i in images if i not in masks]
@@ -263,7 +310,9 @@ def check_dataset(root: str | Path, shape: tuple[int, int] = TILE_SHAPE) -> list
         problems += _problem(read_depths, root / "depths.csv")
     test_dir = root / "test" / "images"
     if test_dir.is_dir():
-        for path in _png_ids(test_dir).values():
+        test_images, test_problems = png_files(test_dir)
+        problems += test_problems
+        for path in test_images.values():
             problems += _problem(load_image, path, shape)
     return problems
 

@@ -9,13 +9,21 @@ from saltkit.handlers.checkpoints import (
 )
 from saltkit.handlers.images import WorstTilesImages
 from saltkit.handlers.nan import DivergenceError, TerminateOnNan
-from saltkit.handlers.noam import NoamHandler, NoamLambda, noam_scheduler, schedule_steps, warmup_steps
-from saltkit.handlers.progress import TrainingProgress
+from saltkit.handlers.noam import (
+    NoamHandler,
+    NoamLambda,
+    cooldown_steps,
+    noam_scheduler,
+    schedule_steps,
+    warmup_steps,
+)
+from saltkit.handlers.progress import EpochSummary, TrainingProgress
 from saltkit.handlers.time_limit import TimeLimit
 
 __all__ = [
     "BestCheckpoint",
     "DivergenceError",
+    "EpochSummary",
     "LastCheckpoint",
     "NoamHandler",
     "NoamLambda",
@@ -25,6 +33,7 @@ __all__ = [
     "TimeLimit",
     "TrainingProgress",
     "WorstTilesImages",
+    "cooldown_steps",
     "noam_scheduler",
     "save_checkpoint",
     "schedule_steps",

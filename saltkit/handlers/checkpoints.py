@@ -2,16 +2,21 @@
 
 Every file is a torch.save'd dict with "network" (state_dict) and "arch" (SaltUNet ctor kwargs, so inference
 and SWA can rebuild the network without any config). last.pt also holds "optimizer", "scheduler", "trainer"
-(Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's score and epoch) and "rng".
+(Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's score and epoch), "rng" and what
+identifies the run (variant, fold, the hash of the split's tile ids), which a resume must match.
 Fixed file names (not Ignite's Checkpoint, whose names carry the score) written through `saltkit.io.atomic_write`
 (temporary file + os.replace), so a kill at any moment leaves either the previous file or the new one.
+At the end of an epoch last.pt is written first and the improved best files after it: a kill in between loses
+nothing, since the resume rewrites a best file that last.pt records as this epoch's but that was not written.
 Only the process of rank 0 writes; every rank resumes.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,7 +72,8 @@ class BestCheckpoint:
     Attach to the evaluator: runs on its EPOCH_COMPLETED, reads `engine.state.metrics[metric]` and, when it
     improves on the best (mode "max" or "min"; ties keep the earlier epoch), writes
     {"network", "arch", "epoch", "metric", "score", **extra}. `state_dict()` / `load_state_dict()` carry the best
-    score through last.pt so a resumed run keeps comparing against it.
+    score through last.pt so a resumed run keeps comparing against it. When a `LastCheckpoint` owns it
+    (`deferred`), the file is written by that handler right after last.pt instead (`write_pending`).
     """
 
     def __init__(self, run_dir: str | Path, network: nn.Module, metric: str, mode: str = "max",
@@ -83,6 +89,8 @@ class BestCheckpoint:
         self.extra = dict(extra or {})
         self.score: float | None = None
         self.epoch: int | None = None
+        self.deferred = False  # set by LastCheckpoint.attach: write after last.pt, not at validation
+        self.pending = False
 
     @property
     def path(self) -> Path:
@@ -105,10 +113,31 @@ class BestCheckpoint:
             return
         self.score = value
         self.epoch = int((self.epoch_source or engine).state.epoch)
+        if self.deferred:
+            self.pending = True
+        else:
+            self.write()
+
+    def write(self) -> None:
+        """Save the network now as this best checkpoint (its score and epoch as recorded); rank 0 only."""
+        self.pending = False
         if is_writer():
             save_checkpoint({"network": unwrap(self.network).state_dict(), "arch": arch_of(self.network),
-                             "epoch": self.epoch, "metric": self.metric, "score": value, **self.extra}, self.path)
-            logger.info(f"epoch {self.epoch}: best {self.metric} {value:.4f} -> {self.path}")
+                             "epoch": self.epoch, "metric": self.metric, "score": self.score, **self.extra},
+                            self.path)
+            logger.info(f"epoch {self.epoch}: best {self.metric} {self.score:.4f} -> {self.path}")
+
+    def write_pending(self) -> None:
+        """Write the file when the last validation improved on the best (deferred mode)."""
+        if self.pending:
+            self.write()
+
+    def saved_epoch(self) -> int | None:
+        """The epoch recorded in the file on disk (None when missing or unreadable)."""
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError):
+            return None
 
     def state_dict(self) -> dict:
         return {"metric": self.metric, "mode": self.mode, "score": self.score, "epoch": self.epoch}
@@ -133,7 +162,8 @@ def set_rng_state(state: dict) -> None:
 
 class LastCheckpoint:
     """Write `<run_dir>/last.pt` at the end of every training epoch (after validation: attach it after the
-    ValidationHandler) with everything `ResumeFromCheckpoint` needs to continue exactly there."""
+    ValidationHandler) with everything `ResumeFromCheckpoint` needs to continue exactly there, then the `best`
+    checkpoints that this epoch's validation improved (they wait for last.pt, see the module docstring)."""
 
     def __init__(self, run_dir: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, best: Sequence[BestCheckpoint] = (), filename: str = "last.pt",
@@ -149,6 +179,8 @@ class LastCheckpoint:
         return self.run_dir / self.filename
 
     def attach(self, engine: Engine) -> None:
+        for b in self.best:
+            b.deferred = True
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def checkpoint(self, engine: Engine) -> dict:
@@ -171,10 +203,59 @@ class LastCheckpoint:
     def __call__(self, engine: Engine) -> None:
         if is_writer():
             save_checkpoint(self.checkpoint(engine), self.path)
+        for b in self.best:
+            b.write_pending()
 
 
 class ResumeError(ValueError):
-    """last.pt cannot be resumed by this config (other architecture, missing file, incomplete checkpoint)."""
+    """last.pt cannot be resumed by this config (other architecture or run, missing, unreadable or incomplete)."""
+
+
+# what last.pt records about its run that a resume must match (other recorded keys only explain a mismatch)
+RUN_KEYS = ("variant", "fold", "num_folds")
+SPLIT_KEY = "split"
+
+
+def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The last.pt at `path` (CPU tensors; `mmap` maps instead of reading them); ResumeError naming the path when
+    it is missing, unreadable (truncated, not a torch file) or lacks what a resume needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"resume: {path} not found; nothing to resume (train without --resume first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ResumeError(f"resume: {path} is not a readable checkpoint (truncated or not written by torch.save: "
+                          f"{reason}); resume from an intact last.pt, or train afresh") from None
+    if not isinstance(ckpt, dict):
+        raise ResumeError(f"resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint")
+    missing = [k for k in ("network", "arch", "optimizer", "trainer", "best") if k not in ckpt]
+    if missing:
+        raise ResumeError(f"resume: {path} lacks {missing}; only a last.pt written by training can be "
+                          "resumed (best_*.pt hold the network only)")
+    return ckpt
+
+
+def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
+    """ResumeError when last.pt was written by another run than `expected` describes: another variant, fold or
+    number of folds, or another split of the tile ids (other dataset or folds file). Keys a checkpoint does not
+    record are not compared."""
+    diff = [f"{k}: checkpoint {ckpt[k]!r} vs config {expected[k]!r}" for k in RUN_KEYS
+            if k in ckpt and k in expected and ckpt[k] != expected[k]]
+    if diff:
+        flags = " ".join(f"--{k} {ckpt[k]}" for k in RUN_KEYS if k in ckpt and k in expected and ckpt[k] != expected[k])
+        raise ResumeError(f"cannot resume from {path}: it belongs to another run ({', '.join(diff)}); resume with "
+                          f"the run's own settings ({flags}) or train into a new run_dir")
+    if SPLIT_KEY in ckpt and SPLIT_KEY in expected and ckpt[SPLIT_KEY] != expected[SPLIT_KEY]:
+        raise ResumeError(f"cannot resume from {path}: it was trained on other tiles for fold {ckpt.get('fold')} "
+                          f"({data_source(ckpt)}) than this config gives ({data_source(expected)}); resume with the "
+                          "run's own dataset_dir and folds_csv, or train into a new run_dir")
+
+
+def data_source(record: dict) -> str:
+    """'dataset_dir D, folds_csv F' of a run record, for messages."""
+    return f"dataset_dir {record.get('dataset_dir', '?')}, folds_csv {record.get('folds_csv', '?')}"
 
 
 def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
@@ -205,28 +286,32 @@ class ResumeFromCheckpoint:
 
     The configured max_epochs is kept (so a finished run can be extended with `--max_epochs`), and so are the
     configured schedule settings (a cool-down follows the new length); the step count comes from the checkpoint.
-    The checkpoint's arch must match the network's (ResumeError otherwise), and so must the epoch length.
+    The checkpoint's arch must match the network's, its run what `expected` describes (`check_same_run`), and the
+    epoch length this config's (ResumeError otherwise). A best checkpoint that last.pt records as its own epoch's
+    but that is missing or older on disk (a kill between the two writes) is rewritten from last.pt's network.
     """
 
     def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler=None, best: Sequence[BestCheckpoint] = ()):
+                 lr_scheduler=None, best: Sequence[BestCheckpoint] = (), expected: dict | None = None):
         self.path = Path(path)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.best = list(best)
+        self.expected = dict(expected or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
     def read(self) -> dict:
-        if not self.path.is_file():
-            raise ResumeError(f"resume: {self.path} not found; nothing to resume (train without --resume first)")
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("network", "arch", "optimizer", "trainer", "best") if k not in ckpt]
-        if missing:
-            raise ResumeError(f"resume: {self.path} lacks {missing}; only a last.pt written by training can be "
-                              "resumed (best_*.pt hold the network only)")
+        ckpt = read_resume_checkpoint(self.path)
         check_same_arch(ckpt["arch"], arch_of(self.network), self.path)
+        check_same_run(ckpt, self.expected, self.path)
         return ckpt
+
+    def restore_best_files(self, epoch: int) -> None:
+        """Rewrite the best files that last.pt (epoch `epoch`, its network now loaded) has but the disk lacks."""
+        for b in self.best:
+            if b.epoch == epoch and b.saved_epoch() != epoch:
+                b.write()
 
     def __call__(self, engine: Engine) -> None:
         ckpt = self.read()
@@ -241,6 +326,7 @@ class ResumeFromCheckpoint:
         for b in self.best:
             if b.filename in ckpt["best"]:
                 b.load_state_dict(ckpt["best"][b.filename])
+        self.restore_best_files(trainer["epoch"])
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])

@@ -1,13 +1,14 @@
-"""TensorBoard image grid of the worst validation tiles of each epoch: tile | truth | prediction per row."""
+"""TensorBoard image grid of the worst validation tiles of each epoch (saltkit.pictures.tile_grid: each tile with
+its truth and prediction outlined, its id and score underneath)."""
 
 from __future__ import annotations
 
 import torch
 from ignite.engine import Engine, Events
-from torchvision.utils import make_grid
 
-from saltkit.inference.restore import restore_tiles
+from saltkit.geometry import restore_tiles
 from saltkit.metrics import kaggle_scores, pixel_accuracy
+from saltkit.pictures import LEGEND, tile_grid
 
 
 def worst_tile_order(scores: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
@@ -15,18 +16,6 @@ def worst_tile_order(scores: torch.Tensor, accuracy: torch.Tensor) -> torch.Tens
     # lexicographic sort: stable sort by the tie-breaker, then by the primary key
     order = torch.argsort(accuracy, stable=True)
     return order[torch.argsort(scores[order], stable=True)]
-
-
-def tile_rows(images: torch.Tensor, truths: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-    """(K, C, H, W) tiles in [0, 1], (K, 1, H, W) truths and predictions in {0, 1} -> (3K, 3, H, W) RGB panels.
-
-    Grey tile, truth in green, prediction in red, row by row (make_grid with nrow=3).
-    """
-    grey = images[:, :1].clamp(0, 1).expand(-1, 3, -1, -1)
-    zeros = torch.zeros_like(truths)
-    truth_rgb = torch.cat([zeros, truths, zeros], dim=1)
-    pred_rgb = torch.cat([preds, zeros, zeros], dim=1)
-    return torch.stack([grey, truth_rgb, pred_rgb], dim=1).flatten(0, 1)
 
 
 def tile_ids(batch, n: int) -> list[str]:
@@ -48,8 +37,9 @@ class WorstTilesImages:
     """
 
     def __init__(self, writer, variant: str, num_tiles: int = 8, tag: str = "val/worst_tiles",
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, columns: int = 4):
         self.writer = writer
+        self.columns = columns
         self.variant = variant
         self.num_tiles = num_tiles
         self.tag = tag
@@ -87,9 +77,11 @@ class WorstTilesImages:
         if not self.kept:
             return
         k = self.kept
-        grid = make_grid(tile_rows(k["image"], k["truth"], k["pred"]), nrow=3, padding=2, pad_value=1.0)
+        grey = (k["image"][:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        grid = tile_grid(grey, k["truth"][:, 0].numpy(), k["pred"][:, 0].numpy(), self.kept_ids,
+                         k["score"].tolist(), columns=self.columns)
         step = int(engine.state.epoch)
-        self.writer.add_image(self.tag, grid, global_step=step)
-        rows = ", ".join(f"{i} ({s:.2f})" for i, s in zip(self.kept_ids, k["score"].tolist(), strict=True))
-        self.writer.add_text(f"{self.tag}_ids", f"rows top to bottom (tile | truth | prediction): {rows}", step)
+        self.writer.add_image(self.tag, grid, global_step=step, dataformats="HWC")
+        tiles = ", ".join(f"{i} ({s:.2f})" for i, s in zip(self.kept_ids, k["score"].tolist(), strict=True))
+        self.writer.add_text(f"{self.tag}_ids", f"worst first, row by row ({LEGEND}): {tiles}", step)
         self.writer.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from ignite.engine import Engine, Events
 
@@ -20,7 +21,8 @@ def output_loss(output) -> float:
 
 class TerminateOnNan:
     """Like ignite's TerminateOnNan, but raises DivergenceError (the run fails, last.pt keeps the last good epoch)
-    with the epoch, iteration and learning rate, instead of logging a warning and ending "successfully"."""
+    with the epoch, iteration and learning rate, instead of logging a warning and ending "successfully".
+    The message says whether `last_checkpoint` exists (a run that diverges in its first epoch has none)."""
 
     def __init__(self, output_transform: Callable = output_loss, last_checkpoint: str | None = None):
         self.output_transform = output_transform
@@ -35,6 +37,10 @@ class TerminateOnNan:
             return
         lr = getattr(engine.state, "lr", None)
         where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}" + (f", lr {lr:.3g}" if lr else "")
-        keep = f"; {self.last_checkpoint} holds the last completed epoch" if self.last_checkpoint else ""
+        keep = ""
+        if self.last_checkpoint and Path(self.last_checkpoint).is_file():
+            keep = f"; {self.last_checkpoint} holds the last completed epoch"
+        elif self.last_checkpoint:
+            keep = f"; no epoch was completed, so there is no {self.last_checkpoint} to resume from"
         raise DivergenceError(f"training diverged: the loss is {value} at {where}{keep}. Try a lower "
                               "learning_rate, a longer warmup_epochs, or amp 'bf16' instead of 'fp16'.")

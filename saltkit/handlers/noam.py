@@ -5,17 +5,21 @@ so the rate climbs linearly to the base rate at step W - 1 and falls as 1 / sqrt
 (the schedule of "Attention is all you need", normalised so that its peak is the optimizer's lr).
 
 An optional cool-down (off in the recipe) multiplies the factor by a linear ramp from 1 to 0 over the last C of
-T total steps, so a short fixed-length run ends at a small rate instead of mid-decay.
+T total steps, so a short fixed-length run ends at a small rate instead of mid-decay. A cool-down longer than the
+run covers the whole run (`cooldown_steps`), so a recipe shortened with `--max_epochs` still runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import LrScheduleHandler
 from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
 
 
 class NoamLambda:
@@ -49,6 +53,17 @@ def schedule_steps(length: float, steps_per_epoch: int, unit: str = "epoch") -> 
     if unit == "iteration":
         return float(length)
     raise ValueError(f"config key 'warmup_unit' must be 'epoch' or 'iteration', got {unit!r}")
+
+
+def cooldown_steps(cooldown: float, steps_per_epoch: int, total_steps: float, unit: str = "epoch") -> float:
+    """Cool-down length in optimizer steps, at most `total_steps` (then the rate ramps down over the whole run)."""
+    steps = schedule_steps(cooldown, steps_per_epoch, unit)
+    if steps > total_steps:
+        logger.info(f"config key 'cooldown_epochs' ({cooldown:g} {unit}s) is longer than the run "
+                    f"({total_steps / steps_per_epoch:g} epochs of {steps_per_epoch} iterations): "
+                    "the learning-rate cool-down spans the whole run")
+        return float(total_steps)
+    return steps
 
 
 def warmup_steps(warmup: float, steps_per_epoch: int, unit: str = "epoch") -> float:

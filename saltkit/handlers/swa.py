@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from saltkit.handlers.checkpoints import weight_arch
 from saltkit.inference.checkpoint import check_variant, network_from_checkpoint, read_checkpoint
-from saltkit.io import atomic_write
+from saltkit.io import atomic_write, check_writable
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
 
@@ -92,10 +92,12 @@ def run_swa(
 ) -> Path:
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), save to `output`."""
+    check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
     paths = [Path(p) for p in checkpoints]
     for p in paths:  # fail before any work, naming the first missing file
         if not p.is_file():
-            raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints')")
+            raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints'); "
+                                    "train the run to its end first, or list the files to average with --checkpoints")
     network, arch = average_checkpoints(paths, variant)
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
     network.to(device)

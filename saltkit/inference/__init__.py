@@ -1,32 +1,67 @@
-"""Inference: flip TTA, un-pad / resize back, post-processing, saved probabilities, ensembling, evaluation.
+"""Inference: the flip-TTA / sliding-window inferers, the post transforms, and the writers of the inference and
+evaluate engine workflows; saved probabilities and ensembling.
 
-Data flow: `predict.predict_tiles` (network + `tta` + `restore`) -> `probabilities` (uint16 npz) ->
-`ensemble` (mean over runs) -> `postprocess` -> submission CSV (`infer.write_prediction`).
+Data flow: tiles -> `FlipTTAInferer` (in a MONAI `SupervisedEvaluator`) -> back onto the tile grid ->
+`mask_transforms` (threshold, small components, empty tiles) -> `PredictionWriter` (probabilities .npz + submission
+CSV) or `EvaluationReport` (per-tile CSV, worst tiles); saved probabilities -> `ensemble` -> submission.
 """
 
-from saltkit.inference.checkpoint import load_network, network_from_checkpoint, read_checkpoint
+from saltkit.geometry import restore_tiles
+from saltkit.inference.checkpoint import (
+    checkpoint_arch,
+    checkpoint_variant,
+    default_checkpoint,
+    load_network,
+    network_from_checkpoint,
+    output_dir_for,
+    read_checkpoint,
+    run_setting,
+)
 from saltkit.inference.ensemble import average_probabilities, ensemble_files
-from saltkit.inference.postprocess import PostProcessing, postprocess, remove_small_components
-from saltkit.inference.predict import TilePredictions, predict_tiles
+from saltkit.inference.handlers import EvaluationReport, PredictionWriter
+from saltkit.inference.inferers import (
+    FlipTTAInferer,
+    SectionInferer,
+    TileSlidingWindowInferer,
+    section_inferer,
+    tile_inferer,
+)
+from saltkit.inference.postprocess import (
+    EmptyTilesd,
+    PostProcessing,
+    RemoveSmallComponentsd,
+    mask_transforms,
+    postprocess,
+    remove_small_components,
+)
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
-from saltkit.inference.restore import restore_tiles
-from saltkit.inference.tta import flip_predict, tta_probabilities
 
 __all__ = [
+    "EmptyTilesd",
+    "EvaluationReport",
+    "FlipTTAInferer",
     "PostProcessing",
+    "PredictionWriter",
     "Probabilities",
-    "TilePredictions",
+    "RemoveSmallComponentsd",
+    "SectionInferer",
+    "TileSlidingWindowInferer",
     "average_probabilities",
+    "checkpoint_arch",
+    "checkpoint_variant",
+    "default_checkpoint",
     "ensemble_files",
-    "flip_predict",
     "load_network",
     "load_probabilities",
+    "mask_transforms",
     "network_from_checkpoint",
+    "output_dir_for",
     "postprocess",
-    "predict_tiles",
     "read_checkpoint",
     "remove_small_components",
     "restore_tiles",
+    "run_setting",
     "save_probabilities",
-    "tta_probabilities",
+    "section_inferer",
+    "tile_inferer",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from saltkit.cli import Subcommand, register_subcommand
@@ -11,7 +12,9 @@ from saltkit.cli import Subcommand, register_subcommand
 def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("probs", nargs="+", type=Path, metavar="PROBS.npz",
                    help="probabilities written by the inference bundle (same tile ids in every file)")
-    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument("--out", type=Path, default=None,
+                   help="submission CSV to write (default: ensemble/submission.csv in the inputs' common folder, "
+                        "e.g. runs/ensemble/submission.csv)")
     p.add_argument("--threshold", type=float, default=0.5, help="salt when the mean probability is > this (0.5)")
     p.add_argument("--min-component-size", type=int, default=0,
                    help="remove 4-connected salt components smaller than this many pixels (0: off)")
@@ -22,18 +25,36 @@ def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the averaged probabilities (to ensemble them further)")
 
 
+def default_ensemble_out(probs: list[Path]) -> Path:
+    """`ensemble/submission.csv` in the folder the inputs share (runs/*_fold*/... -> runs/ensemble/)."""
+    common = Path(os.path.commonpath([p.resolve().parent for p in probs]))
+    if common.parent == common:
+        raise ValueError(f"the inputs share no folder but {common}; give --out")
+    out = common / "ensemble" / "submission.csv"
+    return out.relative_to(Path.cwd().resolve()) if out.is_relative_to(Path.cwd().resolve()) else out
+
+
 def _ensemble_run(args: argparse.Namespace) -> int:
-    from saltkit.inference.ensemble import ensemble_files
-    from saltkit.inference.infer import write_prediction
+    from saltkit.inference.ensemble import ensemble_files, write_prediction
     from saltkit.inference.postprocess import PostProcessing
-    from saltkit.inference.probabilities import save_probabilities
+    from saltkit.inference.probabilities import write_probabilities
+    from saltkit.io import atomic_write, check_writable
 
     settings = PostProcessing(threshold=args.threshold, min_component_size=args.min_component_size,
                               image_threshold=args.image_threshold, min_area=args.min_area)
-    mean = ensemble_files(args.probs)
+    out = args.out or default_ensemble_out(args.probs)
+    check_writable(out.parent, "--out")
     if args.save_probs is not None:
-        print(f"wrote {save_probabilities(args.save_probs, mean)}")
-    summary = write_prediction(mean, args.out, settings)
+        check_writable(args.save_probs.parent, "--save-probs")
+    mean = ensemble_files(args.probs)
+    if args.save_probs is None:
+        summary = write_prediction(mean, out, settings)
+    else:
+        # the npz is renamed into place only after the submission was written: both files or neither
+        with atomic_write(args.save_probs, "wb") as f:
+            write_probabilities(f, mean)
+            summary = write_prediction(mean, out, settings)
+        print(f"wrote {args.save_probs}")
     print(f"ensembled {len(args.probs)} files over {summary['tiles']} tiles ({settings})")
     print(f"empty predictions: {summary['empty']}/{summary['tiles']} ({summary['empty_share']:.1%})")
     print(f"wrote {summary['submission']}")
@@ -42,7 +63,8 @@ def _ensemble_run(args: argparse.Namespace) -> int:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="checkpoint with 'network' and 'arch' (e.g. runs/pad_fold0/swa.pt)")
-    p.add_argument("--out", type=Path, default=Path("model.ts"), help="TorchScript file to write (model.ts)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="TorchScript file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts)")
     p.add_argument("--image-size", type=int, default=128, help="network input size used for tracing (128)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the traced output with the eager one")
 
@@ -50,7 +72,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _export_run(args: argparse.Namespace) -> int:
     from saltkit.export import export_torchscript
 
-    out = export_torchscript(args.ckpt, args.out, image_size=args.image_size, verify=not args.no_verify)
+    out = args.out or args.ckpt.with_suffix(".ts")
+    out = export_torchscript(args.ckpt, out, image_size=args.image_size, verify=not args.no_verify)
     print(f"wrote {out}: TorchScript, (B, 3, {args.image_size}, {args.image_size}) tiles in [0, 1] -> "
           "(B, 1, H, W) final logit" + ("" if args.no_verify else " (verified against the checkpoint)"))
     return 0

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from saltkit.inference.postprocess import PostProcessing, postprocess
 from saltkit.inference.probabilities import Probabilities, load_probabilities
 
 
@@ -52,3 +54,26 @@ def average_probabilities(preds: Sequence[Probabilities], names: Sequence[str] |
 def ensemble_files(paths: Sequence[str | Path]) -> Probabilities:
     """Load and average probability files written by the inference bundle."""
     return average_probabilities([load_probabilities(p) for p in paths], [str(p) for p in paths])
+
+
+def write_prediction(
+    pred: Probabilities, output: str | Path, settings: PostProcessing, expected_ids: Sequence[str] | None = None
+) -> dict:
+    """Post-process `pred`, validate and write the submission CSV at `output`; return a summary dict.
+
+    The rows are validated (every expected id once, well-formed RLE) before the file is written, so a
+    failure leaves no invalid submission behind. Summary keys: submission (path), tiles, empty, empty_share.
+    """
+    from saltkit.rle import rle_encode
+    from saltkit.submission import validate_submission, write_submission
+
+    masks = postprocess(pred.probs, pred.image_probs, settings)
+    output = Path(output)
+    ids = pred.ids.tolist()
+    rles = rle_encode(masks)
+    rows = pd.DataFrame({"id": ids, "rle_mask": rles})
+    validate_submission(rows, list(expected_ids) if expected_ids is not None else ids, source=output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_submission(ids, rles, output)
+    empty = int((masks.reshape(len(masks), -1).max(axis=1) == 0).sum())
+    return {"submission": str(output), "tiles": len(masks), "empty": empty, "empty_share": empty / len(masks)}

@@ -9,10 +9,12 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from saltkit.io import atomic_write
+from saltkit.rle import TILE_SHAPE
 
 SCALE = 65535
 
@@ -43,15 +45,20 @@ def dequantise(q: np.ndarray) -> np.ndarray:
     return (q.astype(np.float32) / np.float32(SCALE)).astype(np.float32)
 
 
-def save_probabilities(path: str | Path, pred: Probabilities) -> Path:
-    """Write `pred` to `path` (compressed .npz, atomically: a kill never leaves a partial file)."""
-    path = Path(path)
+def write_probabilities(f: BinaryIO, pred: Probabilities) -> None:
+    """Write `pred` as a compressed .npz into the open binary file `f` (see `save_probabilities`)."""
     arrays = {"ids": pred.ids, "probs": quantise(pred.probs)}
     if pred.image_probs is not None:
         arrays["image_probs"] = quantise(pred.image_probs)
+    np.savez_compressed(f, **arrays)
+
+
+def save_probabilities(path: str | Path, pred: Probabilities) -> Path:
+    """Write `pred` to `path` (compressed .npz, atomically: a kill never leaves a partial file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        write_probabilities(f, pred)
     return path
 
 
@@ -68,7 +75,16 @@ def load_probabilities(path: str | Path) -> Probabilities:
     missing = {"ids", "probs"} - set(arrays)
     if missing:
         raise ValueError(f"{path}: not a saltkit probabilities file, missing arrays {sorted(missing)}")
-    if arrays["probs"].dtype != np.uint16:
-        raise ValueError(f"{path}: 'probs' must be uint16, got {arrays['probs'].dtype}")
+    probs, ids = arrays["probs"], arrays["ids"]
+    if probs.dtype != np.uint16:
+        raise ValueError(f"{path}: 'probs' must be uint16, got {probs.dtype}")
+    if probs.ndim != 3 or probs.shape[1:] != TILE_SHAPE:
+        raise ValueError(f"{path}: 'probs' must be (N, {TILE_SHAPE[0]}, {TILE_SHAPE[1]}) tiles, got shape {probs.shape}")
+    if ids.shape != (len(probs),):
+        raise ValueError(f"{path}: 'ids' must be ({len(probs)},), one per tile of 'probs', got shape {ids.shape}")
+    if len(probs) == 0:
+        raise ValueError(f"{path}: holds no tiles (0 ids); nothing to predict from it")
+    if "image_probs" in arrays and arrays["image_probs"].shape != (len(probs),):
+        raise ValueError(f"{path}: 'image_probs' must be ({len(probs)},), got shape {arrays['image_probs'].shape}")
     image = dequantise(arrays["image_probs"]) if "image_probs" in arrays else None
-    return Probabilities(arrays["ids"], dequantise(arrays["probs"]), image)
+    return Probabilities(ids, dequantise(probs), image)

@@ -1,5 +1,6 @@
 """Networks: backbone registry (encoders), object-context block and the SaltUNet."""
 
+from .bundle import CheckpointSaltUNet
 from .encoders import (
     Encoder,
     WeightsNotFoundError,
@@ -13,6 +14,7 @@ from .object_context import ObjectContextBlock, plain_attention, sdpa_attention
 from .unet import SaltOutput, SaltUNet, network_from_arch
 
 __all__ = [
+    "CheckpointSaltUNet",
     "Encoder",
     "ObjectContextBlock",
     "SaltOutput",

@@ -10,7 +10,7 @@ from saltkit.cli import Subcommand, register_subcommand
 
 
 def _bool(text: str) -> bool:
-    from saltkit.training import as_bool
+    from saltkit.config import as_bool
 
     try:
         return as_bool(text, "--tta")

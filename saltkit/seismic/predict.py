@@ -23,23 +23,10 @@ from saltkit.seismic.segy import is_segy_path
 from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, predict_volume
 
 
-def checkpoint_variant(ckpt: str | Path, variant: str | None = None) -> str:
-    """The variant ("pad" / "resize") the checkpoint was trained with; `variant` only for checkpoints without one."""
-    from saltkit.inference import read_checkpoint
-
-    recorded = read_checkpoint(ckpt).get("variant")
-    if recorded is None and variant in (None, "", "null"):
-        raise ValueError(f"{ckpt} does not record its variant; pass --variant pad or --variant resize")
-    if recorded is not None and variant not in (None, "", "null") and recorded != variant:
-        raise ValueError(f"{ckpt} was trained with variant {recorded!r}, not {variant!r}; leave --variant out")
-    return recorded or variant
-
-
 def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
                    variant: str | None = None) -> tuple[nn.Module, Inferer]:
     """The checkpoint's network (eval mode, on `device`) and the section inferer of the variant it was trained with."""
-    from saltkit.inference import load_network
-    from saltkit.seismic.inferer import section_inferer
+    from saltkit.inference import checkpoint_variant, load_network, section_inferer
 
     variant = checkpoint_variant(ckpt, variant)
     network = load_network(ckpt, device)

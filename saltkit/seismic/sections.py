@@ -1,4 +1,5 @@
-"""Salt probability of one seismic section of any size, through the section inferer (sliding window, flip TTA)."""
+"""Salt probability of one seismic section of any size, through the section inferer (sliding window, flip TTA:
+`saltkit.inference.section_inferer`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 from torch import nn
+
+from saltkit.inference.inferers import PROB
 
 
 def section_batch(grey: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -20,5 +23,5 @@ def predict_section(network: nn.Module, inferer: Inferer, grey: np.ndarray,
     """`(H, W)` float32 salt probability of the `(H, W)` [0, 1] section `grey` (H, W >= 1)."""
     if grey.ndim != 2 or min(grey.shape) < 1:
         raise ValueError(f"a section must be a 2-D (H, W) array with H, W >= 1, got shape {grey.shape}")
-    pred = inferer(section_batch(grey, device), network)["pred"]
-    return pred[0, 0].float().cpu().numpy()
+    prob = inferer(section_batch(grey, device), network)[PROB]
+    return prob[0, 0].float().cpu().numpy()

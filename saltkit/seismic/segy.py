@@ -33,12 +33,16 @@ class SegyError(ValueError):
     """A SEG-Y file saltkit cannot read as asked; the message names the file and what to pass or fix."""
 
 
+class SegyioMissing(ImportError):
+    """segyio, the optional extra for SEG-Y, is not installed."""
+
+
 def require_segyio():
-    """The segyio module, or an ImportError that names the extra to install."""
+    """The segyio module, or a SegyioMissing error that names the extra to install."""
     try:
         import segyio
     except ImportError as e:
-        raise ImportError(f"reading SEG-Y needs the optional package segyio: {SEGYIO_HINT}") from e
+        raise SegyioMissing(f"reading SEG-Y needs the optional package segyio: {SEGYIO_HINT}") from e
     return segyio
 
 

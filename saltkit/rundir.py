@@ -1,0 +1,168 @@
+"""The run folder of a training: held by one training at a time, never silently reused.
+
+`claim_run_dir` (called by train.json before anything heavy starts) refuses a folder that holds a previous run's
+checkpoints unless the run resumes it (`--resume true`) or replaces it (`--overwrite true`), takes a lock on it
+(`<run_dir>/.lock`, holding the pid of the training) so a second training into the same folder fails at once, and
+removes the temporaries of writes that a killed process left there. The lock is an advisory `flock`: the system
+releases it when its process ends, however it ends, so a killed run never blocks the resume that follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from saltkit.io import host_name, remove_stale_temporaries
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs go unlocked
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+# files a training writes into its run folder; their presence means the folder holds a run
+CHECKPOINT_PATTERNS = ("last.pt", "best_*.pt", "swa.pt")
+RESUME_RECORD = "config_resumed.json"
+TENSORBOARD_DIR = "tensorboard"
+
+# Locks this process holds, by lock path: a flock belongs to one open file, so a second training in the same
+# process (after a first one that failed before releasing it) must reuse that file rather than open another.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+class RunDirLock:
+    """The lock on a run folder held by this process (`path` None: nothing to hold, e.g. on ranks > 0)."""
+
+    def __init__(self, path: Path | None = None, fd: int | None = None):
+        self.path, self.fd = path, fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        """Give the folder back (the lock file stays; deleting it could let two trainings lock different files)."""
+        if self.fd is None:
+            return
+        _HELD_LOCKS.pop(str(self.path), None)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_holder(path: Path) -> str:
+    """'pid N' ('pid N on HOST' for another machine) as written into the lock file by its holder."""
+    try:
+        pid, _, host = path.read_text(encoding="utf-8").strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return "an unknown process"
+    if not pid:
+        return "an unknown process"
+    return f"pid {pid} on {host}" if host and host != host_name() else f"pid {pid}"
+
+
+def lock_run_dir(run_dir: str | Path) -> RunDirLock:
+    """Lock `run_dir` (which must exist) for this process, or raise ConfigError naming the holder's pid."""
+    path = (Path(str(run_dir)) / LOCK_FILE).resolve()
+    if str(path) in _HELD_LOCKS:  # an earlier training of this process ended without releasing it
+        return RunDirLock(path, _HELD_LOCKS[str(path)])
+    if fcntl is None:
+        logger.warning(f"no file locking on this system: nothing stops a second training into {path.parent}")
+        return RunDirLock()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        # imported here, as in the other functions: taking the lock needs neither MONAI nor torch
+        from saltkit.training import ConfigError
+
+        raise ConfigError(f"config key 'run_dir': {path.parent} is in use by another training "
+                          f"({lock_holder(path)}, lock file {path}); wait for it to end, or train into another "
+                          "--run_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {host_name()}\n".encode())
+    _HELD_LOCKS[str(path)] = fd
+    return RunDirLock(path, fd)
+
+
+def previous_run_files(run_dir: Path) -> list[Path]:
+    """Checkpoints of an earlier training in `run_dir` (empty when there are none)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted({p for pattern in CHECKPOINT_PATTERNS for p in run_dir.glob(pattern) if p.is_file()})
+
+
+def clear_previous_run(run_dir: Path) -> list[Path]:
+    """Remove what an earlier training wrote into `run_dir` (checkpoints, resume record, TensorBoard events), so the
+    folder holds only the new run (config.json is rewritten by it); other files (inference/, evaluate/ outputs) are
+    kept. Returns what was removed."""
+    removed = previous_run_files(run_dir)
+    removed += [p for p in [run_dir / RESUME_RECORD] if p.is_file()]
+    for p in removed:
+        p.unlink()
+    events = run_dir / TENSORBOARD_DIR
+    if events.is_dir():
+        shutil.rmtree(events)
+        removed.append(events)
+    return removed
+
+
+def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> RunDirLock:
+    """Make `run_dir` this training's own: create and lock it, refuse a previous run unless resumed or overwritten.
+
+    A fresh run (`resume_path` None) into a folder holding checkpoints raises ConfigError naming the folder and
+    both ways on (`--resume true`, `--overwrite true` or another `--run_dir`); with `overwrite` the earlier run's
+    files are removed first. Stale temporaries of killed writes are removed. Only rank 0 creates, locks and
+    cleans; every rank checks, so all fail alike. Release the returned lock when the training ends.
+    """
+    import ignite.distributed as idist
+
+    from saltkit.training import ConfigError, as_bool
+
+    overwrite = as_bool(overwrite, "overwrite")
+    run_dir = Path(str(run_dir))
+    if resume_path is not None and overwrite:
+        raise ConfigError(f"config keys 'resume' and 'overwrite' are both set for {run_dir}: resume continues the "
+                          "run in it, overwrite replaces it; choose one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config key 'run_dir': {run_dir} is a file, not a folder")
+    if idist.get_rank() != 0:
+        refuse_previous_run(run_dir, resume_path, overwrite)
+        return RunDirLock()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
+    try:
+        refuse_previous_run(run_dir, resume_path, overwrite)
+        if overwrite and previous_run_files(run_dir):
+            removed = clear_previous_run(run_dir)
+            logger.warning(f"overwrite: removed the previous run's {', '.join(p.name for p in removed)} from {run_dir}")
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            logger.info(f"removed {len(stale)} temporary file(s) of interrupted writes from {run_dir}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool) -> None:
+    """ConfigError when a run would replace the checkpoints of a previous run: a fresh run without `overwrite`, or
+    a resume of a last.pt from another folder."""
+    from saltkit.training import ConfigError
+
+    previous = previous_run_files(run_dir)
+    if previous and resume_path is None and not overwrite:
+        raise ConfigError(f"config key 'run_dir': {run_dir} holds a previous run "
+                          f"({', '.join(p.name for p in previous)}); continue it with --resume true, or start "
+                          "afresh with --overwrite true (removes its checkpoints) or another --run_dir")
+    if previous and resume_path is not None and Path(resume_path).resolve().parent != run_dir.resolve():
+        raise ConfigError(f"config key 'run_dir': {run_dir} holds another run ({', '.join(p.name for p in previous)}) "
+                          f"than the {resume_path} to resume; resume into the checkpoint's own folder or an empty "
+                          "--run_dir")
