@@ -182,20 +182,18 @@ def predict_volume(
         volume = ProbabilityVolumeFile(_partial(out), layout, dtype)
         npy = NpyVolumeFile(_partial(npy_path(out)), geometry, layout.samples) if save_npy else None
         passes = ["inline", "crossline"] if direction == "both" else [direction]
-        mine = [(d, k) for d in passes for k in range(rank, geometry.count(d), world)]
+        mine = {d: range(rank, geometry.count(d), world) for d in passes}  # section k goes to rank k mod world
         try:
             if rank == 0:
                 volume.create(text)
                 if npy is not None:
                     npy.create()
             idist.barrier()
-            bar = tqdm(total=len(mine), unit="section", desc=f"predict {src.name}",
+            bar = tqdm(total=sum(map(len, mine.values())), unit="section", desc=f"predict {src.name}",
                        disable=not progress or rank != 0, leave=False)
             with volume, (npy if npy is not None else nullcontext()):
                 for p, d in enumerate(passes):
-                    for dd, k in mine:
-                        if dd != d:
-                            continue
+                    for k in mine[d]:
                         traces = geometry.section_traces(d, k)
                         grey = to_unit(read_traces(f, traces, layout.samples).T, clip.low, clip.high)
                         prob = predict_section(network, inferer, grey, device).T
