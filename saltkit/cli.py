@@ -44,16 +44,29 @@ def _folds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="number of folds (default 10)")
     p.add_argument("--out", type=Path, default=Path("folds.csv"), help="CSV to write (default folds.csv)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--valid-lists", type=Path, nargs="+", metavar="FILE",
+                   help="instead of stratifying: fold k = the ids in the k-th file (one id per line), e.g. the "
+                        "original recipe's list_valid0_400.csv ... list_valid9_400.csv")
+    p.add_argument("--train-lists", type=Path, nargs="+", metavar="FILE",
+                   help="with --valid-lists: check that the k-th file lists exactly the other folds' ids")
+    p.add_argument("--present-only", action="store_true",
+                   help="with --valid-lists: leave out listed ids the dataset does not have")
 
 
 def _folds_run(args: argparse.Namespace) -> int:
-    from saltkit.data.folds import folds_for_dataset, write_folds
+    from saltkit.data.folds import folds_for_dataset, folds_from_id_lists, write_folds
 
-    df = folds_for_dataset(args.dataset_dir, k=args.k, seed=args.seed)
+    if args.valid_lists:
+        df = folds_from_id_lists(args.dataset_dir, args.valid_lists, args.train_lists, args.present_only)
+        how = f"from {len(args.valid_lists)} validation lists"
+    elif args.train_lists or args.present_only:
+        raise ValueError("--train-lists and --present-only need --valid-lists")
+    else:
+        df = folds_for_dataset(args.dataset_dir, k=args.k, seed=args.seed)
+        how = f"seed {args.seed}, stratified by coverage class"
     write_folds(df, args.out)
     sizes = df.groupby("fold").size().tolist()
-    print(f"wrote {args.out}: {len(df)} ids in {args.k} folds of {min(sizes)}-{max(sizes)} "
-          f"(seed {args.seed}, stratified by coverage class)")
+    print(f"wrote {args.out}: {len(df)} ids in {len(sizes)} folds of {min(sizes)}-{max(sizes)} ({how})")
     return 0
 
 

@@ -1,7 +1,7 @@
 """MONAI transform pieces of the training chain (the chain itself is spelled out in the bundle's train.json).
 
-Data dicts flow as: {"image": path, "label": path, ...} -> LoadTiled -> image float (C, 101, 101) in [0, 1],
-label float (1, 101, 101) in {0, 1} -> random augmentation (train only) -> RepeatChanneld to 3 channels ->
+Data dicts flow as: {"image": path, "label": path, ...} -> LoadTiled -> image float (3, 101, 101) in [0, 1] (the
+grey tile repeated), label float (1, 101, 101) in {0, 1} -> random augmentation (train only, saltkit.augmentation) ->
 TileLabeld (keeps the 101 x 101 label for the metric) -> the variant's spatial transform (configs/pad.json:
 reflect pad to 128; configs/resize.json: resize to 128; `network_input_transform`) -> network. After the network,
 `TilePredictiond` maps the prediction back onto the 101 x 101 tile grid, so metrics always compare tiles, whatever

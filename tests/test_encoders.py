@@ -1,12 +1,18 @@
-"""Backbone registry: stage shapes and channels, and how pretrained weights are found (never downloaded here)."""
+"""Backbone registry: stage shapes and channels, and how pretrained weights are found and checked (downloads here
+only read local file:// URLs)."""
 
 from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
 
 import pytest
 import torch
 
 from saltkit.networks import encoders
 from saltkit.networks.encoders import (
+    WeightsHashError,
     WeightsNotFoundError,
     available_backbones,
     build_encoder,
@@ -86,3 +92,52 @@ def test_weights_of_another_backbone_are_refused(tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit backbone 'resnet18'"):
         build_encoder("resnet18", pretrained=path)
+
+
+def test_every_published_url_is_https_with_a_hash_in_its_name():
+    for name in encoders.available_backbones():
+        url = encoders.backbone_spec(name).url
+        assert url.startswith("https://"), url
+        assert len(encoders.published_hash(url)) == 8
+    assert encoders.published_hash(encoders.backbone_spec("senet154").url) == "c7b49a05"
+    with pytest.raises(ValueError, match="must use https"):
+        encoders.download_weights("http://example.org/resnet18-f37072fd.pth", Path("unused.pth"))
+
+
+def served_file(tmp_path, payload: bytes, prefix: str | None = None) -> str:
+    """A file:// URL named like a published weights file, `<name>-<sha256 prefix>.pth` (the true one by default)."""
+    prefix = prefix or hashlib.sha256(payload).hexdigest()[:8]
+    src = tmp_path / "served" / f"resnet18-{prefix}.pth"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(payload)
+    return src.as_uri()
+
+
+def test_download_checks_the_published_hash(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buffer)
+    payload = buffer.getvalue()
+    dest = tmp_path / "hub" / "checkpoints" / "resnet18-x.pth"
+    assert encoders.download_weights(served_file(tmp_path, payload), dest).read_bytes() == payload
+    dest.unlink()
+    wrong = served_file(tmp_path, payload, prefix="00000000")
+    with pytest.raises(WeightsHashError) as err:
+        encoders.download_weights(wrong, dest)
+    assert wrong in str(err.value) and "'00000000'" in str(err.value) and str(dest) in str(err.value)
+    assert not list(dest.parent.glob("*"))  # neither the file nor its .partial
+
+
+def test_imagenet_download_with_a_wrong_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    tampered = served_file(tmp_path, b"not the published weights", prefix="f37072fd")
+    real = encoders.backbone_specs
+
+    def specs():
+        out = real()
+        out["resnet18"] = encoders.BackboneSpec(out["resnet18"].build, out["resnet18"].channels, tampered)
+        return out
+
+    monkeypatch.setattr(encoders, "backbone_specs", specs)
+    with pytest.raises(WeightsHashError, match="f37072fd"):
+        build_encoder("resnet18", pretrained="imagenet")
+    assert not (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists()

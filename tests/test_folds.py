@@ -159,3 +159,58 @@ def test_ensure_folds_bad_dataset_writes_nothing(tmp_path):
         ensure_folds(tmp_path / "missing", tmp_path / "folds.csv")
     assert not (tmp_path / "folds.csv").exists()
     assert layout.sample_dir().is_dir()
+
+
+def write_lists(folder, folds: list[list[str]]) -> tuple[list, list]:
+    """The original recipe's layout: list_valid{k}.csv and list_train{k}.csv, one id per line, no header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    valid, train = [], []
+    for k, ids in enumerate(folds):
+        others = [i for j, f in enumerate(folds) if j != k for i in f]
+        valid.append(folder / f"list_valid{k}.csv")
+        train.append(folder / f"list_train{k}.csv")
+        valid[-1].write_text("\n".join(ids) + "\n")
+        train[-1].write_text("\n".join(others) + "\n")
+    return valid, train
+
+
+def test_folds_from_the_original_id_lists(tiny, tmp_path):
+    from saltkit.cli import main
+    from saltkit.data.folds import folds_from_id_lists
+
+    ids = sorted(it["id"] for it in train_items(tiny))
+    folds = [ids[k::4] for k in range(4)]
+    valid, train = write_lists(tmp_path / "lists", folds)
+    df = folds_from_id_lists(tiny, valid, train)
+    assert dict(zip(df["id"], df["fold"], strict=True)) == {i: k for k, f in enumerate(folds) for i in f}
+    assert list(df["coverage_class"]) == list(coverage_class(np.array([load_mask(tiny / "train" / "masks" / f"{i}.png").mean()
+                                                                          for i in df["id"]])))
+    # the first line is an id too (the original's pandas read dropped it as a header)
+    assert folds[0][0] in set(df["id"][df["fold"] == 0])
+    out = tmp_path / "folds.csv"
+    assert main(["folds", str(tiny), "--valid-lists", *map(str, valid), "--train-lists", *map(str, train),
+                 "--out", str(out)]) == 0
+    assert ensure_folds(tiny, out, k=4).equals(df)  # a normal folds CSV: --folds_csv takes it
+
+    # a reduced dataset: listed ids it lacks are refused, or left out with present_only
+    extra = folds[0] + ["0000000000"]
+    valid, train = write_lists(tmp_path / "more", [extra, *folds[1:]])
+    with pytest.raises(DatasetError, match=r"list_valid0.csv line 6: id 0000000000 is not a train id"):
+        folds_from_id_lists(tiny, valid)
+    assert folds_from_id_lists(tiny, valid, train, present_only=True).equals(df)
+
+
+def test_folds_from_id_lists_errors(tiny, tmp_path):
+    from saltkit.data.folds import folds_from_id_lists
+
+    ids = sorted(it["id"] for it in train_items(tiny))
+    valid, train = write_lists(tmp_path / "dup", [ids[:10], ids[9:]])
+    with pytest.raises(DatasetError, match=rf"list_valid1.csv line 1: id {ids[9]} is already listed in .*list_valid0.csv"):
+        folds_from_id_lists(tiny, valid)
+    valid, _ = write_lists(tmp_path / "short", [ids[:10], ids[10:-1]])
+    with pytest.raises(DatasetError, match=rf"in no validation list: {ids[-1]}"):
+        folds_from_id_lists(tiny, valid)
+    valid, train = write_lists(tmp_path / "train", [ids[:10], ids[10:]])
+    train[1].write_text("\n".join(ids[:9]) + "\n")
+    with pytest.raises(DatasetError, match=rf"list_train1.csv: the training list of fold 1 .*{ids[9]}"):
+        folds_from_id_lists(tiny, valid, train)

@@ -205,3 +205,34 @@ def test_run_record_must_match_the_fold(tmp_path):
         text.append(str(e))
         e = e.__cause__ or e.__context__
     assert "pass --fold 3" in "\n".join(text)
+
+
+def test_checkpoint_names_resolve_in_the_run_folder(tmp_path):
+    from saltkit.handlers.swa import run_checkpoints
+
+    run = tmp_path / "pad_fold0"
+    assert run_checkpoints(run) == [run / "best_loss.pt", run / "best_accuracy.pt", run / "best_metric.pt"]
+    assert run_checkpoints(run, "best_loss.pt, last.pt") == [run / "best_loss.pt", run / "last.pt"]
+    other = tmp_path / "elsewhere" / "epoch7.pt"
+    assert run_checkpoints(run, ["last.pt", str(other)]) == [run / "last.pt", other]
+
+
+def test_swa_bundle_over_a_list_with_last_pt(checkpoints, sample_dir, tmp_path):
+    from monai.bundle import run as bundle_run
+
+    data = mini_dataset(sample_dir, tmp_path / "data")
+    run_dir = tmp_path / "pad_fold0"
+    run_dir.mkdir()
+    paths, nets = checkpoints
+    shutil.copy(paths[0], run_dir / "best_loss.pt")
+    last = torch.load(paths[2], weights_only=True)  # last.pt also holds the optimizer and trainer state
+    last.update({"optimizer": {"state": {}, "param_groups": []}, "trainer": {"epoch": 7}, "best": {}})
+    torch.save(last, run_dir / "last.pt")
+    bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), dataset_dir=str(data),
+               folds_csv=str(tmp_path / "folds.csv"), num_folds=3, fold=0, batch_size=4,
+               checkpoints="best_loss.pt,last.pt")
+    swa = torch.load(run_dir / "swa.pt", weights_only=True)
+    assert [Path(p).name for p in swa["checkpoints"]] == ["best_loss.pt", "last.pt"]
+    name = next(iter(dict(nets[0].named_parameters())))
+    expected = (nets[0].state_dict()[name] + nets[2].state_dict()[name]) / 2
+    torch.testing.assert_close(swa["network"][name], expected, rtol=1e-5, atol=1e-6)

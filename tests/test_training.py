@@ -135,7 +135,7 @@ def test_interrupted_run_left_valid_checkpoints(interrupted_run):
     assert last["trainer"]["epoch"] == 2 and last["trainer"]["iteration"] == 8
     assert last["arch"]["num_filters"] == 4 and last["variant"] == "pad"
     config = json.loads((interrupted_run / "config.json").read_text())["resolved"]
-    assert config["train_tiles"] == 32 and config["val_tiles"] == 16  # 8 validation tiles + their flipped copies
+    assert config["train_tiles"] == 32 and config["val_tiles"] == 8  # validation tiles (flip TTA: no copies)
     assert config["backbone"] == "resnet18" and config["variant"] == "pad"
 
 

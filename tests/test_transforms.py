@@ -77,8 +77,6 @@ def test_train_chain_shapes_and_binary_masks(variant, items, tmp_path):
     for t in randoms:
         if hasattr(t, "prob"):
             t.prob = 1.0
-    crop_rescale = randoms[2]
-    crop_rescale.weights = [1.0, 0.0]
     chain = parser.get_parsed_content("train#deterministic_transforms") + randoms + \
         parser.get_parsed_content("train#final_transforms")
     set_determinism(0)

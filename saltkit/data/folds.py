@@ -164,3 +164,50 @@ def ensure_folds(dataset_dir: str | Path, path: str | Path, k: int = 10, seed: i
         raise DatasetError(f"{path}: folds file does not match the dataset ({'; '.join(parts)}); "
                            "delete it to regenerate, or point folds_csv at the right file")
     return df
+
+
+def read_id_list(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, id) for every non-blank line of a file of ids, one per line (the original recipe's fold lists)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read the id list ({err})") from err
+    return [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def folds_from_id_lists(dataset_dir: str | Path, valid_lists: list[str | Path], train_lists: list[str | Path] | None = None,
+                        present_only: bool = False) -> pd.DataFrame:
+    """Folds given by id lists -> DataFrame(id, fold, coverage_class): fold k holds the ids of `valid_lists[k]`.
+
+    Every id of the lists is read, the first line too (the original recipe's pandas read took it as a header and
+    so dropped one id per list). Ids must not repeat and must be train ids of `dataset_dir`; with `present_only`
+    the ids the dataset lacks are left out (a reduced download). Every train id of the dataset must be listed.
+    `train_lists[k]`, when given, must hold exactly the ids of the other folds.
+    """
+    items = {it["id"]: it for it in train_items(dataset_dir)}
+    fold_of: dict[str, tuple[int, str]] = {}
+    for k, path in enumerate(valid_lists):
+        for line, id_ in read_id_list(path):
+            if id_ in fold_of:
+                raise DatasetError(f"{path} line {line}: id {id_} is already listed in {fold_of[id_][1]}")
+            if id_ not in items and not present_only:
+                raise DatasetError(f"{path} line {line}: id {id_} is not a train id of {dataset_dir} "
+                                   "(pass present_only / --present-only for a reduced dataset)")
+            fold_of[id_] = (k, str(path))
+    fold_of = {id_: v for id_, v in fold_of.items() if id_ in items}
+    unlisted = sorted(set(items) - set(fold_of))
+    if unlisted:
+        raise DatasetError(f"train ids of {dataset_dir} in no validation list: {id_listing(unlisted)}")
+    for k, path in enumerate(train_lists or []):
+        listed = {id_ for _, id_ in read_id_list(path) if id_ in items}
+        expected = {id_ for id_, (fold, _) in fold_of.items() if fold != k}
+        if listed != expected:
+            wrong = sorted(listed ^ expected)
+            raise DatasetError(f"{path}: the training list of fold {k} is not the ids of the other folds' validation "
+                               f"lists (differs in {id_listing(wrong)})")
+    ids = sorted(fold_of)
+    classes = coverage_class(np.array([load_mask(items[i]["label"]).mean() for i in ids]))
+    df = pd.DataFrame({"id": ids, "fold": [fold_of[i][0] for i in ids], "coverage_class": classes})
+    _check_folds(df, "the validation lists", len(valid_lists))
+    return df

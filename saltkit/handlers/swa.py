@@ -21,9 +21,17 @@ from saltkit.io import atomic_write, check_writable
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
 
 
-def run_checkpoints(run_dir: str | Path, names: Sequence[str] = DEFAULT_CHECKPOINTS) -> list[Path]:
-    """Paths of the checkpoints `names` inside `run_dir` (existence is checked when they are read)."""
-    return [Path(run_dir) / n for n in names]
+def run_checkpoints(run_dir: str | Path, names: str | Sequence[str] = DEFAULT_CHECKPOINTS) -> list[Path]:
+    """Paths of the checkpoints to average (config key 'checkpoints'; existence is checked when they are read).
+
+    `names`: a list, or one comma-separated string (`--checkpoints best_loss.pt,last.pt`); a bare file name
+    (`last.pt`) is taken inside `run_dir`, a path with a folder as it is. Any checkpoint with "network" and "arch"
+    counts, `last.pt` included; a name listed twice is averaged in twice.
+    """
+    if isinstance(names, (str, Path)):
+        names = [n.strip() for n in str(names).split(",") if n.strip()]
+    paths = [Path(str(n)) for n in names]
+    return [p if p.parent != Path(".") else Path(run_dir) / p for p in paths]
 
 
 def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None) -> tuple[nn.Module, dict]:

@@ -3,6 +3,7 @@
 from .bundle import CheckpointSaltUNet
 from .encoders import (
     Encoder,
+    WeightsHashError,
     WeightsNotFoundError,
     available_backbones,
     build_encoder,
@@ -19,6 +20,7 @@ __all__ = [
     "ObjectContextBlock",
     "SaltOutput",
     "SaltUNet",
+    "WeightsHashError",
     "WeightsNotFoundError",
     "available_backbones",
     "build_encoder",

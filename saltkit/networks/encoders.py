@@ -15,12 +15,16 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CADENE = "http://data.lip6.fr/cadene/pretrainedmodels/"
+_CADENE = "https://data.lip6.fr/cadene/pretrainedmodels/"
 _TORCHVISION = "https://download.pytorch.org/models/"
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights were asked for but no file could be found or downloaded."""
+
+
+class WeightsHashError(ValueError):
+    """A downloaded weights file does not have the SHA-256 prefix its published file name carries."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,44 @@ def hub_weights_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
+def published_hash(url: str) -> str:
+    """The SHA-256 prefix a published weights file name carries (`senet154-c7b49a05.pth` -> "c7b49a05")."""
+    name = url.rsplit("/", 1)[-1]
+    match = torch.hub.HASH_REGEX.search(name)
+    if match is None or not match.group(1):
+        raise ValueError(f"weights URL {url} has no '-<sha256 prefix>.' in its file name to check the download with")
+    return match.group(1)
+
+
+def download_weights(url: str, path: Path) -> Path:
+    """Download `url` to `path` (via a `.partial` file renamed into place), checking its SHA-256 against the prefix
+    in the file name; nothing is left at `path` when the download fails or the hash differs."""
+    if not url.startswith(("https://", "file://")):
+        raise ValueError(f"weights URL {url} must use https (or file:// for a local mirror)")
+    expected = published_hash(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=expected, progress=False)
+    except RuntimeError as err:
+        tmp.unlink(missing_ok=True)
+        if "invalid hash value" in str(err):  # torch.hub's wording; the file was checked and discarded
+            raise WeightsHashError(
+                f"the weights downloaded from {url} do not match the published SHA-256 prefix {expected!r} "
+                f"({err}); nothing was written to {path}. Retry, or download the file yourself and check it"
+            ) from err
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path
+
+
 def resolve_weights(name: str, pretrained: str | Path | None) -> Path | None:
     """The weights file for `pretrained`: None -> None (random init); "imagenet" -> the torch hub cache file
-    (downloaded there if absent and the network allows); anything else -> a local .pth path that must exist."""
+    (downloaded there over https if absent and the network allows, its SHA-256 checked against the prefix in the
+    published file name); anything else -> a local .pth path that must exist."""
     if pretrained is None:
         return None
     if str(pretrained) == "imagenet":
@@ -108,19 +147,16 @@ def resolve_weights(name: str, pretrained: str | Path | None) -> Path | None:
         path = hub_weights_path(url)
         if path.is_file():
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
         try:
-            torch.hub.download_url_to_file(url, str(tmp), progress=False)
+            return download_weights(url, path)
+        except WeightsHashError:
+            raise
         except Exception as err:  # no network, proxy, HTTP error: all mean the same to the user
-            tmp.unlink(missing_ok=True)
             raise WeightsNotFoundError(
                 f"ImageNet weights for backbone {name!r} not found at {path} and the download from {url} "
                 f"failed ({type(err).__name__}: {err}); download that file to {path}, or pass "
                 f"pretrained=<path to the .pth file>, or pretrained=None for random initialisation"
             ) from err
-        tmp.replace(path)
-        return path
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage.segmentation import find_boundaries
+from scipy.ndimage import binary_erosion
 
 from saltkit.io import atomic_write
 
@@ -90,7 +90,7 @@ def outline_overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
     salt = mask.astype(bool)
     rgb[salt] = (1 - FILL_ALPHA) * rgb[salt] + FILL_ALPHA * SALT_RGB
     out = np.rint(rgb).astype(np.uint8)
-    out[find_boundaries(salt, mode="inner")] = OUTLINE_RGB
+    out[salt & ~binary_erosion(salt, border_value=1)] = OUTLINE_RGB  # salt pixels with a background neighbour
     return out
 
 

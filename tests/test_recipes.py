@@ -1,0 +1,132 @@
+"""The shipped recipes: the key values the bundle docs state are what the config files hold, and the original
+recipe's config asks for ImageNet weights (with a clear error when they cannot be had)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pydoc
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "bundles/saltnet/docs/README.md"
+TRAIN = REPO / "bundles/saltnet/configs/train.json"
+RECIPES = {"cpu.json": REPO / "configs/cpu.json", "senet154.json": REPO / "configs/senet154.json"}
+
+
+def table_after(text: str, marker: str) -> list[list[str]]:
+    """Cells of the first markdown table after the line containing `marker` (header and rule left out)."""
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def doc_value(cell: str):
+    """A value as the docs write it: null / true / false / numbers / bare words (strings)."""
+    cell = cell.strip().strip("`")
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+
+
+def config_value(config: dict, key: str):
+    """`key` (`a#b` for nested) from a config dict; a component argument the config leaves out -> its default."""
+    node = config
+    parts = key.split("#")
+    for i, part in enumerate(parts):
+        if part not in node:
+            target = pydoc.locate(node.get("_target_", "")) if i == len(parts) - 1 else None
+            if target is None:
+                raise KeyError(key)
+            return inspect.signature(target).parameters[part].default
+        node = node[part]
+    return node
+
+
+def same(doc, value) -> bool:
+    if isinstance(doc, (int, float)) and not isinstance(doc, bool) and isinstance(value, (int, float)):
+        return not isinstance(value, bool) and float(doc) == float(value)
+    return doc == value
+
+
+def test_recipe_table_matches_the_config_files():
+    train = json.loads(TRAIN.read_text())
+    recipes = {name: json.loads(p.read_text()) for name, p in RECIPES.items()}
+    rows = table_after(DOCS.read_text(), "What each recipe sets, key by key")
+    documented = set()
+    for key_cell, *cells in rows:
+        key = key_cell.strip("`")
+        documented.add(key)
+        base = config_value(train, key)
+        for (name, override), cell in zip(recipes.items(), cells[1:], strict=True):
+            value = override.get(key, base)
+            if cell.startswith("("):  # a computed default, e.g. "(cuda if present)"
+                assert isinstance(value, str) and value.startswith("$"), f"{name}: {key} is {value!r}, not computed"
+            else:
+                assert same(doc_value(cell), value), f"docs say {name} {key} = {cell}, the files give {value!r}"
+        if not cells[0].startswith("("):
+            assert same(doc_value(cells[0]), base), f"docs say train.json {key} = {cells[0]}, file has {base!r}"
+    for name, override in recipes.items():
+        missing = set(override) - documented
+        assert not missing, f"configs/{name} sets {sorted(missing)}, which the docs' recipe table leaves out"
+
+
+def test_keys_table_defaults_are_train_json_values():
+    train = json.loads(TRAIN.read_text())
+    for keys_cell, defaults_cell, _ in table_after(DOCS.read_text(), "## Keys"):
+        keys = re.findall(r"`([^`]+)`", keys_cell)
+        defaults = [d.strip() for d in defaults_cell.split(", ")]
+        assert len(keys) == len(defaults), f"docs' key row {keys} gives {len(defaults)} defaults: {defaults_cell!r}"
+        for key, default in zip(keys, defaults, strict=True):
+            assert key in train, f"docs list key {key!r}, which train.json does not define"
+            value = train[key]
+            if isinstance(value, str) and value.startswith("$") or isinstance(value, dict):
+                continue  # computed or a component: the meaning column describes it
+            assert same(doc_value(default), value), f"docs say {key} defaults to {default}, train.json has {value!r}"
+
+
+def test_readme_cpu_recipe_figures_are_the_files():
+    cpu = json.loads(RECIPES["cpu.json"].read_text())
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `cpu.json`"))
+    assert f"head dropout {cpu['head_dropout']}" in row
+    assert cpu["cutout_prob"] == 0.0 and "no cutout" in row
+    train = json.loads(TRAIN.read_text())
+    assert cpu["geometric_prob"] == train["geometric_prob"] / 2 and cpu["intensity_prob"] == train["intensity_prob"] / 2
+    assert "half the original's rate" in row and "29-minute" in row and cpu["time_limit_minutes"] == 29
+
+
+def test_senet154_recipe_uses_imagenet_weights_and_says_so_offline(tmp_path, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from saltkit.networks import WeightsNotFoundError, encoders
+
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN), str(REPO / "configs/pad.json"), str(RECIPES["senet154.json"])])
+    parser["folds_csv"] = str(tmp_path / "folds.csv")
+    parser.parse()
+    assert parser["pretrained"] == "imagenet" and parser["backbone"] == "senet154"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(Exception) as info:  # MONAI wraps the constructor's error; the cause names file and URL
+        parser.get_parsed_content("network_def")
+    err = info.value
+    while err is not None and not isinstance(err, WeightsNotFoundError):
+        err = err.__cause__ or err.__context__
+    assert err is not None, f"expected WeightsNotFoundError, got {info.value!r}"
+    path = tmp_path / "hub" / "checkpoints" / "senet154-c7b49a05.pth"
+    url = encoders.backbone_spec("senet154").url
+    assert url.startswith("https://") and str(path) in str(err) and url in str(err)
