@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Modules that may add subcommands (imported when present): each defines register(registry) -> None.
-EXTENSION_MODULES = ("saltkit.inference.commands",)
+EXTENSION_MODULES = ("saltkit.inference.commands", "saltkit.seismic.commands")
 
 
 @dataclass(frozen=True)

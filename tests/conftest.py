@@ -35,3 +35,12 @@ def golden():
         pytest.skip(f"golden reference values not found at {f}")
     with np.load(f) as d:
         return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def segy_dir() -> Path:
+    """The real F3 crop in SEG-Y (f3.sgy big-endian, f3-lsb.sgy little-endian)."""
+    d = SHARED_DIR / "data" / "segy"
+    if not (d / "f3.sgy").is_file():
+        pytest.skip(f"SEG-Y test data not found at {d}")
+    return d

@@ -1,0 +1,33 @@
+"""Seismic data of any size: section images (PNG / TIFF / .npy) and SEG-Y volumes, predicted with the section
+inferer (sliding window + flip TTA) into probability maps, masks, overlays and probability volumes.
+
+Data flow: `images` / `segy` (read) -> `normalize` (to the tiles' [0, 1] scale) -> `sections.predict_section` ->
+`images` (write) / `volume` (stream into SEG-Y); `predict.run_predict` is the workflow; `mosaics` rebuilds real
+sections from competition tiles.
+"""
+
+from saltkit.seismic.images import outline_overlay, read_section, section_files, write_section_outputs
+from saltkit.seismic.mosaics import Mosaic, assemble_mosaic, crop_tiles, mosaic_summary, read_mosaics
+from saltkit.seismic.normalize import Normalization, normalize_section
+from saltkit.seismic.predict import load_predictor, predict_images, run_predict
+from saltkit.seismic.sections import predict_section
+from saltkit.seismic.volume import predict_volume
+
+__all__ = [
+    "Mosaic",
+    "Normalization",
+    "assemble_mosaic",
+    "crop_tiles",
+    "load_predictor",
+    "mosaic_summary",
+    "normalize_section",
+    "outline_overlay",
+    "predict_images",
+    "predict_section",
+    "predict_volume",
+    "read_mosaics",
+    "read_section",
+    "run_predict",
+    "section_files",
+    "write_section_outputs",
+]

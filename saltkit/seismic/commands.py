@@ -1,0 +1,130 @@
+"""`saltkit predict` (section images and SEG-Y volumes) and `saltkit mosaic` (real sections from the tiles)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from saltkit.cli import Subcommand, register_subcommand
+
+
+def _bool(text: str) -> bool:
+    from saltkit.config import as_bool
+
+    try:
+        return as_bool(text, "--tta")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder "
+                                            "of them, or a SEG-Y volume (.sgy/.segy)")
+    p.add_argument("--ckpt", type=Path, required=True, help="trained checkpoint (e.g. runs/pad_fold0/swa.pt)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x < 1 (0.5)")
+    p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
+    p.add_argument("--sw-batch-size", type=int, default=16, help="windows per network batch (16)")
+    p.add_argument("--threshold", type=float, default=0.5, help="salt where probability > this, for masks (0.5)")
+    p.add_argument("--normalize", choices=("auto", "dtype", "percentile"), default=None,
+                   help="intensity mapping to [0, 1]: images default 'auto' (8/16-bit grey by full scale, other "
+                        "values by percentiles), SEG-Y always 'percentile'")
+    p.add_argument("--clip-percentiles", type=float, nargs=2, default=(1.0, 99.0), metavar=("LOW", "HIGH"),
+                   help="percentiles mapped to 0 and 1 (1 99)")
+    p.add_argument("--clip-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="fixed values mapped to 0 and 1 instead of percentiles (e.g. from a previous run's OUT.json)")
+    p.add_argument("--direction", choices=("inline", "crossline", "both"), default="inline",
+                   help="SEG-Y: predict inline sections, crossline sections, or both averaged (inline)")
+    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                   help="SEG-Y output samples: IEEE float probability, or uint8 = probability * 255 (float32)")
+    p.add_argument("--iline-byte", type=int, default=189, help="trace header byte of the inline number (189)")
+    p.add_argument("--xline-byte", type=int, default=193, help="trace header byte of the crossline number (193)")
+    p.add_argument("--clip-traces", type=int, default=2000, help="SEG-Y traces sampled for the clip percentiles")
+    p.add_argument("--npy", action="store_true", help="SEG-Y: also write OUT.npy, (inlines, crosslines, samples)")
+    p.add_argument("--variant", choices=("pad", "resize"), default=None,
+                   help="only for checkpoints that do not record their variant")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _predict_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from saltkit.seismic.predict import (
+        default_device,
+        join_torchrun,
+        load_predictor,
+        normalization_for,
+        run_predict,
+    )
+    from saltkit.seismic.segy import is_segy_path, read_layout
+
+    joined = join_torchrun()
+    try:
+        if is_segy_path(args.input):
+            read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
+        device = default_device(args.device)
+        norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
+        network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant)
+        provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap}
+        summary = run_predict(args.input, args.out, network, inferer, threshold=args.threshold, normalization=norm,
+                              direction=args.direction, dtype=args.dtype, iline_byte=args.iline_byte,
+                              xline_byte=args.xline_byte, clip_traces=args.clip_traces, save_npy=args.npy,
+                              device=device, progress=not args.no_progress, provenance=provenance)
+    except ImportError as e:  # the optional SEG-Y extra
+        print(f"saltkit predict: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if "sections" in summary:
+        print(f"predicted {summary['sections']} section(s) from {summary['input']}: mean salt share "
+              f"{summary['salt_share']:.1%}; wrote {summary['output']}"
+              + (f" (see {summary['index']})" if summary["index"] else ""))
+    else:
+        il, xl = summary["ilines"], summary["xlines"]
+        print(f"predicted {summary['input']} ({il['count']} inlines x {xl['count']} crosslines x "
+              f"{summary['samples']} samples, {summary['direction']}): wrote {summary['output']}"
+              + (f" and {summary['npy']}" if summary["npy"] else "")
+              + f"; amplitude clip {summary['clip']['range'][0]:.6g} .. {summary['clip']['range'][1]:.6g}")
+    return 0
+
+
+def _mosaic_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset_dir", type=Path, help="dataset folder holding mosaics.csv and train/test images")
+    p.add_argument("names", nargs="*", help="mosaics to write (default: list the largest ones)")
+    p.add_argument("--out", type=Path, default=Path("mosaics"), help="folder for NAME.png and NAME_mask.png")
+    p.add_argument("--mosaics-csv", type=Path, default=None, help="default DATASET_DIR/mosaics.csv")
+
+
+def _mosaic_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from saltkit.seismic.images import write_png
+    from saltkit.seismic.mosaics import assemble_mosaic, mosaic_summary, read_mosaics
+
+    table = read_mosaics(args.mosaics_csv or args.dataset_dir / "mosaics.csv")
+    if not args.names:
+        print(mosaic_summary(table).head(20).to_string())
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.names:
+        m = assemble_mosaic(args.dataset_dir, name, table)
+        write_png(args.out / f"{name}.png", m.image)
+        # 0 background, 255 salt, 128 not labelled (test tile or absent cell)
+        write_png(args.out / f"{name}_mask.png", np.where(m.labelled, m.mask * 255, 128).astype(np.uint8))
+        print(f"wrote {args.out / name}.png ({m.shape[0]}x{m.shape[1]}, {len(m.cells)} tiles, "
+              f"{int(m.cells['labelled'].sum())} labelled) and {name}_mask.png")
+    return 0
+
+
+def register(registry: dict[str, Subcommand]) -> None:
+    """Add the seismic subcommands to the saltkit CLI registry."""
+    register_subcommand(registry, Subcommand(
+        "predict", "salt probability of section images of any size or of a whole SEG-Y volume",
+        _predict_arguments, _predict_run))
+    register_subcommand(registry, Subcommand(
+        "mosaic", "assemble real seismic sections from the tiles listed in mosaics.csv",
+        _mosaic_arguments, _mosaic_run))

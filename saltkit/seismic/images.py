@@ -1,0 +1,154 @@
+"""Seismic sections as image files: read PNG / TIFF / .npy of any size, write probability, mask and overlay images.
+
+Reading is Pillow's (grey "L", 16-bit "I;16", float "F", grey repeated in RGB or with alpha) plus numpy for
+`.npy`; MONAI's image readers transpose 2-D pictures and do not check that RGB channels hold one grey image.
+Every write goes through `saltkit.io.atomic_write`.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import binary_erosion
+
+from saltkit.io import atomic_write
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+SALT_RGB = np.array([255, 64, 0], dtype=np.float32)  # orange fill
+OUTLINE_RGB = np.array([255, 255, 0], dtype=np.uint8)  # yellow outline
+FILL_ALPHA = 0.35
+
+
+def is_section_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def section_files(path: str | Path) -> list[Path]:
+    """The section image itself, or the section images in a folder (sorted by name; not recursive)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_section_file(p))
+        if not files:
+            raise ValueError(f"{path}: no section images in the folder (expected {', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"input not found: {path}")
+    if not is_section_file(path):
+        raise ValueError(f"{path}: unknown input type; expected a section image ({', '.join(IMAGE_SUFFIXES)}), a "
+                         "folder of them, or a SEG-Y volume (.sgy, .segy)")
+    return [path]
+
+
+def _grey_of(arr: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W) grey from (H, W), (H, W, 1), grey + alpha (H, W, 2) or grey repeated in RGB(A) (H, W, 3|4)."""
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: section has shape {arr.shape}; expected a 2-D grey image (H, W)")
+    if arr.shape[2] <= 2:
+        return arr[..., 0]
+    rgb = arr[..., :3]
+    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+        raise ValueError(f"{path}: RGB image whose channels differ; expected a grey section (or grey repeated in "
+                         "R, G and B): export the seismic in grey, not through a colour map")
+    return rgb[..., 0]
+
+
+def read_section(path: str | Path) -> np.ndarray:
+    """Section values as stored: `(H, W)` uint8 / uint16 grey, or float / int from `.npy` and float TIFF."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"section not found: {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    else:
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read the image ({e})") from None
+        if arr.dtype == np.int32:  # older Pillow reads 16-bit grey PNGs as 32-bit "I"
+            arr = arr.astype(np.uint16)
+    if arr.dtype.kind not in "uif" and arr.dtype != bool:
+        raise ValueError(f"{path}: section values are {arr.dtype}; expected numbers")
+    arr = _grey_of(arr, path)
+    if arr.size == 0:
+        raise ValueError(f"{path}: empty section ({arr.shape[0]}x{arr.shape[1]} pixels)")
+    return np.ascontiguousarray(arr)
+
+
+def outline_overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`(H, W, 3)` uint8 picture: the `(H, W)` [0, 1] section in grey, salt (`mask` > 0) tinted, outlined in yellow."""
+    rgb = np.repeat((np.clip(grey, 0, 1) * 255)[..., None], 3, axis=2).astype(np.float32)
+    salt = mask.astype(bool)
+    rgb[salt] = (1 - FILL_ALPHA) * rgb[salt] + FILL_ALPHA * SALT_RGB
+    out = np.rint(rgb).astype(np.uint8)
+    out[salt & ~binary_erosion(salt, border_value=1)] = OUTLINE_RGB  # salt pixels with a background neighbour
+    return out
+
+
+def write_png(path: str | Path, arr: np.ndarray) -> Path:
+    """Write a uint8 `(H, W)` grey or `(H, W, 3)` RGB array as PNG, atomically."""
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(arr).save(f, format="PNG")
+    return Path(path)
+
+
+def write_npy(path: str | Path, arr: np.ndarray) -> Path:
+    with atomic_write(path, "wb") as f:
+        np.save(f, arr)
+    return Path(path)
+
+
+def probability_png(prob: np.ndarray) -> np.ndarray:
+    """`(H, W)` [0, 1] probability -> uint8 grey 0..255 (value / 255 is the probability to 1/510)."""
+    return np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
+def write_section_outputs(out_dir: str | Path, stem: str, grey: np.ndarray, prob: np.ndarray,
+                          threshold: float = 0.5) -> dict[str, Path]:
+    """Write `stem`'s outputs into `out_dir`; returns their paths by kind.
+
+    prob (`_prob.npy` float32 and `_prob.png` 8-bit), mask (`_mask.png`, 0 / 255 where prob > threshold),
+    overlay (`_overlay.png`, the section with the predicted salt tinted and outlined).
+    """
+    out_dir = Path(out_dir)
+    mask = prob > threshold
+    return {
+        "prob_npy": write_npy(out_dir / f"{stem}_prob.npy", prob.astype(np.float32)),
+        "prob_png": write_png(out_dir / f"{stem}_prob.png", probability_png(prob)),
+        "mask": write_png(out_dir / f"{stem}_mask.png", mask.astype(np.uint8) * 255),
+        "overlay": write_png(out_dir / f"{stem}_overlay.png", outline_overlay(grey, mask)),
+    }
+
+
+def write_index_html(out_dir: str | Path, rows: list[dict]) -> Path:
+    """`out_dir/index.html`: one figure per section (its overlay, size, salt share, links to the other outputs).
+
+    rows: {"name", "shape": (H, W), "salt_share": float, "outputs": {kind: Path}} per section.
+    """
+    out_dir = Path(out_dir)
+    figures = []
+    for row in rows:
+        links = " ".join(f'<a href="{html.escape(os.path.relpath(p, out_dir))}">{html.escape(kind)}</a>'
+                         for kind, p in row["outputs"].items())
+        overlay = html.escape(os.path.relpath(row["outputs"]["overlay"], out_dir))
+        h, w = row["shape"]
+        figures.append(f'<figure><a href="{overlay}"><img src="{overlay}" loading="lazy"></a><figcaption>'
+                       f'<b>{html.escape(row["name"])}</b> {h}&times;{w}, salt {row["salt_share"]:.1%}<br>{links}'
+                       "</figcaption></figure>")
+    page = ("<!doctype html><meta charset=utf-8><title>saltkit predictions</title><style>"
+            "body{font-family:sans-serif} figure{display:inline-block;margin:8px;vertical-align:top}"
+            "img{max-width:480px;max-height:360px;border:1px solid #888}</style>"
+            f"<h1>saltkit predictions ({len(rows)} sections)</h1>\n" + "\n".join(figures) + "\n")
+    path = out_dir / "index.html"
+    with atomic_write(path) as f:
+        f.write(page)
+    return path

@@ -1,0 +1,147 @@
+"""The predict workflow: section images (a file or a folder) -> probability / mask / overlay images; SEG-Y volume ->
+probability volume. One entry point, `run_predict`, shared by `saltkit predict` and the bundle's predict.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from torch import nn
+from tqdm.auto import tqdm
+
+from saltkit.io import atomic_write
+from saltkit.seismic.images import read_section, section_files, write_index_html, write_section_outputs
+from saltkit.seismic.normalize import Normalization, normalize_section
+from saltkit.seismic.sections import predict_section
+from saltkit.seismic.segy import is_segy_path
+from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, predict_volume
+
+
+def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
+                   variant: str | None = None) -> tuple[nn.Module, Inferer]:
+    """The checkpoint's network (eval mode, on `device`) and the section inferer of the variant it was trained with."""
+    from saltkit.inference import checkpoint_variant, load_network, section_inferer
+
+    variant = checkpoint_variant(ckpt, variant)
+    network = load_network(ckpt, device)
+    return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size)
+
+
+def normalization_for(input: str | Path, normalize: str | None = None, clip_percentiles=(1.0, 99.0),
+                      clip_range=None) -> Normalization:
+    """The intensity mapping for `input`: `normalize` if given, else "percentile" for SEG-Y and "auto" for images;
+    `clip_range` (low, high) fixes the clip instead of percentiles."""
+    if normalize in (None, "", "null"):
+        normalize = "percentile" if is_segy_path(input) else "auto"
+    rng = None if clip_range in (None, "", "null") else tuple(float(v) for v in clip_range)
+    return Normalization(normalize, tuple(float(v) for v in clip_percentiles), rng)
+
+
+def predict_images(
+    inputs: list[Path],
+    out_dir: str | Path,
+    network: nn.Module,
+    inferer: Inferer,
+    threshold: float = 0.5,
+    normalization: Normalization = Normalization(),
+    device="cpu",
+    progress: bool = True,
+    index: bool = False,
+) -> list[dict]:
+    """Predict each section image and write its outputs into `out_dir` (created); `index`: also index.html.
+
+    Names must be unique by stem (a.png and a.npy would write the same files). Returns one row per image:
+    name, shape, salt_share, normalisation, outputs. Under torchrun the images are dealt out to the ranks.
+    """
+    out_dir = Path(out_dir)
+    stems = [p.stem for p in inputs]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise ValueError(f"section names {clash} occur more than once (with different suffixes); their outputs "
+                         "would overwrite each other")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = idist.get_rank(), idist.get_world_size()
+    rows = []
+    for path in tqdm(inputs[rank::world], unit="section", desc="predict", disable=not progress or rank != 0,
+                     leave=False):
+        grey, norm = normalize_section(read_section(path), normalization, str(path))
+        prob = predict_section(network, inferer, grey, device)
+        outputs = write_section_outputs(out_dir, path.stem, grey, prob, threshold)
+        rows.append({"name": path.name, "shape": list(prob.shape), "salt_share": float((prob > threshold).mean()),
+                     "normalization": norm, "outputs": outputs})
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
+    if rank == 0:
+        if index:
+            write_index_html(out_dir, rows)
+        with atomic_write(out_dir / "predictions.json") as f:
+            json.dump([{**r, "outputs": {k: str(v) for k, v in r["outputs"].items()}} for r in rows], f, indent=2)
+    return rows
+
+
+def join_torchrun() -> bool:
+    """Join torchrun's process group when launched by it with several processes; True if this call joined it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    from saltkit.training import init_distributed
+
+    init_distributed(True)
+    return True
+
+
+def default_device(device=None) -> torch.device:
+    """`device` if given, else this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
+    if device not in (None, "", "auto"):
+        return torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, also before the group is joined
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_predict(
+    input: str | Path,
+    output: str | Path,
+    network: nn.Module,
+    inferer: Inferer,
+    threshold: float = 0.5,
+    normalization: Normalization | None = None,
+    direction: str = "inline",
+    dtype: str = "float32",
+    iline_byte: int = 189,
+    xline_byte: int = 193,
+    clip_traces: int = DEFAULT_CLIP_TRACES,
+    save_npy: bool = False,
+    device="cpu",
+    progress: bool = True,
+    provenance: dict | None = None,
+) -> dict:
+    """Predict `input`: a SEG-Y volume into the SEG-Y `output`, or a section image / folder of them into the folder
+    `output`. normalization: None = percentile clip for SEG-Y, "auto" for images. Returns a summary dict."""
+    if not str(input):
+        raise ValueError("config key 'input' is empty; pass --input IMAGE|FOLDER|VOLUME.sgy")
+    if not str(output):
+        raise ValueError("config key 'output' is empty; pass --output DIR (images) or --output OUT.sgy (SEG-Y)")
+    input, output = Path(input), Path(output)
+    if is_segy_path(input):
+        norm = normalization or Normalization(mode="percentile")
+        return predict_volume(input, output, network, inferer, direction=direction, dtype=dtype,
+                              iline_byte=iline_byte, xline_byte=xline_byte, normalization=norm,
+                              clip_traces=clip_traces, save_npy=save_npy, device=device, progress=progress,
+                              provenance=provenance)
+    if is_segy_path(output):
+        raise ValueError(f"output {output} is a SEG-Y name but input {input} is not a SEG-Y volume (.sgy, .segy); "
+                         "section images are predicted into a folder")
+    files = section_files(input)
+    rows = predict_images(files, output, network, inferer, threshold, normalization or Normalization(), device,
+                          progress, index=input.is_dir())
+    salt = [r["salt_share"] for r in rows]
+    return {"input": str(input), "output": str(output), "sections": len(rows),
+            "salt_share": float(np.mean(salt)) if salt else 0.0,
+            "index": str(output / "index.html") if input.is_dir() else None}

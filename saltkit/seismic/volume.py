@@ -1,0 +1,236 @@
+"""Predict a whole SEG-Y volume section by section, streaming, into a SEG-Y of the same shape and headers.
+
+Memory holds a few sections (the one being predicted, its 3-channel input and the sliding window's output maps)
+whatever the number of inlines: traces are read per section and written in place into the output, which is
+created under a temporary name beside it and renamed at the end. Under torchrun the sections are dealt out to the
+ranks (section k to rank k mod world size); every rank writes its own traces, the crossline pass of
+`direction="both"` starts when all inline writes are done.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import ignite.distributed as idist
+import numpy as np
+from monai.inferers import Inferer
+from torch import nn
+from tqdm.auto import tqdm
+
+from saltkit.io import atomic_write
+from saltkit.seismic.normalize import Normalization, percentile_range
+from saltkit.seismic.normalize import scale_to_unit as to_unit
+from saltkit.seismic.sections import predict_section
+from saltkit.seismic.segy import (
+    Geometry,
+    ProbabilityVolumeFile,
+    SegyError,
+    SegyLayout,
+    annotate_text_header,
+    check_direction,
+    open_segy,
+    read_geometry,
+    read_layout,
+    read_text_header,
+    read_traces,
+    sample_trace_indices,
+)
+
+DEFAULT_CLIP_TRACES = 2000
+
+
+@dataclass(frozen=True)
+class AmplitudeClip:
+    """Amplitudes `low` -> 0 and `high` -> 1 (clipped); from `percentiles` of `traces` sampled traces, or given."""
+
+    low: float
+    high: float
+    method: str
+    percentiles: tuple[float, float] | None = None
+    traces: int = 0
+
+    def describe(self) -> str:
+        if self.method == "percentile":
+            p0, p1 = self.percentiles
+            return f"AMPLITUDE CLIP {self.low:.6g} TO {self.high:.6g} = P{p0:g}-P{p1:g} OF {self.traces} TRACES"
+        return f"AMPLITUDE CLIP {self.low:.6g} TO {self.high:.6g} (GIVEN)"
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "range": [self.low, self.high],
+                "percentiles": None if self.percentiles is None else list(self.percentiles), "traces": self.traces}
+
+
+def amplitude_clip(f, layout: SegyLayout, normalization: Normalization, clip_traces: int) -> AmplitudeClip:
+    """The clip of `normalization` for this volume: its fixed range, else percentiles of evenly spread traces."""
+    if normalization.value_range is not None:
+        return AmplitudeClip(float(normalization.value_range[0]), float(normalization.value_range[1]), "range")
+    idx = sample_trace_indices(layout.tracecount, clip_traces)
+    amplitudes = read_traces(f, idx, layout.samples)
+    lo, hi = percentile_range(amplitudes, normalization.percentiles, str(layout.path))
+    return AmplitudeClip(lo, hi, "percentile", tuple(normalization.percentiles), len(idx))
+
+
+class NpyVolumeFile:
+    """`(n_il, n_xl, samples)` float32 .npy written in place, trace by trace (NaN where the SEG-Y has no trace)."""
+
+    def __init__(self, path: str | Path, geometry: Geometry, samples: int):
+        self.path, self.geometry, self.samples = Path(path), geometry, samples
+        self.shape = (len(geometry.ilines), len(geometry.xlines), samples)
+        self.dtype = np.dtype("<f4")
+        self.header_bytes = 0
+        self._file = None
+
+    def create(self) -> None:
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": self.dtype.str, "fortran_order": False, "shape": self.shape})
+            self.header_bytes = f.tell()
+            f.truncate(self.header_bytes + int(np.prod(self.shape)) * self.dtype.itemsize)
+            nan = np.full(self.samples, np.nan, self.dtype).tobytes()
+            for cell in np.flatnonzero(self.geometry.traces.ravel() < 0):
+                f.seek(self.header_bytes + int(cell) * len(nan))
+                f.write(nan)
+
+    def __enter__(self):
+        self._file = open(self.path, "r+b", buffering=0)
+        self._file.seek(0)
+        np.lib.format.read_magic(self._file)
+        np.lib.format.read_array_header_1_0(self._file)
+        self.header_bytes = self._file.tell()
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def write(self, direction: str, k: int, prob: np.ndarray) -> None:
+        """Store the `(n, samples)` probabilities of section `k` along `direction` (cells without trace skipped)."""
+        n_il, n_xl, _ = self.shape
+        cells = k * n_xl + np.arange(n_xl) if direction == "inline" else np.arange(n_il) * n_xl + k
+        traces = self.geometry.section_traces(direction, k)
+        values = prob.astype(self.dtype)
+        for cell, trace, row in zip(cells, traces, values, strict=True):
+            if trace >= 0:
+                self._file.seek(self.header_bytes + int(cell) * self.samples * self.dtype.itemsize)
+                self._file.write(row.tobytes())
+
+
+def sidecar_path(out: str | Path) -> Path:
+    """The JSON written beside an output volume: OUT.sgy -> OUT.json."""
+    return Path(out).with_suffix(".json")
+
+
+def npy_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".npy")
+
+
+def _partial(path: Path) -> Path:
+    """The temporary name an output is written under (same folder, so the final rename stays on one disk)."""
+    return path.parent / f".{path.name}.partial"
+
+
+def _header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
+    what = "IEEE FLOAT" if dtype == "float32" else "1-BYTE UNSIGNED = P * 255"
+    how = {"inline": "INLINE SECTIONS", "crossline": "CROSSLINE SECTIONS", "both": "MEAN OF INLINE+CROSSLINE"}
+    return [f"SALTKIT SALT PROBABILITY 0-1 ({what}), {how[direction]}", f"SALTKIT {clip.describe()}"]
+
+
+def check_output_path(src: Path, out: Path) -> None:
+    if out.suffix.lower() not in (".sgy", ".segy"):
+        raise SegyError(f"output {out}: a SEG-Y input is predicted into a SEG-Y file; name it .sgy or .segy")
+    if out.exists() and out.resolve() == src.resolve():
+        raise SegyError(f"output {out} is the input; choose another file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def predict_volume(
+    src: str | Path,
+    out: str | Path,
+    network: nn.Module,
+    inferer: Inferer,
+    direction: str = "inline",
+    dtype: str = "float32",
+    iline_byte: int = 189,
+    xline_byte: int = 193,
+    normalization: Normalization = Normalization(mode="percentile"),
+    clip_traces: int = DEFAULT_CLIP_TRACES,
+    save_npy: bool = False,
+    device="cpu",
+    progress: bool = True,
+    provenance: dict | None = None,
+) -> dict:
+    """Salt probability of every sample of the SEG-Y `src`, written to `out` (plus `OUT.json`, and `OUT.npy` when
+    `save_npy`). Returns the summary stored in `OUT.json`.
+
+    direction: "inline", "crossline" or "both" (the mean of the two; with dtype "uint8" the inline half is
+    stored as 8 bits in between). Sections are `(samples, traces)` images: time / depth down, traces across in
+    increasing crossline (inline) number; holes in the grid read as zero amplitude. Every check runs before
+    anything is written; on an error the temporary files are removed and `out` is left as it was.
+    """
+    src, out = Path(src), Path(out)
+    check_output_path(src, out)
+    layout = read_layout(src)
+    rank, world = idist.get_rank(), idist.get_world_size()
+    with open_segy(layout) as f:
+        geometry = read_geometry(f, layout, iline_byte, xline_byte)
+        check_direction(geometry, direction, src)
+        clip = amplitude_clip(f, layout, normalization, clip_traces)
+        text, cards = annotate_text_header(read_text_header(layout), _header_lines(dtype, direction, clip))
+        volume = ProbabilityVolumeFile(_partial(out), layout, dtype)
+        npy = NpyVolumeFile(_partial(npy_path(out)), geometry, layout.samples) if save_npy else None
+        passes = ["inline", "crossline"] if direction == "both" else [direction]
+        mine = {d: range(rank, geometry.count(d), world) for d in passes}  # section k goes to rank k mod world
+        try:
+            if rank == 0:
+                volume.create(text)
+                if npy is not None:
+                    npy.create()
+            idist.barrier()
+            bar = tqdm(total=sum(map(len, mine.values())), unit="section", desc=f"predict {src.name}",
+                       disable=not progress or rank != 0, leave=False)
+            with volume, (npy if npy is not None else nullcontext()):
+                for p, d in enumerate(passes):
+                    for k in mine[d]:
+                        traces = geometry.section_traces(d, k)
+                        grey = to_unit(read_traces(f, traces, layout.samples).T, clip.low, clip.high)
+                        prob = predict_section(network, inferer, grey, device).T
+                        if p == 1:  # "both": average with the inline pass stored in the output
+                            prob = (volume.read(traces) + prob) / 2
+                        volume.write(traces, prob)
+                        if npy is not None and p == len(passes) - 1:
+                            npy.write(d, k, prob)
+                        bar.update()
+                    idist.barrier()  # the crossline pass reads what every rank wrote in the inline pass
+            bar.close()
+            summary = {
+                "input": str(src), "output": str(out), "npy": str(npy_path(out)) if save_npy else None,
+                "direction": direction, "dtype": dtype, "format_code": volume.format,
+                "endian": layout.endian, "samples": layout.samples,
+                "sample_axis": [layout.sample_axis[0], layout.sample_axis[-1]],
+                "ilines": _axis(geometry.ilines), "xlines": _axis(geometry.xlines),
+                "iline_byte": iline_byte, "xline_byte": xline_byte, "traces": layout.tracecount,
+                "missing_traces": geometry.missing, "clip": clip.as_dict(), "text_header_cards": cards,
+                "processes": world, **(provenance or {}),
+            }
+            if rank == 0:
+                volume.sync()
+                with atomic_write(sidecar_path(out)) as fj:
+                    json.dump(summary, fj, indent=2)
+                if npy is not None:
+                    npy.path.replace(npy_path(out))
+                volume.path.replace(out)
+            idist.barrier()
+        except BaseException:
+            if rank == 0:
+                volume.path.unlink(missing_ok=True)
+                if npy is not None:
+                    npy.path.unlink(missing_ok=True)
+            raise
+    return summary
+
+
+def _axis(numbers: np.ndarray) -> dict:
+    return {"first": int(numbers[0]), "last": int(numbers[-1]), "count": len(numbers)}

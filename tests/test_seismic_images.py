@@ -1,0 +1,222 @@
+"""Section images of any size: reading (PNG / TIFF / .npy, 8/16-bit, grey in RGB), normalisation to the tiles'
+scale, mosaics of real tiles, the predict workflow's outputs and the `saltkit predict` / `saltkit mosaic` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tiny_networks import TinyConv
+
+from saltkit.cli import main
+from saltkit.data.layout import load_image, load_mask, sample_dir, train_items
+from saltkit.inference import restore_tiles, section_inferer, tile_inferer
+from saltkit.networks import SaltUNet
+from saltkit.seismic import (
+    Normalization,
+    assemble_mosaic,
+    crop_tiles,
+    normalize_section,
+    predict_images,
+    predict_section,
+    read_mosaics,
+    read_section,
+)
+from saltkit.seismic.images import outline_overlay, section_files
+from saltkit.transforms import LoadTiled
+
+
+@pytest.fixture(scope="module")
+def tile_paths():
+    return [it["image"] for it in train_items(sample_dir())[:3]]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, path)
+    return path
+
+
+def test_read_section_formats_agree(tile_paths, tmp_path):
+    """One real tile stored as 8-bit grey, grey in RGB, 16-bit PNG, 16-bit TIFF, float TIFF and .npy maps to the
+    same [0, 1] section, equal to what training reads (LoadTiled: grey / 255)."""
+    tile = load_image(tile_paths[0])
+    expected = LoadTiled(keys="image")({"image": tile_paths[0]})["image"][0].numpy()
+    stored = {
+        "grey.png": tile, "rgb.png": np.repeat(tile[..., None], 3, 2), "rgba.png": np.dstack([tile] * 3 + [tile * 0 + 255]),
+        "sixteen.png": tile.astype(np.uint16) * 257, "sixteen.tif": tile.astype(np.uint16) * 257,
+        "float.tif": tile.astype(np.float32) / 255,
+    }
+    for name, arr in stored.items():
+        Image.fromarray(arr).save(tmp_path / name)
+    np.save(tmp_path / "array.npy", tile)
+    for path in section_files(tmp_path):
+        raw = read_section(path)
+        assert raw.shape == (101, 101), path.name
+        grey, info = normalize_section(raw, Normalization(), path.name)
+        assert grey.dtype == np.float32
+        np.testing.assert_allclose(grey, expected, atol=1e-7, err_msg=path.name)
+        assert info["method"] == "dtype"
+
+
+def test_read_section_rejects_colour_and_bad_files(tmp_path):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match="colour.png: RGB image whose channels differ"):
+        read_section(tmp_path / "colour.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png: cannot read the image"):
+        read_section(tmp_path / "broken.png")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match=r"cube.npy: section has shape \(2, 3, 4, 5\)"):
+        read_section(tmp_path / "cube.npy")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt: unknown input type"):
+        section_files(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no section images"):
+        section_files(tmp_path / "empty")
+
+
+def test_amplitudes_are_clipped_at_percentiles():
+    rng = np.random.default_rng(0)
+    amp = rng.laplace(0, 1000, size=(300, 200)).astype(np.float32)
+    grey, info = normalize_section(amp, Normalization())
+    lo, hi = np.percentile(amp.astype(np.float64), [1, 99])
+    assert info == {"method": "percentile", "range": [pytest.approx(lo), pytest.approx(hi)]}
+    assert grey.min() == 0 and grey.max() == 1
+    assert abs((grey == 0).mean() - 0.01) < 0.002 and abs((grey == 1).mean() - 0.01) < 0.002
+    np.testing.assert_allclose(grey[1:-1], np.clip((amp[1:-1] - lo) / (hi - lo), 0, 1), atol=1e-6)
+    # a fixed range overrides the percentiles; 'dtype' refuses raw amplitudes
+    fixed, info = normalize_section(amp, Normalization(value_range=(-500.0, 500.0)))
+    assert info["method"] == "range" and fixed[amp > 500].min() == 1
+    with pytest.raises(ValueError, match="normalize 'dtype' takes 8-bit or 16-bit grey"):
+        normalize_section(amp, Normalization(mode="dtype"), "amp.npy")
+    with pytest.raises(ValueError, match="constant section"):
+        normalize_section(np.zeros((5, 5), np.float32), Normalization(mode="percentile"))
+
+
+@pytest.fixture(scope="module")
+def mosaics(tgs_dir):
+    return read_mosaics(tgs_dir / "mosaics.csv")
+
+
+def test_mosaic_places_real_tiles_on_their_grid(tgs_dir, mosaics):
+    m = assemble_mosaic(tgs_dir, "mosaic_94_2", mosaics)
+    assert m.shape == (1010, 1010) and len(m.cells) == 32
+    for tile_id, tile, truth, labelled in zip(m.cells["id"], crop_tiles(m.image, m.cells),
+                                              crop_tiles(m.mask, m.cells), m.cells["labelled"], strict=True):
+        folder = "train" if labelled else "test"
+        np.testing.assert_array_equal(tile, load_image(tgs_dir / folder / "images" / f"{tile_id}.png"))
+        if labelled:
+            np.testing.assert_array_equal(truth, load_mask(tgs_dir / "train" / "masks" / f"{tile_id}.png"))
+    assert m.present.sum() == 32 * 101 * 101 and m.labelled.sum() == m.cells["labelled"].sum() * 101 * 101
+    assert (m.image[~m.present] == round(m.image[m.present].mean())).all()
+
+
+def test_sections_of_any_size(tile_paths):
+    """Sizes from 1 pixel to non-multiples of 32 and larger than a window give a probability of the same size; a
+    lone tile gets the tile path's probabilities."""
+    net, inferer = TinyConv().eval(), section_inferer("pad", tta=True, overlap=0.5)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 300), (101, 101), (129, 65), (250, 333)]:
+        prob = predict_section(net, inferer, rng.random(shape, dtype=np.float32))
+        assert prob.shape == shape and prob.dtype == np.float32
+        assert 0 <= prob.min() and prob.max() <= 1
+    # a lone tile: the tile path (reflect-padded 13 / 14 to 128 as in training, flip TTA, central 101 x 101)
+    tile = load_image(tile_paths[0]).astype(np.float32) / 255
+    padded = F.pad(torch.from_numpy(tile)[None, None].expand(1, 3, -1, -1), (13, 14, 13, 14), mode="reflect")
+    with torch.no_grad():
+        tile_path = restore_tiles(tile_inferer(tta=True)(padded, net)["prob"], "pad")[0, 0].numpy()
+    np.testing.assert_allclose(predict_section(net, inferer, tile), tile_path, atol=1e-6)
+
+
+def test_predict_folder_writes_outputs_and_index(tile_paths, tmp_path):
+    sections = tmp_path / "sections"
+    sections.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(load_image(tile_paths[0])).save(sections / "tile.png")
+    Image.fromarray((rng.random((150, 230)) * 65535).astype(np.uint16)).save(sections / "wide16.tif")
+    np.save(sections / "amplitudes.npy", rng.normal(0, 300, (90, 140)).astype(np.float32))
+    net, inferer = TinyConv().eval(), section_inferer("pad", tta=False)
+    rows = predict_images(sorted(sections.iterdir()), tmp_path / "out", net, inferer, threshold=0.5, index=True,
+                          progress=False)
+    out = tmp_path / "out"
+    assert [r["name"] for r in rows] == ["amplitudes.npy", "tile.png", "wide16.tif"]
+    for row, raw_path in zip(rows, sorted(sections.iterdir()), strict=True):
+        grey, _ = normalize_section(read_section(raw_path), Normalization(), raw_path.name)
+        prob = np.load(row["outputs"]["prob_npy"])
+        assert prob.dtype == np.float32 and prob.shape == grey.shape
+        np.testing.assert_array_equal(prob, predict_section(net, inferer, grey))
+        prob_png = np.asarray(Image.open(row["outputs"]["prob_png"]))
+        assert prob_png.dtype == np.uint8 and np.abs(prob_png / 255 - prob).max() <= 1 / 510 + 1e-6
+        mask = np.asarray(Image.open(row["outputs"]["mask"]))
+        np.testing.assert_array_equal(mask, np.where(prob > 0.5, 255, 0))
+        overlay = np.asarray(Image.open(row["outputs"]["overlay"]))
+        np.testing.assert_array_equal(overlay, outline_overlay(grey, prob > 0.5))
+        assert row["salt_share"] == pytest.approx((prob > 0.5).mean())
+    page = (out / "index.html").read_text()
+    assert all(f'src="{name}_overlay.png"' in page for name in ("tile", "wide16", "amplitudes"))
+    assert json.loads((out / "predictions.json").read_text())[0]["normalization"]["method"] == "percentile"
+
+
+def test_overlay_tints_and_outlines_salt():
+    grey = np.full((20, 20), 0.5, np.float32)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    rgb = outline_overlay(grey, mask)
+    assert (rgb[0, 0] == 128).all()  # background stays grey
+    assert tuple(rgb[5, 5]) == (255, 255, 0) and tuple(rgb[10, 5]) == (255, 255, 0)  # outline on the border
+    assert rgb[10, 10, 0] > rgb[10, 10, 2]  # inside: orange tint
+
+
+def test_predict_command_on_images(tiny_ckpt, tile_paths, tmp_path, capsys):
+    """`saltkit predict IMAGE|FOLDER --ckpt --out DIR` with the options of the issue; bad input is a one-line error."""
+    image = tmp_path / "section.png"
+    Image.fromarray(np.tile(load_image(tile_paths[1]), (1, 2))).save(image)  # 101 x 202
+    out = tmp_path / "pred"
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(out), "--overlap", "0.25",
+                 "--tta", "false", "--no-progress"]) == 0
+    assert "predicted 1 section(s)" in capsys.readouterr().out
+    prob = np.load(out / "section_prob.npy")
+    assert prob.shape == (101, 202)
+    assert not (out / "index.html").exists()
+    assert main(["predict", str(tmp_path / "missing.png"), "--ckpt", str(tiny_ckpt), "--out", str(out)]) == 2
+    assert "input not found" in capsys.readouterr().err
+    assert main(["predict", str(image), "--ckpt", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "x.sgy")]) == 2
+    assert "is not a SEG-Y volume" in capsys.readouterr().err
+
+
+def test_mosaic_command(tgs_dir, tmp_path, capsys):
+    assert main(["mosaic", str(tgs_dir)]) == 0
+    assert "mosaic_90_5" in capsys.readouterr().out
+    assert main(["mosaic", str(tgs_dir), "mosaic_94_2", "--out", str(tmp_path)]) == 0
+    image = np.asarray(Image.open(tmp_path / "mosaic_94_2.png"))
+    mask = np.asarray(Image.open(tmp_path / "mosaic_94_2_mask.png"))
+    assert image.shape == mask.shape == (1010, 1010) and set(np.unique(mask)) <= {0, 128, 255}
+
+
+def test_predict_bundle_matches_command(tiny_ckpt, tile_paths, tmp_path):
+    """bundles/saltnet/configs/predict.json runs the same workflow as `saltkit predict`."""
+    from monai.bundle import run
+
+    image = tmp_path / "section.npy"
+    np.save(image, np.tile(load_image(tile_paths[2]), (2, 1)))  # 202 x 101
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "cli"), "--tta", "false",
+                 "--no-progress"]) == 0
+    config = Path(__file__).resolve().parents[1] / "bundles" / "saltnet" / "configs" / "predict.json"
+    run(run_id="predict", config_file=str(config), input=str(image), output=str(tmp_path / "bundle"),
+        ckpt=str(tiny_ckpt), tta=False, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "bundle" / "section_prob.npy"),
+                                  np.load(tmp_path / "cli" / "section_prob.npy"))
