@@ -151,6 +151,8 @@ def test_workflow_command_line_is_the_bundle_command_line():
 def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch):
     from saltkit.workflows import WORKFLOWS, bundle_argv
 
+    # as from an editable install (the README's): the package sits in the checkout; tox installs a copy elsewhere
+    monkeypatch.setattr("saltkit.workflows.REPO_DIR", REPO)
     monkeypatch.chdir(tmp_path)
     swa = next(w for w in WORKFLOWS if w.name == "swa")
     files = eval(bundle_argv(swa, ["configs/resize.json", "--run_dir", "runs/resize_fold0"])[4])
