@@ -172,11 +172,15 @@ def _add_arguments(workflow: Workflow):
 
 
 def register(registry: dict) -> None:
-    """Add a passthrough subcommand per bundle workflow of this checkout that no other module registered."""
+    """Add a passthrough subcommand per bundle workflow that no other module registered.
+
+    Registered even where no checkout is found (a copy installed with `pip install .`, run from another folder):
+    running it then ends with one line naming the bundle config it looked for, not "invalid choice".
+    """
     from saltkit.cli import Subcommand, register_subcommand
 
     for wf in WORKFLOWS:
-        if wf.name in registry or not (checkout_dir() / BUNDLE_CONFIGS / wf.config).is_file():
+        if wf.name in registry:
             continue
         register_subcommand(registry, Subcommand(
             wf.name, f"{wf.help} (monai.bundle run {wf.run_id})", _add_arguments(wf),

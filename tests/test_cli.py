@@ -161,6 +161,17 @@ def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch
         bundle_argv(swa, ["configs/rezise.json"])
 
 
+def test_workflow_without_a_checkout_names_the_bundle_config(tmp_path, monkeypatch, capsys):
+    from saltkit.cli import main
+
+    # a copy installed with `pip install .`, run from a folder that is not a checkout
+    monkeypatch.setattr("saltkit.workflows.REPO_DIR", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "configs/pad.json"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("saltkit train: error: ") and "bundles/saltnet/configs/train.json" in last, last
+
+
 def test_warnings_about_shipped_configs_are_silenced(recwarn):
     import logging
     import warnings
