@@ -34,12 +34,15 @@ class Workflow:
     run_id: str
     config: str
     help: str
+    keys: tuple[str, ...] = ()  # --KEY VALUE pairs put before the user's (which may override them)
 
 
 WORKFLOWS = (
     Workflow("train", "training", "train.json", "train one fold, writing runs/<variant>_fold<k>/"),
     Workflow("swa", "swa", "swa.json", "average a run's best checkpoints (SWA), BatchNorm re-estimated"),
     Workflow("evaluate", "evaluate", "evaluate.json", "score a checkpoint on its validation fold, with and without TTA"),
+    Workflow("tune", "evaluate", "evaluate.json", "evaluate, and tune the post-processing on the validation fold into "
+             "the checkpoint", ("--tune_postprocessing", "true")),
     Workflow("inference", "inference", "inference.json", "predict DATASET_DIR/test/images into a submission"),
     Workflow("predict", "predict", "predict.json", "predict images or sections of any size"),
 )
@@ -92,7 +95,7 @@ def bundle_argv(workflow: Workflow, args: Sequence[str]) -> list[str]:
     args = list(args)
     split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
     files = [shown_path(bundle_config(workflow))] + [override_file(f) for f in args[:split]]
-    return [bundle_main.__file__, "run", workflow.run_id, "--config_file", repr(files), *args[split:]]
+    return [bundle_main.__file__, "run", workflow.run_id, "--config_file", repr(files), *workflow.keys, *args[split:]]
 
 
 def is_shipped(config_file: str | Path) -> bool:
@@ -155,8 +158,9 @@ def run_workflow(workflow: Workflow, args: Sequence[str]) -> int:
 
 def equivalent_command(workflow: Workflow) -> str:
     """The README spelling of the workflow, for help texts."""
+    keys = "".join(f" {k}" for k in workflow.keys)
     return (f"python -m monai.bundle run {workflow.run_id} --config_file "
-            f"\"['{(BUNDLE_CONFIGS / workflow.config).as_posix()}', FILES...]\" --KEY VALUE ...")
+            f"\"['{(BUNDLE_CONFIGS / workflow.config).as_posix()}', FILES...]\"{keys} --KEY VALUE ...")
 
 
 def _add_arguments(workflow: Workflow):

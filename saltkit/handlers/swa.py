@@ -2,7 +2,8 @@
 
 Equal-weight mean of the parameters with `torch.optim.swa_utils.AveragedModel`, then BatchNorm statistics
 recomputed with `update_bn` over the fold's training tiles (no augmentation), because averaged weights do not
-match any checkpoint's running statistics.
+match any checkpoint's running statistics. Then, by default, the post-processing is tuned on the fold's validation
+tiles with the averaged network (`saltkit.inference.tuned`), and stored in the same checkpoint.
 """
 
 from __future__ import annotations
@@ -77,14 +78,17 @@ def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str
 
 
 def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, sources: Sequence, bn_tiles: int,
-                        variant: str | None = None) -> Path:
-    """Write {"network", "arch", "checkpoints", "bn_tiles", "variant"} to `path` atomically."""
+                        variant: str | None = None, postprocessing: dict | None = None) -> Path:
+    """Write {"network", "arch", "checkpoints", "bn_tiles", "variant", "postprocessing"} to `path` atomically
+    (variant and postprocessing when given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     payload = {"network": state, "arch": arch, "checkpoints": [str(s) for s in sources], "bn_tiles": int(bn_tiles)}
     if variant is not None:
         payload["variant"] = variant
+    if postprocessing is not None:
+        payload["postprocessing"] = postprocessing
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
     return path
@@ -97,9 +101,12 @@ def run_swa(
     device: str | torch.device = "cpu",
     variant: str | None = None,
     image_key: str = "image",
+    tune_loader: Iterable[dict] | None = None,
+    tuned_on: dict | None = None,
 ) -> Path:
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
-    (tiles prepared for `variant`), save to `output`."""
+    (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
+    given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`."""
     check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
     paths = [Path(p) for p in checkpoints]
     for p in paths:  # fail before any work, naming the first missing file
@@ -113,6 +120,15 @@ def run_swa(
     if tiles == 0:
         raise ValueError("SWA: the BN loader yielded no training tiles (check dataset_dir / fold)")
     print(f"SWA: recomputed BatchNorm statistics over {tiles} training tiles", flush=True)
-    out = save_swa_checkpoint(output, network, arch, paths, tiles, variant)
+    entry = None
+    if tune_loader is not None:
+        from saltkit.inference.tuned import predict_labelled_tiles, tune, tuning_summary
+
+        if variant is None:
+            raise ValueError("SWA: tuning the post-processing needs config key 'variant' (pad or resize)")
+        predicted = predict_labelled_tiles(network, tune_loader, variant, device)
+        _, entry = tune(predicted["prob"], predicted["image_prob"], predicted["label"], dict(tuned_on or {}))
+        print(f"SWA: post-processing tuned: {tuning_summary(entry)}", flush=True)
+    out = save_swa_checkpoint(output, network, arch, paths, tiles, variant, entry)
     print(f"SWA: wrote {out}", flush=True)
     return out

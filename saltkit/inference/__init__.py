@@ -3,7 +3,9 @@ evaluate engine workflows; saved probabilities and ensembling.
 
 Data flow: tiles -> `FlipTTAInferer` (in a MONAI `SupervisedEvaluator`) -> back onto the tile grid ->
 `mask_transforms` (threshold, small components, empty tiles) -> `PredictionWriter` (probabilities .npz + submission
-CSV) or `EvaluationReport` (per-tile CSV, worst tiles); saved probabilities -> `ensemble` -> submission.
+CSV) or `EvaluationReport` (per-tile CSV, coverage classes, worst tiles); saved probabilities -> `ensemble` ->
+submission. Post-processing tuned on a validation fold (`tuning`) is stored in the checkpoint and used by default
+(`tuned.choose_postprocessing`).
 """
 
 from saltkit.geometry import restore_tiles
@@ -35,8 +37,17 @@ from saltkit.inference.postprocess import (
     remove_small_components,
 )
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
+from saltkit.inference.tuned import (
+    ChosenPostProcessing,
+    choose_postprocessing,
+    prediction_threshold,
+    read_tuned_postprocessing,
+    store_postprocessing,
+)
+from saltkit.inference.tuning import TuningGrid, TuningResult, search_postprocessing
 
 __all__ = [
+    "ChosenPostProcessing",
     "EmptyTilesd",
     "EvaluationReport",
     "FlipTTAInferer",
@@ -46,9 +57,12 @@ __all__ = [
     "RemoveSmallComponentsd",
     "SectionInferer",
     "TileSlidingWindowInferer",
+    "TuningGrid",
+    "TuningResult",
     "average_probabilities",
     "checkpoint_arch",
     "checkpoint_variant",
+    "choose_postprocessing",
     "default_checkpoint",
     "ensemble_files",
     "load_network",
@@ -57,11 +71,15 @@ __all__ = [
     "network_from_checkpoint",
     "output_dir_for",
     "postprocess",
+    "prediction_threshold",
     "read_checkpoint",
+    "read_tuned_postprocessing",
     "remove_small_components",
     "restore_tiles",
     "run_setting",
     "save_probabilities",
+    "search_postprocessing",
     "section_inferer",
+    "store_postprocessing",
     "tile_inferer",
 ]

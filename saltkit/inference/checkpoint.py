@@ -10,14 +10,17 @@ import torch
 from torch import nn
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
-    """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing."""
+def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+    """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing.
+
+    `mmap`: map the tensors instead of reading them (cheap when only the small entries are wanted).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (config key '{key}'); train the run first, "
                                 f"or pass --{key} with an existing checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "network" not in ckpt or "arch" not in ckpt:

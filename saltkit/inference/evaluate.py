@@ -1,8 +1,9 @@
 """The evaluate workflow's pieces: which labelled tiles to score, the per-tile table and the worst-tiles picture.
 
 The evaluate bundle (bundles/saltnet/configs/evaluate.json) runs a MONAI SupervisedEvaluator with flip TTA and
-`saltkit.inference.EvaluationReport`, which writes `tiles.csv` (id, coverage, iou, score, iou_tta, score_tta; one
-row per tile) and `worst_tiles.png` (the lowest TTA scores) with these functions.
+`saltkit.inference.EvaluationReport`, which writes `tiles.csv` (id, coverage, iou, score, iou_tta, score_tta, and
+score_tuned when it tunes the post-processing; one row per tile), `coverage.csv` (the means per coverage class) and
+`worst_tiles.png` (the lowest TTA scores) with these functions.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def iou_per_tile(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
-def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: np.ndarray) -> pd.DataFrame:
-    """Per-tile DataFrame: id, coverage (salt fraction of the truth), iou, score (no TTA), iou_tta, score_tta."""
-    return pd.DataFrame(
+def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: np.ndarray,
+               tuned: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-tile DataFrame: id, coverage (salt fraction of the truth), iou, score (no TTA), iou_tta, score_tta, and
+    score_tuned (TTA, tuned post-processing) when `tuned` masks are given."""
+    table = pd.DataFrame(
         {
             "id": list(ids),
             "coverage": truths.reshape(len(truths), -1).mean(axis=1),
@@ -55,6 +58,56 @@ def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: n
             "score_tta": kaggle_scores(tta, truths),
         }
     )
+    if tuned is not None:
+        table["score_tuned"] = kaggle_scores(tuned, truths)
+    return table
+
+
+# Salt cover of the truth: empty, then [0, 5 %), [5 %, 20 %), [20 %, 50 %), [50 %, 100 %]. On 101 x 101 tiles no
+# tile sits exactly on a bound (5 % of 10201 pixels is 510.05), so the half-open ends never matter.
+COVERAGE_CLASSES = ("empty", "<5%", "5-20%", "20-50%", ">50%")
+COVERAGE_BOUNDS = (0.05, 0.20, 0.50)
+COVERAGE_TAGS = ("empty", "under5", "5to20", "20to50", "over50")  # TensorBoard tag names
+
+
+def coverage_class(coverage) -> np.ndarray:
+    """Index into COVERAGE_CLASSES of each tile's truth salt cover (fraction of the tile, `(N,)`) -> int `(N,)`."""
+    coverage = np.asarray(coverage, dtype=np.float64)
+    return np.where(coverage == 0, 0, 1 + np.searchsorted(COVERAGE_BOUNDS, coverage, side="right"))
+
+
+def coverage_table(table: pd.DataFrame, predicted_empty: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per coverage class and over "all" tiles: tile count, the mean of each score column of `table` (score,
+    score_tta, score_tuned when present; NaN for a class without tiles) and, per `predicted_empty` entry
+    (name -> `(N,)` bool), the number of tiles predicted empty."""
+    classes = coverage_class(table["coverage"].to_numpy())
+    scores = [c for c in ("score", "score_tta", "score_tuned") if c in table]
+    rows = []
+    for k, name in [*enumerate(COVERAGE_CLASSES), (None, "all")]:
+        member = np.ones(len(table), dtype=bool) if k is None else classes == k
+        row = {"class": name, "tiles": int(member.sum())}
+        row.update({c: float(table[c].to_numpy()[member].mean()) if member.any() else float("nan") for c in scores})
+        row.update({n: int(np.asarray(e)[member].sum()) for n, e in predicted_empty.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def coverage_records(coverage: pd.DataFrame) -> list[dict]:
+    """Rows of `coverage_table` as plain dicts, None for the means of a class without tiles (JSON has no NaN)."""
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in coverage.to_dict(orient="records")]
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    """`table` as a markdown table (floats with `digits` decimals, "-" for NaN), e.g. for TensorBoard's text tab."""
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:

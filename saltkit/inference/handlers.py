@@ -7,6 +7,7 @@ submission is one validated CSV over every tile, beside the probabilities it cam
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 SUBMISSION = "submission.csv"
 PROBABILITIES = "probabilities.npz"
 TILES_CSV = "tiles.csv"
+COVERAGE_CSV = "coverage.csv"
+SUMMARY_JSON = "summary.json"
 WORST_PNG = "worst_tiles.png"
 
 
@@ -119,29 +122,52 @@ class PredictionWriter(TileCollector):
 
 
 class EvaluationReport(TileCollector):
-    """Writes `output_dir/tiles.csv` (id, coverage, iou, score, iou_tta, score_tta per tile) and
-    `output_dir/worst_tiles.png` (the `worst` lowest-scoring tiles with TTA), and prints the means."""
+    """Writes into `output_dir`: `tiles.csv` (id, coverage, iou, score, iou_tta, score_tta per tile),
+    `coverage.csv` (per coverage class: tiles, mean scores, tiles predicted empty), `summary.json` (the means, the
+    post-processing used, the tuning) and `worst_tiles.png` (the `worst` lowest-scoring tiles with TTA); prints the
+    means and the coverage table, and writes them to TensorBoard through `writer` when given.
 
-    def __init__(self, output_dir: str | Path, items: Sequence[dict], worst: int = 16, summary: str = ""):
-        super().__init__(["label", "mask", "mask_plain"])
+    `tune_ckpt`: also search the post-processing on these tiles' TTA probabilities
+    (`saltkit.inference.tuned.tune`), add `score_tuned` to the tables, and store the result in that checkpoint
+    with `tuned_on` (what the tiles are: `saltkit.inference.tuned.tuning_record`).
+    """
+
+    def __init__(self, output_dir: str | Path, items: Sequence[dict], worst: int = 16, summary: str = "",
+                 writer=None, tune_ckpt: str | Path | None = None, tuned_on: dict | None = None):
+        super().__init__(["label", "mask", "mask_plain"] + (["prob", "image_prob"] if tune_ckpt else []))
         self.output_dir = Path(output_dir)
         self.items = {str(it["id"]): it for it in items}
         self.worst = int(worst)
-        self.summary = summary
+        self.summary = str(summary)
+        self.writer = writer
+        self.tune_ckpt = None if tune_ckpt in (None, "") else Path(tune_ckpt)
+        self.tuned_on = dict(tuned_on or {})
         self.result: dict = {}
 
     def write(self, engine: Engine) -> None:
-        from saltkit.inference.evaluate import save_png, tile_table
+        from saltkit.inference.evaluate import coverage_records, coverage_table, save_png, tile_table
+        from saltkit.inference.postprocess import postprocess
+        from saltkit.inference.tuned import store_postprocessing, tune, tuning_summary
         from saltkit.pictures import tile_grid
 
         a = self.arrays()
         truths = (a["label"] > 0.5).astype(np.uint8)
         tta, plain = a["mask"].astype(np.uint8), a["mask_plain"].astype(np.uint8)
-        table = tile_table(self.ids, truths, plain, tta)
+        entry, tuned = None, None
+        if self.tune_ckpt is not None:
+            result, entry = tune(a["prob"], a["image_prob"], truths, self.tuned_on)
+            tuned = postprocess(a["prob"], a["image_prob"], result.settings)
+        table = tile_table(self.ids, truths, plain, tta, tuned)
+        empty = {"empty_pred": ~plain.reshape(len(plain), -1).any(1), "empty_pred_tta": ~tta.reshape(len(tta), -1).any(1)}
+        if tuned is not None:
+            empty["empty_pred_tuned"] = ~tuned.reshape(len(tuned), -1).any(1)
+        coverage = coverage_table(table, empty)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         csv_path = self.output_dir / TILES_CSV
         with atomic_write(csv_path) as f:
             table.to_csv(f, index=False, float_format="%.6g")
+        with atomic_write(self.output_dir / COVERAGE_CSV) as f:
+            coverage.to_csv(f, index=False, float_format="%.6g")
         order = np.argsort(table["score_tta"].to_numpy(), kind="stable")[: max(self.worst, 0)]
         png_path = None
         if len(order):
@@ -151,9 +177,44 @@ class EvaluationReport(TileCollector):
                                 tile_grid(images, truths[order], tta[order], [self.ids[k] for k in order], scores))
         self.result = {"tiles": len(table), "score": float(table["score"].mean()),
                        "score_tta": float(table["score_tta"].mean()), "iou": float(table["iou"].mean()),
-                       "iou_tta": float(table["iou_tta"].mean())}
+                       "iou_tta": float(table["iou_tta"].mean()), "settings": self.summary,
+                       "tuning": entry, "coverage": coverage_records(coverage)}
+        with atomic_write(self.output_dir / SUMMARY_JSON) as f:
+            json.dump(self.result, f, indent=2, default=_json_number)
+        if self.writer is not None:
+            self.write_tensorboard(coverage, entry)
         r = self.result
         print(f"evaluate: {r['tiles']} tiles, {self.summary}")
-        print(f"evaluate: wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+        print(f"evaluate: wrote {csv_path}, {COVERAGE_CSV}, {SUMMARY_JSON}" + (f" and {WORST_PNG}" if png_path else ""))
         print(f"evaluate: mean IoU {r['iou']:.4f} without TTA, {r['iou_tta']:.4f} with TTA")
         print(f"evaluate: competition metric {r['score']:.4f} without TTA, {r['score_tta']:.4f} with TTA")
+        print("evaluate: per coverage class of the truth (mean competition metric; tiles predicted empty):")
+        print(coverage.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+        if entry is not None:
+            store_postprocessing(self.tune_ckpt, entry)
+            print(f"evaluate: post-processing tuned: {tuning_summary(entry)}; stored in {self.tune_ckpt}")
+
+    def write_tensorboard(self, coverage, entry: dict | None) -> None:
+        """Scalars `evaluate/...` (means) and `coverage/<class>/...` (per coverage class), the table as text."""
+        from saltkit.inference.evaluate import COVERAGE_TAGS, coverage_records, markdown_table
+
+        r, w = self.result, self.writer
+        w.add_scalar("evaluate/competition_metric", r["score"], 0)
+        w.add_scalar("evaluate/competition_metric_tta", r["score_tta"], 0)
+        if entry is not None:
+            w.add_scalar("evaluate/competition_metric_tta_defaults", entry["metric_before"], 0)
+            w.add_scalar("evaluate/competition_metric_tta_tuned", entry["metric_after"], 0)
+        for tag, row in zip([*COVERAGE_TAGS, "all"], coverage_records(coverage), strict=True):
+            for column, value in row.items():
+                if column != "class" and value is not None:  # a class without tiles has no means
+                    w.add_scalar(f"coverage/{tag}/{column}", value, 0)
+        w.add_text("evaluate/coverage", markdown_table(coverage), 0)
+        w.add_text("evaluate/postprocessing", self.summary, 0)
+        w.flush()
+
+
+def _json_number(value):
+    """numpy scalars in summary.json as plain numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

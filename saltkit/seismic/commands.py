@@ -18,6 +18,14 @@ def _bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _threshold(text: str):
+    """`--threshold 0.4` as a number; `auto` (or anything else, for the check to name) as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder "
                                             "of them, or a SEG-Y volume (.sgy/.segy)")
@@ -27,7 +35,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x < 1 (0.5)")
     p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
     p.add_argument("--sw-batch-size", type=int, default=16, help="windows per network batch (16)")
-    p.add_argument("--threshold", type=float, default=0.5, help="salt where probability > this, for masks (0.5)")
+    p.add_argument("--threshold", default="auto",
+                   help="salt where probability > this, for masks (auto: the checkpoint's tuned threshold, else 0.5)")
     p.add_argument("--normalize", choices=("auto", "dtype", "percentile"), default=None,
                    help="intensity mapping to [0, 1]: images default 'auto' (8/16-bit grey by full scale, other "
                         "values by percentiles), SEG-Y always 'percentile'")
@@ -52,6 +61,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _predict_run(args: argparse.Namespace) -> int:
     import torch
 
+    from saltkit.inference.tuned import prediction_threshold
     from saltkit.seismic.predict import (
         default_device,
         join_torchrun,
@@ -67,9 +77,10 @@ def _predict_run(args: argparse.Namespace) -> int:
             read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
         device = default_device(args.device)
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
+        threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))
         network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant)
         provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap}
-        summary = run_predict(args.input, args.out, network, inferer, threshold=args.threshold, normalization=norm,
+        summary = run_predict(args.input, args.out, network, inferer, threshold=threshold, normalization=norm,
                               direction=args.direction, dtype=args.dtype, iline_byte=args.iline_byte,
                               xline_byte=args.xline_byte, clip_traces=args.clip_traces, save_npy=args.npy,
                               device=device, progress=not args.no_progress, provenance=provenance)
