@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from saltkit.cli import main as saltkit_main
 from saltkit.data import load_image
 from saltkit.data import test_items as list_test_items  # aliased: pytest would collect test_items
 from saltkit.inference import load_network, load_probabilities
+from saltkit.metrics import kaggle_scores
 from saltkit.submission import read_submission, validate_submission
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
@@ -214,3 +216,128 @@ def test_labelled_items(sample_dir, tmp_path):
     assert len(val) == 10 and (tmp_path / "folds.csv").is_file()
     with pytest.raises(ValueError, match="'eval_set'"):
         labelled_items(sample_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def varied_ckpt(tmp_path_factory, sample_dir):
+    """A tiny random network whose last layers are rescaled so that its probabilities spread over (0, 1) on real
+    tiles (components of many sizes, image-head probabilities on both sides of 0.5): post-processing bites."""
+    from saltkit.data import train_items
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False).eval()
+    tiles = torch.stack([torch.as_tensor(load_image(it["image"])).float().div(255).expand(3, 101, 101)
+                         for it in train_items(sample_dir)[:20]])
+    x = F.pad(tiles, (13, 14, 13, 14), mode="reflect")
+    state = net.state_dict()
+    with torch.no_grad():
+        for weight, bias, output in (("final.2.weight", "final.2.bias", "logit"),
+                                     ("image_logit.weight", "image_logit.bias", "image_logit")):
+            state[weight] *= 2 / getattr(net(x), output).std()
+            net.load_state_dict(state)
+            state[bias] -= getattr(net(x), output).median()
+            net.load_state_dict(state)
+    path = tmp_path_factory.mktemp("varied") / "pad_fold0" / "best_metric.pt"
+    path.parent.mkdir()
+    torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, path)
+    return path
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for f in sorted(log_dir.iterdir()):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        scalars.update({tag: ea.Scalars(tag)[-1].value for tag in ea.Tags()["scalars"]})
+    return scalars
+
+
+def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ckpt, sample_dir, tmp_path, capsys):
+    from saltkit.inference import PostProcessing, postprocess
+    from saltkit.inference.evaluate import COVERAGE_CLASSES
+    from saltkit.submission import submission_masks
+
+    ckpt = tmp_path / "pad_fold0" / "best_metric.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(varied_ckpt, ckpt)
+    common = ["--ckpt", str(ckpt), "--folds_csv", str(tmp_path / "folds.csv"), "--num_folds", "5",
+              "--progress", "false", "--worst_tiles", "2"]
+    # `saltkit tune` = the evaluate workflow with --tune_postprocessing true
+    assert saltkit_main(["tune", *common, "--output_dir", str(tmp_path / "tuned")]) == 0
+    out = capsys.readouterr().out
+    entry = torch.load(ckpt, weights_only=True)["postprocessing"]
+    settings = PostProcessing(**{k: entry[k] for k in ("threshold", "min_component_size", "image_threshold",
+                                                         "min_area")})
+    assert entry["tuned_on"]["fold"] == 0 and entry["tuned_on"]["num_folds"] == 5 and entry["tuned_on"]["tiles"] == 20
+    assert f"stored in {ckpt}" in out and "all the plain default" in out  # evaluated with the defaults, then tuned
+    assert entry["metric_after"] > entry["metric_before"] and settings != PostProcessing()
+    tuned = pd.read_csv(tmp_path / "tuned" / "tiles.csv", dtype={"id": str})
+    assert tuned["score_tta"].mean() == pytest.approx(entry["metric_before"], abs=1e-9)
+    assert tuned["score_tuned"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
+    # per coverage class: the tiles of each class and their means, counted here from the tiles' coverage
+    coverage = pd.read_csv(tmp_path / "tuned" / "coverage.csv", keep_default_na=False, na_values=[""])
+    assert coverage["class"].tolist() == [*COVERAGE_CLASSES, "all"]
+    pixels = np.rint(tuned["coverage"].to_numpy() * 101 * 101)
+    classes = [pixels == 0, (pixels > 0) & (pixels < 510.05), (pixels >= 510.05) & (pixels < 2040.2),
+               (pixels >= 2040.2) & (pixels < 5100.5), pixels >= 5100.5, pixels >= 0]
+    for row, member in zip(coverage.itertuples(index=False), classes, strict=True):
+        assert row.tiles == member.sum(), row
+        if member.any():
+            assert row.score_tuned == pytest.approx(tuned["score_tuned"][member].mean(), abs=1e-6), row
+            assert row.score == pytest.approx(tuned["score"][member].mean(), abs=1e-6), row
+    summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    assert summary["tuning"] == entry and summary["coverage"][-1]["tiles"] == 20
+    scalars = tensorboard_scalars(tmp_path / "tuned" / "tensorboard")
+    assert scalars["evaluate/competition_metric_tta_tuned"] == pytest.approx(entry["metric_after"], abs=1e-6)
+    assert scalars["coverage/all/tiles"] == 20 and scalars["coverage/empty/tiles"] == coverage["tiles"][0]
+
+    # evaluate now takes the tuned values (auto): the engine's post transforms give the tuned scores, tile for tile
+    bundle_run("evaluate", config_file=str(BUNDLE / "evaluate.json"), ckpt=str(ckpt), output_dir=str(tmp_path / "after"),
+               folds_csv=str(tmp_path / "folds.csv"), num_folds=5, progress=False, worst_tiles=2)
+    assert "all tuned (fold 0, 20 tiles" in capsys.readouterr().out
+    after = pd.read_csv(tmp_path / "after" / "tiles.csv", dtype={"id": str})
+    assert after["id"].tolist() == tuned["id"].tolist()
+    np.testing.assert_array_equal(after["score_tta"].to_numpy(), tuned["score_tuned"].to_numpy())
+
+    # inference too (on the validation tiles as a test set); a value given on the command line wins
+    data = tmp_path / "val_as_test"
+    (data / "test" / "images").mkdir(parents=True)
+    for i in tuned["id"]:
+        shutil.copy(sample_dir / "train" / "images" / f"{i}.png", data / "test" / "images")
+    other = 0.35 if settings.threshold != 0.35 else 0.4
+    for given, expected in (({}, settings), ({"threshold": other, "image_threshold": "null"}, PostProcessing(
+            other, settings.min_component_size, None, settings.min_area))):
+        out_dir = tmp_path / f"inference{len(given)}"
+        bundle_run("inference", config_file=str(BUNDLE / "inference.json"), ckpt=str(ckpt), output_dir=str(out_dir),
+                   dataset_dir=str(data), progress=False, **given)
+        probs = load_probabilities(out_dir / "probabilities.npz")
+        sub = read_submission(out_dir / "submission.csv").set_index("id").loc[probs.ids].reset_index()
+        masks = submission_masks(sub, out_dir / "submission.csv")
+        # the saved probabilities are rounded to 1/65535, so a pixel right at the threshold may flip
+        expected_masks = postprocess(probs.probs, probs.image_probs, expected)
+        assert (masks != expected_masks).mean() < 1e-4
+        assert (masks != postprocess(probs.probs, probs.image_probs, PostProcessing())).mean() > 0.01
+        if not given:
+            truth = submission_masks(pd.read_csv(sample_dir / "train.csv", dtype={"id": str}, keep_default_na=False)
+                                     .set_index("id").loc[probs.ids].reset_index(), sample_dir / "train.csv")
+            assert kaggle_scores(masks, truth).mean() == pytest.approx(entry["metric_after"], abs=0.05)
+    assert "threshold, image_threshold as given" in capsys.readouterr().out
+
+
+def test_tuning_refuses_the_training_tiles_and_a_malformed_entry_is_named(run_dir, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(run_dir / "best_metric.pt", ckpt)
+    with pytest.raises(Exception) as info:
+        bundle_run("evaluate", config_file=str(BUNDLE / "evaluate.json"), ckpt=str(ckpt), eval_set="all",
+                   tune_postprocessing=True, output_dir=str(tmp_path / "out"), progress=False)
+    assert "config key 'tune_postprocessing' needs eval_set 'fold'" in chain_text(info.value)
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save({**saved, "postprocessing": {"threshold": "high"}}, ckpt)
+    with pytest.raises(Exception) as info:
+        bundle_run("inference", config_file=str(BUNDLE / "inference.json"), ckpt=str(ckpt),
+                   output_dir=str(tmp_path / "out"), progress=False)
+    assert f"{ckpt}: entry 'postprocessing' lacks min_component_size" in chain_text(info.value)
+    assert not (tmp_path / "out" / "submission.csv").exists()

@@ -60,3 +60,28 @@ def test_bad_settings_and_inputs():
         postprocess(np.zeros((1, 4, 4)), None, PostProcessing(image_threshold=0.5))
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         postprocess(np.zeros((4, 4)))
+
+
+def test_engine_transforms_equal_postprocess_on_real_masks(sample_dir):
+    import torch
+    from scipy import ndimage
+
+    from saltkit.data import train_items
+    from saltkit.data.layout import load_mask
+    from saltkit.inference.postprocess import mask_transforms
+
+    truths = np.stack([load_mask(it["label"]) for it in train_items(sample_dir)[:40]]).astype(np.float64)
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.normal(size=truths.shape), (0, 2, 2)) * 6
+    probs = (1 / (1 + np.exp(-(3 * (2 * truths - 1) + noise)))).astype(np.float32)
+    image = rng.random(len(truths)).astype(np.float32)
+    salty = int(np.argmax(truths.mean(axis=(1, 2)) > 0.2))
+    image[salty] = np.float32(0.7)  # exactly the float32 nearest 0.7, which lies below 0.7: both keep the tile
+    for settings in (PostProcessing(0.45, 20, 0.5, 40), PostProcessing(0.6, 0, 0.7, 0), PostProcessing(0.3, 80)):
+        expected = postprocess(probs, image, settings)
+        post = mask_transforms(settings)
+        for k in range(len(probs)):
+            out = post({"prob": torch.from_numpy(probs[k][None]), "image_prob": torch.from_numpy(image[k : k + 1])})
+            np.testing.assert_array_equal(out["mask"][0].numpy(), expected[k], err_msg=f"{settings} tile {k}")
+        assert 0 < (expected.reshape(len(expected), -1).any(1)).sum() < len(expected)
+        assert expected[salty].any()

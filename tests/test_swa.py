@@ -164,11 +164,24 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
     bn_mean = next(k for k in swa["network"] if k.endswith("running_mean"))
     assert not torch.allclose(swa["network"][bn_mean], nets[-1].state_dict()[bn_mean])
-    assert "recomputed BatchNorm statistics over 8 training tiles" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recomputed BatchNorm statistics over 8 training tiles" in out
     # the result is a checkpoint the inference bundle can rebuild
     from saltkit.inference import load_network
 
     assert load_network(run_dir / "swa.pt").arch == swa["arch"]
+    # post-processing tuned on the fold's 4 validation tiles after the BN pass, stored with the weights
+    entry = swa["postprocessing"]
+    assert {k: entry["tuned_on"][k] for k in ("fold", "num_folds", "tiles")} == {"fold": 1, "num_folds": 3, "tiles": 4}
+    assert 0 <= entry["metric_before"] <= entry["metric_after"] <= 1
+    assert "SWA: post-processing tuned: competition metric with TTA" in out
+    # the evaluate workflow on swa.pt (tuned values by default) scores what the tuning measured
+    bundle_run("evaluate", config_file=str(REPO / "bundles" / "saltnet" / "configs" / "evaluate.json"),
+               ckpt=str(run_dir / "swa.pt"), fold=1, output_dir=str(tmp_path / "evaluate"), progress=False,
+               worst_tiles=0)
+    table = pd.read_csv(tmp_path / "evaluate" / "tiles.csv", dtype={"id": str})
+    assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
+    assert table["score_tta"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
 
 
 def test_swa_bundle_missing_checkpoint(tmp_path):
@@ -233,6 +246,11 @@ def test_swa_bundle_over_a_list_with_last_pt(checkpoints, sample_dir, tmp_path):
                checkpoints="best_loss.pt,last.pt")
     swa = torch.load(run_dir / "swa.pt", weights_only=True)
     assert [Path(p).name for p in swa["checkpoints"]] == ["best_loss.pt", "last.pt"]
+    assert swa["postprocessing"]["tuned_on"]["tiles"] == 4  # tuned by default
+    bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), dataset_dir=str(data),
+               folds_csv=str(tmp_path / "folds.csv"), num_folds=3, fold=0, batch_size=4,
+               checkpoints="best_loss.pt,last.pt", tune_postprocessing=False)
+    assert "postprocessing" not in torch.load(run_dir / "swa.pt", weights_only=True)
     name = next(iter(dict(nets[0].named_parameters())))
     expected = (nets[0].state_dict()[name] + nets[2].state_dict()[name]) / 2
     torch.testing.assert_close(swa["network"][name], expected, rtol=1e-5, atol=1e-6)

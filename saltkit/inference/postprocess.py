@@ -1,7 +1,8 @@
 """Probabilities -> binary masks: threshold, drop small components, empty tiles judged salt-free.
 
 All rules are off by default except the 0.5 threshold, so the defaults reproduce a plain thresholded prediction;
-tune them on a validation fold with the evaluate bundle before switching them on for a submission.
+`saltkit.inference.tuning` searches them on a validation fold and the workflows use the tuned values stored in
+the checkpoint (`saltkit.inference.tuned`).
 Two forms of the same rules: `postprocess` on stacked numpy arrays (ensembles of saved probabilities), and
 `mask_transforms`, the MONAI post transforms the inference and evaluate engines run on each decollated tile.
 """
@@ -135,7 +136,8 @@ class EmptyTilesd(MapTransform):
                 if prob_key is None or prob_key not in d:
                     raise ValueError("config key 'image_threshold' is set but the network gives no image-level "
                                      "probability (no image head in the prediction)")
-                empty = empty or float(torch.as_tensor(d[prob_key]).reshape(-1)[0]) < self.image_threshold
+                # compared in the probability's own precision, as `postprocess` compares a float32 array
+                empty = empty or bool(torch.as_tensor(d[prob_key]).reshape(-1)[0] < self.image_threshold)
             if empty:
                 d[key] = torch.zeros_like(mask)
         return d
