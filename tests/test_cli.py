@@ -148,6 +148,15 @@ def test_workflow_command_line_is_the_bundle_command_line():
     assert not is_shipped("/tmp/my_recipe.json")
 
 
+def test_tune_is_the_evaluate_workflow_with_tuning_on():
+    from saltkit.workflows import WORKFLOWS, bundle_argv
+
+    tune = next(w for w in WORKFLOWS if w.name == "tune")
+    argv = bundle_argv(tune, ["--ckpt", "runs/pad_fold0/swa.pt"])
+    assert argv[1:3] == ["run", "evaluate"] and Path(eval(argv[4])[0]).name == "evaluate.json"
+    assert argv[5:] == ["--tune_postprocessing", "true", "--ckpt", "runs/pad_fold0/swa.pt"]
+
+
 def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch):
     from saltkit.workflows import WORKFLOWS, bundle_argv
 

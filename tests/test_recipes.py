@@ -95,6 +95,26 @@ def test_keys_table_defaults_are_train_json_values():
             assert same(doc_value(default), value), f"docs say {key} defaults to {default}, train.json has {value!r}"
 
 
+def test_postprocessing_keys_are_documented_as_the_configs_set_them():
+    from saltkit.inference import PostProcessing
+
+    configs = {name: json.loads((REPO / "bundles/saltnet/configs" / name).read_text())
+               for name in ("inference.json", "evaluate.json", "predict.json", "swa.json")}
+    keys = ["threshold", "min_component_size", "image_threshold", "min_area"]
+    for name in ("inference.json", "evaluate.json"):
+        assert [configs[name][k] for k in keys] == ["auto"] * 4, name
+    docs = DOCS.read_text()
+    rows = {cells[0]: cells[1:] for cells in table_after(docs, "`evaluate.json` and `inference.json` read like")}
+    meaning = rows[", ".join(f"`{k}`" for k in keys)][0]
+    plain = PostProcessing()
+    defaults = ", ".join(json.dumps(getattr(plain, k)) for k in keys)  # 0.5, 0, null, 0
+    assert meaning.startswith("`auto` each") and f"the plain default ({defaults})" in meaning
+    assert rows["`tune_postprocessing`"][0].startswith(f"evaluate only, {json.dumps(configs['evaluate.json']['tune_postprocessing'])}")
+    assert configs["swa.json"]["tune_postprocessing"] is True and "`--tune_postprocessing false`" in docs
+    predict = {cells[0]: cells[1] for cells in table_after(docs, "## Predict: section images")}
+    assert doc_value(predict["`threshold`"]) == configs["predict.json"]["threshold"] == "auto"
+
+
 def test_readme_cpu_recipe_figures_are_the_files():
     cpu = json.loads(RECIPES["cpu.json"].read_text())
     row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `cpu.json`"))
