@@ -83,15 +83,22 @@ def test_metric_grid_agrees_with_brute_force(truths):
         settings = PostProcessing(t, s, it, area)
         assert totals[i, k, j, a] / (10 * len(truths)) == pytest.approx(
             direct_metric(probs, image, truths, settings), abs=1e-12), settings
-    best = search_postprocessing(probs, image, truths, grid)
+    best = search_postprocessing(probs, image, truths, grid, tolerance=0)
     assert best.metric == pytest.approx(totals.max() / (10 * len(truths)), abs=1e-12)
+    # by default a setting must beat a plainer one by more than one tile's score (here 1 / 100)
+    chosen = search_postprocessing(probs, image, truths, grid)
+    i, k, j, a = (values[n].index(getattr(chosen.settings, key)) for n, key in enumerate(
+        ("threshold", "min_component_size", "image_threshold", "min_area")))
+    assert totals[i, k, j, a] >= totals.max() - 10
+    plainer = [s for s in itertools.product(*values) if plainness(PostProcessing(*s)) < plainness(chosen.settings)]
+    assert all(totals[tuple(v.index(x) for v, x in zip(values, s, strict=True))] < totals.max() - 10 for s in plainer)
 
 
 def test_ties_go_to_the_plainest_setting(truths):
     # probabilities that give the exact truth at every threshold of the grid: the defaults tie with many settings
     probs = np.where(truths > 0, 0.9, 0.1).astype(np.float32)
     image = np.where(truths.reshape(len(truths), -1).any(1), 0.9, 0.1).astype(np.float32)
-    result = search_postprocessing(probs, image, truths)
+    result = search_postprocessing(probs, image, truths, tolerance=0)
     assert result.settings == PostProcessing() and result.metric == result.default_metric == 1.0
     assert result.ties > 1
     # a tolerance as wide as the metric keeps the defaults whatever the data

@@ -7,8 +7,9 @@ Exact (the chosen setting's metric is what `postprocess` + `kaggle_scores` give)
 - `image_threshold` and `min_area` only empty whole tiles: per (threshold, size) each tile has a score when kept,
   a predicted area and an empty-or-not truth (an emptied tile scores 1 when its truth is empty, else 0), so every
   (image_threshold, min_area) pair is one array expression over the tiles.
-Scores are counted in tenths (a tile's competition score is k / 10), so totals compare exactly and ties are real
-ties; among tied settings the plainest one wins (the defaults first), so noise does not pick extremes.
+Scores are counted in tenths (a tile's competition score is k / 10), so totals compare exactly. Among the settings
+within a tolerance of the best (by default one tile's score, 1 / N: less than one tile changing its mind is noise)
+the plainest wins (the defaults first), so noise does not switch rules on or pick extremes.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class TuningResult:
     default_metric: float
     tiles: int
     candidates: int  # settings compared
-    ties: int = field(default=1)  # settings with the best metric (the plainest was chosen)
+    ties: int = field(default=1)  # settings within the tolerance of the best metric (the plainest was chosen)
 
     @property
     def gain(self) -> float:
@@ -147,17 +148,19 @@ def metric_grid(probs, image_probs, truths, grid: TuningGrid = TuningGrid()) -> 
 
 
 def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningGrid(),
-                          tolerance: float = 0.0) -> TuningResult:
+                          tolerance: float | None = None) -> TuningResult:
     """The grid's best `PostProcessing` for `(N, H, W)` probabilities (+ `(N,)` image-head probabilities or None)
     against `(N, H, W)` binary truths, by mean competition metric.
 
-    Among the settings whose metric is within `tolerance` of the best (0: exact ties), the plainest (`plainness`)
-    is chosen; the defaults are the plainest of all, so the result never scores below them.
+    Among the settings whose metric is within `tolerance` of the best (None: one tile's score, 1 / N; 0: exact
+    ties only), the plainest (`plainness`) is chosen; the defaults are the plainest of all, so the result never
+    scores below them.
     """
     totals, (thresholds, sizes, image_thresholds, areas) = metric_grid(probs, image_probs, truths, grid)
     n = np.shape(probs)[0]
     best = totals.max()
-    floor = best - int(np.floor(float(tolerance) * 10 * n + 1e-9))
+    tenths = 10 if tolerance is None else int(np.floor(float(tolerance) * 10 * n + 1e-9))
+    floor = best - tenths
     candidates = [PostProcessing(thresholds[i], sizes[k], image_thresholds[j], areas[a])
                   for i, k, j, a in zip(*np.nonzero(totals >= floor), strict=True)]
     chosen = min(candidates, key=plainness)
@@ -166,7 +169,7 @@ def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningG
     default = (thresholds.index(DEFAULT.threshold), 0, 0, 0)
     return TuningResult(settings=chosen, metric=float(totals[index]) / (10 * n),
                         default_metric=float(totals[default]) / (10 * n), tiles=int(n),
-                        candidates=int(totals.size), ties=int((totals == best).sum()))
+                        candidates=int(totals.size), ties=len(candidates))
 
 
 def tile_scores(probs, image_probs, truths, settings: PostProcessing) -> np.ndarray:
