@@ -8,6 +8,7 @@ tiles with the averaged network (`saltkit.inference.tuned`), and stored in the s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -126,9 +127,11 @@ def run_swa(
 
         if variant is None:
             raise ValueError("SWA: tuning the post-processing needs config key 'variant' (pad or resize)")
+        start = time.perf_counter()
         predicted = predict_labelled_tiles(network, tune_loader, variant, device)
         _, entry = tune(predicted["prob"], predicted["image_prob"], predicted["label"], dict(tuned_on or {}))
-        print(f"SWA: post-processing tuned: {tuning_summary(entry)}", flush=True)
+        print(f"SWA: post-processing tuned in {time.perf_counter() - start:.0f} s: {tuning_summary(entry)}",
+              flush=True)
     out = save_swa_checkpoint(output, network, arch, paths, tiles, variant, entry)
     print(f"SWA: wrote {out}", flush=True)
     return out
