@@ -211,3 +211,26 @@ def test_given_values_out_of_range_name_the_key(ckpt):
     with pytest.raises(ValueError, match=r"config key 'min_area' must be an integer >= 0.*got 'lots', or auto"):
         choose_postprocessing(ckpt, min_area="lots")
     assert choose_postprocessing(ckpt, threshold="AUTO").settings == PostProcessing()
+
+
+def test_predict_command_masks_at_the_tuned_threshold(ckpt, sample_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from saltkit.cli import main
+
+    # the random network's probabilities lie near 0.62 everywhere: 0.65 masks nothing, 0.6 everything
+    entry = {"threshold": 0.65, "min_component_size": 0, "image_threshold": None, "min_area": 0,
+             "metric_before": 0.5, "metric_after": 0.6, "metric_heldout": None, "tuned_on": {"tiles": 10, "fold": 0}}
+    store_postprocessing(ckpt, entry)
+    image = train_items(sample_dir)[0]["image"]
+    for given, threshold, salt in (([], 0.65, False), (["--threshold", "0.6"], 0.6, True)):
+        out = tmp_path / f"pred{len(given)}"
+        assert main(["predict", image, "--ckpt", str(ckpt), "--out", str(out), "--no-progress", *given]) == 0
+        assert f"predict: mask threshold {threshold} (" in capsys.readouterr().out
+        stem = train_items(sample_dir)[0]["id"]
+        prob = np.load(out / f"{stem}_prob.npy")
+        mask = np.asarray(Image.open(out / f"{stem}_mask.png")) > 0
+        np.testing.assert_array_equal(mask, prob > threshold)
+        assert mask.all() if salt else not mask.any()
+    assert main(["predict", image, "--ckpt", str(ckpt), "--out", str(tmp_path / "bad"), "--threshold", "high"]) == 2
+    assert "config key 'threshold' must be a number in [0, 1], got 'high', or auto" in capsys.readouterr().err
