@@ -35,6 +35,7 @@ from saltkit.inference.postprocess import (
     remove_small_components,
 )
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
+from saltkit.inference.runtime import check_runtime, inference_network, uses_onnxruntime
 
 __all__ = [
     "EmptyTilesd",
@@ -47,10 +48,12 @@ __all__ = [
     "SectionInferer",
     "TileSlidingWindowInferer",
     "average_probabilities",
+    "check_runtime",
     "checkpoint_arch",
     "checkpoint_variant",
     "default_checkpoint",
     "ensemble_files",
+    "inference_network",
     "load_network",
     "load_probabilities",
     "mask_transforms",
@@ -64,4 +67,5 @@ __all__ = [
     "save_probabilities",
     "section_inferer",
     "tile_inferer",
+    "uses_onnxruntime",
 ]
