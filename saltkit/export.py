@@ -26,6 +26,7 @@ from saltkit.data.layout import load_image, sample_dir, test_items
 from saltkit.geometry import pad_widths
 from saltkit.inference.checkpoint import read_checkpoint
 from saltkit.inference.onnx_runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, require_module
+from saltkit.inference.runtime import weights_fingerprint
 from saltkit.io import atomic_write
 from saltkit.networks import SaltUNet
 
@@ -98,6 +99,7 @@ def export_torchscript(ckpt: str | Path, out: str | Path, image_size: int = 128,
     meta = {
         "arch": state["arch"],
         "source": str(ckpt),
+        "weights": weights_fingerprint(state["network"]),
         "input": f"(B, 3, {image_size}, {image_size}) float in [0, 1]",
         "output": f"(B, 1, {image_size}, {image_size}) salt logit",
     }
@@ -171,6 +173,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, image_size: int = 128,
         "arch": state["arch"],
         "variant": state.get("variant"),
         "source": str(ckpt),
+        "weights": weights_fingerprint(state["network"]),
         "input": f"{INPUT_NAME}: (B, 3, {image_size}, {image_size}) float in [0, 1]",
         "output": f"logit: (B, 1, {image_size}, {image_size}); image_logit: (B, 1)",
     }

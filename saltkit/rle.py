@@ -39,21 +39,22 @@ def _set_bits(words: np.ndarray) -> np.ndarray:
 
 
 def _vertical_changes(masks: np.ndarray) -> np.ndarray:
-    """Flat row-major indices of the pixels of (K, H, W) masks that differ from the pixel above (salt = nonzero);
-    the first row of each mask is compared with the previous mask's last row (callers drop it)."""
+    """Flat row-major indices (ascending) of the pixels of (K, H, W) masks that differ from the pixel above (salt =
+    nonzero); the first row of each mask is compared with the previous mask's last row (callers drop it)."""
     _, _, w = masks.shape
     # Pack 8 pixels per byte (one read of the masks), then compare the bit stream with itself shifted by W.
     packed = np.packbits(masks.reshape(-1), bitorder="little")
-    packed = np.concatenate([packed, np.zeros(-len(packed) % 8, np.uint8)])
+    if len(packed) % 8:
+        packed = np.concatenate([packed, np.zeros(-len(packed) % 8, np.uint8)])
     words = packed.view(np.uint64)
-    q, s = divmod(w, 64)
-    diff = words.copy()
-    if s:  # the shifted stream is (words << s) | (previous word >> (64 - s)); its two parts share no bit
-        diff[q:] ^= words[: len(words) - q] << np.uint64(s)
-        diff[q + 1 :] ^= words[: len(words) - q - 1] >> np.uint64(64 - s)
-    else:
-        diff[q:] ^= words[: len(words) - q]
-    return _set_bits(diff)
+    n, (q, s) = len(words), divmod(w, 64)
+    # Word j of `above` holds bits 64 (j + q) .. 64 (j + q) + 63 of the stream shifted by W (the pixels above);
+    # the first q words (inside the first mask's first row) are left out.
+    above = words[: max(n - q, 0)] << np.uint64(s)
+    if s and len(above) > 1:
+        above[1:] |= words[: len(above) - 1] >> np.uint64(64 - s)
+    above ^= words[q:]
+    return _set_bits(above) + 64 * q
 
 
 def _run_keys(masks: np.ndarray) -> np.ndarray:
@@ -62,36 +63,38 @@ def _run_keys(masks: np.ndarray) -> np.ndarray:
     k, h, w = masks.shape
     hw, stride = h * w, h * w + 2
     dtype = np.int32 if k * stride < 2**31 else np.int64
-    p = _vertical_changes(masks).astype(dtype)
-    row = p // w
-    col = p - row * w
+    p = _vertical_changes(masks)
+    p = p[: np.searchsorted(p, k * hw)].astype(dtype)  # bits past the last mask are padding
+    row = p // w  # row of the whole stack: which mask * H + row in the mask
     which = row // h
-    r = row - which * h
-    inside = (r > 0) & (which < k)  # row 0 is compared across masks; bits past the last mask are padding
-    vertical = (which * stride + col * h + r + 1)[inside]
+    # key = which * stride + col * H + (row in the mask) + 1, rows in the mask > 0 (row 0 is compared across masks)
+    key = which * (stride - h) + (p - row * w) * h + row + 1
+    vertical = key[row != which * h]
     # Column-major, pixel (0, c) follows (H-1, c-1), and (0, 0) follows background; after (H-1, W-1) comes background.
-    top = masks[:, 0, :] != 0
-    top[:, 1:] ^= masks[:, h - 1, :-1] != 0
+    top, bottom = masks[:, 0, :] != 0, masks[:, h - 1, :] != 0
+    top[:, 1:] ^= bottom[:, :-1]
     t = np.flatnonzero(top).astype(dtype)
-    first_row = (t // w) * stride + (t % w) * h + 1
-    last_pixel = np.flatnonzero(masks[:, h - 1, w - 1] != 0).astype(dtype) * stride + (hw + 1)
+    which_t = t // w
+    first_row = which_t * stride + (t - which_t * w) * h + 1
+    last_pixel = np.flatnonzero(bottom[:, w - 1]).astype(dtype) * stride + (hw + 1)
     keys = np.concatenate([vertical, first_row, last_pixel])
     keys.sort()
     return keys
 
 
 def _number_table(max_value: int) -> np.ndarray:
-    """(2 * (max_value + 1),) byte records: the ASCII digits of 0..max_value right-aligned after NUL padding,
-    followed by a space (first half) or a newline (second half)."""
+    """(2 * (max_value + 1),) records of 8 bytes (16 past 7 digits): the ASCII digits of 0..max_value right-aligned
+    after NUL padding, followed by a space (first half) or a newline (second half)."""
     values = np.arange(max_value + 1)
-    width = len(str(max_value))
-    table = np.zeros((2, len(values), width + 1), np.uint8)
-    for j in range(width):
-        power = 10 ** (width - 1 - j)
+    digits = len(str(max_value))
+    width = 8 if digits < 8 else 16  # uint64 records gather several times faster than odd-sized ones
+    table = np.zeros((2, len(values), width), np.uint8)
+    for j in range(digits):
+        power = 10 ** (digits - 1 - j)
         table[:, :, j] = np.where(values >= power, 48 + values // power % 10, 0)
-    table[:, 0, width - 1] = 48  # "0"
-    table[0, :, width], table[1, :, width] = ord(" "), ord("\n")
-    return table.reshape(-1, width + 1).view(f"V{width + 1}").ravel()
+    table[:, 0, digits - 1] = 48  # "0"
+    table[0, :, digits], table[1, :, digits] = ord(" "), ord("\n")
+    return table.reshape(-1, width).view(np.uint64 if width == 8 else "V16").ravel()
 
 
 def rle_encode(mask) -> str | list[str]:
@@ -113,8 +116,9 @@ def rle_encode(mask) -> str | list[str]:
     tokens, mask_of_run = [], []
     for lo in range(0, n, _ENCODE_CHUNK):
         keys = _run_keys(masks[lo : lo + _ENCODE_CHUNK])
-        which, pos = np.divmod(keys, stride)
-        chunk_tokens = np.empty(len(pos), np.int64)
+        which = keys // stride  # floor_divide by a scalar is vectorised; divmod and % are not
+        pos = keys - which * stride
+        chunk_tokens = np.empty(len(pos), pos.dtype)
         chunk_tokens[0::2], chunk_tokens[1::2] = pos[0::2], pos[1::2] - pos[0::2]
         tokens.append(chunk_tokens)
         mask_of_run.append(which[0::2] + lo)
@@ -123,7 +127,7 @@ def rle_encode(mask) -> str | list[str]:
     # one byte buffer gathered from a table of the numbers' digits, the last length of a mask ending in a newline.
     last_run = np.append(mask_of_run[1:] != mask_of_run[:-1], True)[: len(mask_of_run)]
     tokens[1::2] += last_run * (h * w + 2)
-    text = _number_table(h * w + 1)[tokens].tobytes().translate(None, b"\0").decode("ascii")
+    text = np.take(_number_table(h * w + 1), tokens).tobytes().translate(None, b"\0").decode("ascii")
     out = [""] * n
     for i, line in zip(mask_of_run[last_run].tolist(), text.split("\n")[:-1], strict=True):
         out[i] = line

@@ -16,11 +16,13 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import BorderPadd, MapTransform, Resized, SpatialCropd
 
+from saltkit.config import ConfigError
 from saltkit.data.layout import load_image, load_mask
 from saltkit.geometry import NETWORK_SIZE, TILE_SIZE, check_variant, pad_widths, restore_tiles
 
 TILE_LABEL_KEY = "label_tile"
 PROB_THRESHOLD = 0.5
+VALIDATION_SIZES = ("tile", "network")
 
 
 def network_input_transform(variant: str, keys: KeysCollection = ("image", "label")) -> MapTransform:
@@ -84,6 +86,13 @@ class TileLabeld(MapTransform):
         return d
 
 
+def check_validation_size(value) -> str:
+    """`value` when it is one of VALIDATION_SIZES; ConfigError naming config key 'validation_size' otherwise."""
+    if value not in VALIDATION_SIZES:
+        raise ConfigError(f"config key 'validation_size' must be one of {', '.join(VALIDATION_SIZES)}, got {value!r}")
+    return value
+
+
 class TilePredictiond:
     """Engine postprocessing: add `tile_pred` (B, 1, 101, 101) binary salt masks and `tile_label` (B, 1, 101, 101).
 
@@ -92,13 +101,20 @@ class TilePredictiond:
     logit is > 0) or the probability dict of `FlipTTAInferer` (validation: salt where "prob" > 0.5). pad: central
     crop; resize: bilinear resize back to 101 (as inference does). The label is the copy `TileLabeld` kept before
     the spatial transform.
+
+    validation_size: "tile" (default) scores the 101 x 101 tile, what the leaderboard scores; "network" scores the
+    resize variant as the original recipe validated it, the 128 x 128 prediction against the nearest-resized label
+    (the pad variant is scored on its tile either way, as in the original).
     """
 
-    def __init__(self, variant: str, size: int = TILE_SIZE):
+    def __init__(self, variant: str, size: int = TILE_SIZE, validation_size: str = "tile"):
         self.variant = check_variant(variant)
         self.size = size
+        self.at_network_size = check_validation_size(validation_size) == "network" and self.variant == "resize"
 
     def __call__(self, data: dict) -> dict:
+        if self.at_network_size:
+            return self.network_size(data)
         pred = data["pred"]
         if isinstance(pred, dict):
             prob = restore_tiles(pred["prob"].detach().float(), self.variant, self.size)
@@ -111,4 +127,16 @@ class TilePredictiond:
             data["tile_label"] = torch.as_tensor(data[TILE_LABEL_KEY]).to(device)
         else:  # no copy kept: undo the spatial transform on the label itself, re-binarised
             data["tile_label"] = (restore_tiles(data["label"].float(), self.variant, self.size) > 0.5).float()
+        return data
+
+    @staticmethod
+    def network_size(data: dict) -> dict:
+        """`tile_pred` / `tile_label` at network resolution (the resize variant scored at 128 x 128)."""
+        pred = data["pred"]
+        if isinstance(pred, dict):
+            data["tile_pred"] = (pred["prob"].detach().float() > PROB_THRESHOLD).float()
+        else:
+            logit = pred if isinstance(pred, torch.Tensor) else pred.logit
+            data["tile_pred"] = (logit.detach().float() > 0).float()
+        data["tile_label"] = (torch.as_tensor(data["label"]).float() > 0.5).float().to(data["tile_pred"].device)
         return data

@@ -64,7 +64,7 @@ def test_rle_identical_on_every_shared_train_mask(original, tgs_dir):
     assert rle_encode(masks) == original.rle_encode_original(masks)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (3, 64), (64, 3), (65, 129), (128, 64)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (3, 64), (64, 3), (1, 128), (2, 192), (65, 129), (128, 64)])
 def test_rle_identical_on_other_shapes(original, shape):
     # widths below, at and above the 64-bit word that the bit-packed change search works in
     rng = np.random.default_rng(sum(shape))

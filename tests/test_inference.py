@@ -341,3 +341,42 @@ def test_tuning_refuses_the_training_tiles_and_a_malformed_entry_is_named(run_di
                    output_dir=str(tmp_path / "out"), progress=False)
     assert f"{ckpt}: entry 'postprocessing' lacks min_component_size" in chain_text(info.value)
     assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_onnxruntime_runtime_gives_the_torch_submission(pad_inference, run_dir, tmp_path):
+    """`--runtime onnxruntime`: the checkpoint is exported beside itself once, then the same probabilities (1e-4)
+    and the same masks wherever the probability is not within that tolerance of the threshold."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    ckpt = run_dir / "best_metric.pt"
+    outputs = []
+    for attempt in range(2):
+        out = tmp_path / f"ort{attempt}"
+        cmd = [sys.executable, "-m", "saltkit.cli", "inference", "--ckpt", str(ckpt), "--runtime", "onnxruntime",
+               "--threads", "2", "--output_dir", str(out), "--progress", "false"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append((out, proc.stdout + proc.stderr))
+    assert "exporting" in outputs[0][1] and "exporting" not in outputs[1][1]  # the export is reused
+    assert (run_dir / "best_metric.onnx").is_file()
+    torch_probs = load_probabilities(pad_inference[0] / "probabilities.npz")
+    ort_probs = load_probabilities(outputs[1][0] / "probabilities.npz")
+    assert ort_probs.ids.tolist() == torch_probs.ids.tolist()
+    np.testing.assert_allclose(ort_probs.probs, torch_probs.probs, atol=1e-4)
+    np.testing.assert_allclose(ort_probs.image_probs, torch_probs.image_probs, atol=1e-4)
+    from saltkit.submission import submission_masks
+
+    subs = [read_submission(d / "submission.csv").set_index("id").loc[torch_probs.ids].reset_index()
+            for d in (pad_inference[0], outputs[1][0])]
+    masks = [submission_masks(s, "submission.csv") for s in subs]
+    clear = np.abs(torch_probs.probs - 0.5) > 1e-4
+    assert np.array_equal(masks[0][clear], masks[1][clear])
+
+
+def test_unknown_runtime_is_named(run_dir, tmp_path):
+    cmd = [sys.executable, "-m", "saltkit.cli", "inference", "--ckpt", str(run_dir / "best_metric.pt"),
+           "--runtime", "tensorrt", "--output_dir", str(tmp_path / "x"), "--progress", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "config key 'runtime' must be one of torch, onnxruntime" in last, proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -220,3 +220,25 @@ def test_predict_bundle_matches_command(tiny_ckpt, tile_paths, tmp_path):
         ckpt=str(tiny_ckpt), tta=False, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "bundle" / "section_prob.npy"),
                                   np.load(tmp_path / "cli" / "section_prob.npy"))
+
+
+def test_predict_with_onnxruntime_matches_torch(tiny_ckpt, tile_paths, tmp_path):
+    """`saltkit predict --runtime onnxruntime` and the bundle's `runtime` key: a 202 x 303 section (sliding windows,
+    TTA) predicted through the checkpoint's ONNX export equals the torch prediction to 1e-4."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from monai.bundle import run
+
+    image = tmp_path / "section.npy"
+    np.save(image, np.tile(load_image(tile_paths[0]), (2, 3)))
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "torch"),
+                 "--no-progress"]) == 0
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "ort"),
+                 "--runtime", "onnxruntime", "--threads", "2", "--no-progress"]) == 0
+    assert tiny_ckpt.with_suffix(".onnx").is_file()
+    expected = np.load(tmp_path / "torch" / "section_prob.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "ort" / "section_prob.npy"), expected, atol=1e-4)
+    config = Path(__file__).resolve().parents[1] / "bundles" / "saltnet" / "configs" / "predict.json"
+    run(run_id="predict", config_file=str(config), input=str(image), output=str(tmp_path / "bundle"),
+        ckpt=str(tiny_ckpt), runtime="onnxruntime", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "bundle" / "section_prob.npy"), expected, atol=1e-4)

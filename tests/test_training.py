@@ -178,9 +178,10 @@ def test_short_run_learns(resumed_run):
 def test_resize_variant_runs(small_dataset, tmp_path):
     run_dir = tmp_path / "resize_fold0"
     run_training(small_dataset, run_dir, variant_config=RESIZE, max_epochs=2, tta="false",
-                 cooldown_epochs=3, cutout_prob=0.0)
+                 cooldown_epochs=3, cutout_prob=0.0, validation_size="network")
     config = json.loads((run_dir / "config.json").read_text())["resolved"]
     assert config["variant"] == "resize" and config["loss_center_crop"] is None and config["val_tiles"] == 8
+    assert config["validation_size"] == "network"  # scored at 128 x 128, as the original validated resize
     assert config["cooldown_epochs"] == 3 and config["cutout_prob"] == 0.0
     # Noam warm-up 1 epoch (4 iterations); the 3-epoch cool-down is longer than the 2-epoch run, so it spans the
     # run: half the Noam rate after epoch 1, 0 at the end of epoch 2
@@ -198,6 +199,7 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     ({"resume": "true"}, r"'resume': .*last.pt not found"),
     ({"cooldown_epochs": -1}, r"'cooldown_epochs' must be a number >= 0, got -1"),
     ({"cutout_prob": 1.5}, r"'cutout_prob' must be a probability in \[0, 1\], got 1.5"),
+    ({"validation_size": "128"}, r"'validation_size' must be one of tile, network, got '128'"),
 ])
 def test_bad_config_fails_before_training(small_dataset, tmp_path, overrides, message):
     with pytest.raises(RuntimeError) as info:

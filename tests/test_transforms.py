@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import set_track_meta
+from monai.transforms import Compose
 from monai.utils import set_determinism
 from PIL import Image
 
@@ -148,6 +149,26 @@ def test_tile_prediction_maps_logits_back_to_the_tile():
     with pytest.raises(ValueError, match="'variant'"):
         TilePredictiond("crop")
     assert TileLabeld()({"label": tile[0]})["label_tile"] is not None
+
+
+def test_validation_size_network_scores_the_resize_variant_at_128(items):
+    """`validation_size: network`: the resize variant scored as the original did, the 128 x 128 prediction against
+    the nearest-resized label; the pad variant keeps its tile; other values name the key."""
+    chain = Compose([LoadTiled(keys=["image", "label"], channels=3), TileLabeld(),
+                     network_input_transform("resize")])
+    data = chain(items[0])
+    label = torch.as_tensor(data["label"])[None]
+    logits = torch.randn(1, 1, 128, 128)
+    out = TilePredictiond("resize", validation_size="network")({"pred": {"prob": torch.sigmoid(logits)},
+                                                                "label": label, "label_tile": data["label_tile"][None]})
+    assert out["tile_pred"].shape == out["tile_label"].shape == (1, 1, 128, 128)
+    assert torch.equal(out["tile_pred"], (logits > 0).float()) and torch.equal(out["tile_label"], label)
+    assert set(torch.unique(label).tolist()) <= {0.0, 1.0}  # nearest resize keeps the mask binary
+    padded = torch.randn(1, 1, 128, 128)
+    out = TilePredictiond("pad", validation_size="network")({"pred": padded, "label": (padded > 1).float()})
+    assert out["tile_pred"].shape == (1, 1, 101, 101)
+    with pytest.raises(ValueError, match="config key 'validation_size' must be one of tile, network"):
+        TilePredictiond("resize", validation_size="128")
 
 
 def test_augmentation_is_seeded(items, tmp_path):

@@ -61,7 +61,10 @@ class WorstTilesImages:
         out = engine.state.output
         preds = (out["tile_pred"] > self.threshold).float().cpu()
         truths = out["tile_label"].float().cpu()
-        images = restore_tiles(out["image"].detach().float(), self.variant).cpu()
+        images = out["image"].detach().float()
+        if images.shape[-2:] != preds.shape[-2:]:  # back onto the tile grid (unless scored at network size)
+            images = restore_tiles(images, self.variant)
+        images = images.cpu()
         batch = {"image": images, "truth": truths, "pred": preds,
                  "score": torch.from_numpy(kaggle_scores(preds > 0.5, truths > 0.5)),
                  "accuracy": torch.from_numpy(pixel_accuracy(preds > 0.5, truths > 0.5))}

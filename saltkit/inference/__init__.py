@@ -37,6 +37,7 @@ from saltkit.inference.postprocess import (
     remove_small_components,
 )
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
+from saltkit.inference.runtime import check_runtime, inference_network, uses_onnxruntime
 from saltkit.inference.tuned import (
     ChosenPostProcessing,
     choose_postprocessing,
@@ -60,11 +61,13 @@ __all__ = [
     "TuningGrid",
     "TuningResult",
     "average_probabilities",
+    "check_runtime",
     "checkpoint_arch",
     "checkpoint_variant",
     "choose_postprocessing",
     "default_checkpoint",
     "ensemble_files",
+    "inference_network",
     "load_network",
     "load_probabilities",
     "mask_transforms",
@@ -82,4 +85,5 @@ __all__ = [
     "section_inferer",
     "store_postprocessing",
     "tile_inferer",
+    "uses_onnxruntime",
 ]

@@ -54,6 +54,10 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npy", action="store_true", help="SEG-Y: also write OUT.npy, (inlines, crosslines, samples)")
     p.add_argument("--variant", choices=("pad", "resize"), default=None,
                    help="only for checkpoints that do not record their variant")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch, or onnxruntime on the CPU (the checkpoint is exported beside itself as .onnx once; "
+                        "pip install 'saltkit[onnx]')")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,8 +82,9 @@ def _predict_run(args: argparse.Namespace) -> int:
         device = default_device(args.device)
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))
-        network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant)
-        provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap}
+        network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant,
+                                          runtime=args.runtime, threads=args.threads)
+        provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap, "runtime": args.runtime}
         summary = run_predict(args.input, args.out, network, inferer, threshold=threshold, normalization=norm,
                               direction=args.direction, dtype=args.dtype, iline_byte=args.iline_byte,
                               xline_byte=args.xline_byte, clip_traces=args.clip_traces, save_npy=args.npy,

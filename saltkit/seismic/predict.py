@@ -24,12 +24,14 @@ from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, predict_volume
 
 
 def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
-                   variant: str | None = None) -> tuple[nn.Module, Inferer]:
-    """The checkpoint's network (eval mode, on `device`) and the section inferer of the variant it was trained with."""
-    from saltkit.inference import checkpoint_variant, load_network, section_inferer
+                   variant: str | None = None, runtime: str = "torch",
+                   threads: int | None = None) -> tuple[nn.Module, Inferer]:
+    """The checkpoint's network (eval mode, on `device`; or its ONNX export run by ONNX Runtime with `runtime`
+    "onnxruntime") and the section inferer of the variant it was trained with."""
+    from saltkit.inference import checkpoint_variant, inference_network, load_network, section_inferer
 
     variant = checkpoint_variant(ckpt, variant)
-    network = load_network(ckpt, device)
+    network = inference_network(runtime, load_network(ckpt, device), ckpt, device, threads=threads)
     return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size)
 
 

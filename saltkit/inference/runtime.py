@@ -1,0 +1,88 @@
+"""Which runtime runs the network at inference: torch (the default) or ONNX Runtime (CPU, `runtime: onnxruntime`).
+
+With ONNX Runtime the bundles run the ONNX model beside the checkpoint (`swa.pt` -> `swa.onnx`, or `onnx_path`),
+exporting it first when it is missing or was exported from other weights (the export records a fingerprint of the
+checkpoint's network weights, so a checkpoint rewritten with new post-processing settings keeps its model).
+Everything around the network (TTA, sliding windows, post-processing, writers) is the same code for both runtimes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def check_runtime(runtime) -> str:
+    """`runtime` as one of RUNTIMES; ValueError naming config key 'runtime' otherwise."""
+    name = str(runtime).strip().lower() if isinstance(runtime, str) else runtime
+    if name not in RUNTIMES:
+        raise ValueError(f"config key 'runtime' must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return name
+
+
+def uses_onnxruntime(runtime) -> bool:
+    return check_runtime(runtime) == "onnxruntime"
+
+
+def weights_fingerprint(network_state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex, first 16 digits) of a state dict's names, shapes, dtypes and values, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(network_state):
+        t = network_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def onnx_fingerprint(path: Path) -> str | None:
+    """The weights fingerprint recorded in an ONNX export's metadata, None when it has none or is unreadable."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        from saltkit.inference.onnx_runtime import METADATA_KEY
+
+        meta = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY, "{}")
+        return json.loads(meta).get("weights")
+    except Exception:  # an unreadable or foreign file is re-exported, not trusted
+        return None
+
+
+def onnx_model_for(ckpt: str | Path, onnx_path: str | Path | None = None) -> Path:
+    """Path of an ONNX export of checkpoint `ckpt`'s weights: `onnx_path` (default: `ckpt` with suffix .onnx),
+    exported there first (checked against the checkpoint on real tiles) when missing or from other weights."""
+    from saltkit.export import export_onnx
+    from saltkit.inference.checkpoint import read_checkpoint
+
+    ckpt = Path(ckpt)
+    path = Path(onnx_path) if onnx_path else ckpt.with_suffix(".onnx")
+    expected = weights_fingerprint(read_checkpoint(ckpt)["network"])
+    if path.is_file():
+        found = onnx_fingerprint(path)
+        if found == expected:
+            return path
+        logger.info(f"{path} was exported from other weights than {ckpt} ({found} != {expected}): exporting again")
+    else:
+        logger.info(f"exporting {ckpt} to {path} for ONNX Runtime (once; later runs reuse it)")
+    export_onnx(ckpt, path)
+    return path
+
+
+def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str | Path | None = None,
+                      threads: int | None = None):
+    """The network the engine calls: `network` on `device` (torch; its weights are loaded by the bundle's
+    CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export (`threads` intra-op threads,
+    None: ONNX Runtime's default)."""
+    if not uses_onnxruntime(runtime):
+        return network.to(device)
+    from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
+
+    return OnnxRuntimeNetwork(onnx_model_for(ckpt, onnx_path), threads=threads)
