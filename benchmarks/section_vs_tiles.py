@@ -3,10 +3,10 @@ predicted (a) inside their section and cropped back to the tile, and (b) one by 
 
     python benchmarks/section_vs_tiles.py CKPT --dataset_dir ../shared/data/tgs --fold 0 [--context 1] [--out x.csv]
 
-(a) Each tile is predicted within the section around it: the `--context` cells of its mosaic on every side (absent
-cells at the mosaic's mean grey), through the section inferer; a pixel's prediction only sees windows within one
+(a) Each tile is predicted within the section around it: the `--context` cells of its mosaic on every side (where
+the mosaic has no tile, the tile's own reflection, as the tile path pads it), through the section inferer; a pixel's prediction only sees windows within one
 window (128 px) of it, so one cell of context (101 px) is nearly all a whole-mosaic prediction would give it
-(`--context 0`: whole mosaics). (b) The same tiles through the same inferer, alone (the tile path). Both use the
+(`--context 0`: whole mosaics, absent cells at the mosaic's mean grey, which the network reads as salt). (b) The same tiles through the same inferer, alone (the tile path). Both use the
 checkpoint's variant, flip TTA and a 0.5 threshold. The folds CSV is the run's (from its config.json) unless given.
 """
 
@@ -49,6 +49,21 @@ def neighbours_present(cells: pd.DataFrame, row: int, col: int) -> int:
     return sum((row + dr, col + dc) in have for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)))
 
 
+def context_region(m, cell, context: int) -> np.ndarray:
+    """The tile with `context` cells on every side: the mosaic's real neighbours where it has them, and elsewhere
+    the tile's own reflection (what the tile path sees beyond its edges). Flat grey in place of absent cells
+    would not do: featureless grey looks like salt to the network, and its false salt bleeds into the tile."""
+    y, x, c = int(cell["y"]), int(cell["x"]), context * TILE_SIZE
+    tile = m.image[y:y + TILE_SIZE, x:x + TILE_SIZE]
+    region = np.pad(tile, c, mode="symmetric" if c > TILE_SIZE - 1 else "reflect")
+    for nb in m.cells.itertuples():
+        dr, dc = nb.row - cell["row"], nb.col - cell["col"]
+        if (dr or dc) and abs(dr) <= context and abs(dc) <= context:
+            ry, rx = c + dr * TILE_SIZE, c + dc * TILE_SIZE
+            region[ry:ry + TILE_SIZE, rx:rx + TILE_SIZE] = m.image[nb.y:nb.y + TILE_SIZE, nb.x:nb.x + TILE_SIZE]
+    return region
+
+
 def compare(ckpt, dataset_dir, folds_csv, fold, context, tta=True, overlap=0.5, threshold=0.5, limit=None):
     network, inferer = load_predictor(ckpt, "cpu", tta=tta, overlap=overlap)
     folds = read_folds(folds_csv)
@@ -62,10 +77,10 @@ def compare(ckpt, dataset_dir, folds_csv, fold, context, tta=True, overlap=0.5, 
         for _, cell in targets.iterrows():
             y, x = cell["y"], cell["x"]
             if whole is None:
-                y0, x0 = max(0, y - context * TILE_SIZE), max(0, x - context * TILE_SIZE)
-                y1, x1 = min(m.shape[0], y + (context + 1) * TILE_SIZE), min(m.shape[1], x + (context + 1) * TILE_SIZE)
-                prob = predict_section(network, inferer, m.image[y0:y1, x0:x1].astype(np.float32) / 255)
-                section_probs.append(prob[y - y0:y - y0 + TILE_SIZE, x - x0:x - x0 + TILE_SIZE])
+                region = context_region(m, cell, context)
+                prob = predict_section(network, inferer, region.astype(np.float32) / 255)
+                c0 = context * TILE_SIZE
+                section_probs.append(prob[c0:c0 + TILE_SIZE, c0:c0 + TILE_SIZE])
             else:
                 section_probs.append(whole[y:y + TILE_SIZE, x:x + TILE_SIZE])
             tile = m.image[y:y + TILE_SIZE, x:x + TILE_SIZE].astype(np.float32) / 255
