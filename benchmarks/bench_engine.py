@@ -62,8 +62,9 @@ def loop(inputs):
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, EnsureTyped
 
+    from saltkit.checkpoints import load_network
     from saltkit.data import test_items
-    from saltkit.inference import Probabilities, load_network, save_probabilities
+    from saltkit.inference import Probabilities, save_probabilities
     from saltkit.inference.ensemble import write_prediction
     from saltkit.inference.postprocess import PostProcessing
     from saltkit.transforms import LoadTiled, network_input_transform

@@ -30,7 +30,6 @@ from saltkit.config import (  # noqa: F401  (the bundle configs call them as sal
     none_if_null,
     require_int,
 )
-from saltkit.data.folds import ensure_folds, split_items
 from saltkit.data.layout import DatasetError, train_items
 from saltkit.io import atomic_write
 from saltkit.transforms import check_variant
@@ -255,32 +254,6 @@ def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropou
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value!r}")
 
 
-def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") -> str:
-    """`runs/folds/<dataset folder name>-<hash of its absolute path>-k<K>.csv`.
-
-    Beside the runs rather than inside the dataset (the shipped sample may be read-only); the hash keeps the
-    splits of different datasets with the same folder name apart.
-    """
-    path = Path(str(dataset_dir)).resolve()
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    return str(Path(root) / "folds" / f"{path.name}-{digest}-k{num_folds}.csv")
-
-
-def fold_split(dataset_dir, folds_csv, fold: int, num_folds: int) -> tuple[list[dict], list[dict]]:
-    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it)."""
-    folds_csv = Path(str(folds_csv))
-    if idist.get_rank() == 0:
-        folds_csv.parent.mkdir(parents=True, exist_ok=True)
-        ensure_folds(dataset_dir, folds_csv, k=num_folds)
-    if idist.get_world_size() > 1:
-        idist.barrier()  # the other ranks read the file rank 0 wrote
-    try:
-        folds = ensure_folds(dataset_dir, folds_csv, k=num_folds)
-        return split_items(train_items(dataset_dir), folds, fold)
-    except DatasetError as e:
-        raise ConfigError(f"config keys 'folds_csv' / 'fold': {e}") from None
-
-
 def check_batch_size(items: Sequence[dict], batch_size: int, fold: int | None = None) -> None:
     """The training fold must fill at least one batch per process (batches are dropped when incomplete)."""
     per_rank = len(items) // idist.get_world_size()
@@ -321,7 +294,7 @@ def check_resume(resume_path: str | None, expected: Mapping | None = None) -> No
     the split's tile ids, see `saltkit.handlers.checkpoints.check_same_run`); ConfigError naming the path if not."""
     if resume_path is None:
         return
-    from saltkit.handlers.checkpoints import ResumeError, check_same_run, read_resume_checkpoint
+    from saltkit.checkpoints import ResumeError, check_same_run, read_resume_checkpoint
 
     try:
         ckpt = read_resume_checkpoint(resume_path, mmap=True)

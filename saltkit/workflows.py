@@ -181,7 +181,7 @@ def register(registry: dict) -> None:
     Registered even where no checkout is found (a copy installed with `pip install .`, run from another folder):
     running it then ends with one line naming the bundle config it looked for, not "invalid choice".
     """
-    from saltkit.cli import Subcommand, register_subcommand
+    from saltkit.subcommands import Subcommand, register_subcommand
 
     for wf in WORKFLOWS:
         if wf.name in registry:

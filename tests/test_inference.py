@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import run as bundle_run
 
+from saltkit.checkpoints import load_network
 from saltkit.cli import main as saltkit_main
 from saltkit.data import load_image
 from saltkit.data import test_items as list_test_items  # aliased: pytest would collect test_items
-from saltkit.inference import load_network, load_probabilities
+from saltkit.inference import load_probabilities
 from saltkit.metrics import kaggle_scores
 from saltkit.submission import read_submission, validate_submission
 

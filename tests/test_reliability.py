@@ -42,12 +42,12 @@ from saltkit.data.layout import (
 )
 from saltkit.handlers import TerminateOnNan
 from saltkit.handlers.nan import DivergenceError
-from saltkit.handlers.swa import run_swa
 from saltkit.inference.postprocess import PostProcessing
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
 from saltkit.io import FolderNotWritableError, atomic_write, check_writable
 from saltkit.rle import RLEError, rle_runs
 from saltkit.rundir import claim_run_dir
+from saltkit.swa import run_swa
 from saltkit.training import ConfigError, as_bool, check_overrides
 
 REPO = Path(__file__).resolve().parents[1]

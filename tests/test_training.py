@@ -19,8 +19,8 @@ from monai.data import set_track_meta
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import saltkit.handlers.nan as nan_mod
+from saltkit.checkpoints import load_network
 from saltkit.handlers import NoamLambda
-from saltkit.inference.checkpoint import load_network
 from saltkit.training import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`saltkit ensemble` and `saltkit export` (registered into saltkit.cli through `register`)."""
+"""`saltkit ensemble` and `saltkit export` (listed by saltkit.cli through `register`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from saltkit.cli import Subcommand, register_subcommand
+from saltkit.subcommands import Subcommand, register_subcommand
 
 
 def _ensemble_arguments(p: argparse.ArgumentParser) -> None:

@@ -93,7 +93,7 @@ def entry_settings(entry: dict) -> PostProcessing:
 
 def read_tuned_postprocessing(path: str | Path, key: str = "ckpt") -> dict | None:
     """The checked post-processing entry of the checkpoint at `path`, or None when it has none (older runs)."""
-    from saltkit.inference.checkpoint import read_checkpoint
+    from saltkit.checkpoints import read_checkpoint
 
     entry = read_checkpoint(path, key, mmap=True).get(ENTRY)
     return None if entry is None else check_entry(entry, path)
@@ -102,8 +102,7 @@ def read_tuned_postprocessing(path: str | Path, key: str = "ckpt") -> dict | Non
 def store_postprocessing(path: str | Path, entry: dict) -> Path:
     """Rewrite the checkpoint at `path` with `entry` (checked first) as its post-processing entry, atomically:
     a failure leaves the file as it was."""
-    from saltkit.handlers.checkpoints import save_checkpoint
-    from saltkit.inference.checkpoint import read_checkpoint
+    from saltkit.checkpoints import read_checkpoint, save_checkpoint
 
     check_entry(entry, path)
     ckpt = read_checkpoint(path, "ckpt")
