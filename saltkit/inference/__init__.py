@@ -20,7 +20,7 @@ from saltkit.inference.inferers import (
 )
 from saltkit.inference.postprocess import (
     EmptyTilesd,
-    PostProcessing,
+    PostProcessingSettings,
     RemoveSmallComponentsd,
     mask_transforms,
     postprocess,
@@ -42,7 +42,7 @@ __all__ = [
     "EmptyTilesd",
     "EvaluationReport",
     "FlipTTAInferer",
-    "PostProcessing",
+    "PostProcessingSettings",
     "PredictionWriter",
     "Probabilities",
     "RemoveSmallComponentsd",
