@@ -141,8 +141,8 @@ def run_workflow(workflow: Workflow, args: Sequence[str]) -> int:
     import fire
     from monai.bundle import scripts
 
+    from saltkit.config import config_file_list
     from saltkit.logs import details_at_debug
-    from saltkit.training import config_file_list
 
     argv = bundle_argv(workflow, args)
     details_at_debug()  # MONAI's input summary, logged through its own handlers, whatever the workflow's config

@@ -27,6 +27,7 @@ from PIL import Image
 
 import saltkit.handlers.checkpoints as ckpt_mod
 from saltkit.cli import main
+from saltkit.config import ConfigError, as_bool, check_overrides
 from saltkit.data.folds import folds_for_dataset, write_folds
 from saltkit.data.layout import (
     DatasetError,
@@ -48,7 +49,6 @@ from saltkit.io import FolderNotWritableError, atomic_write, check_writable
 from saltkit.rle import RLEError, rle_runs
 from saltkit.rundir import claim_run_dir
 from saltkit.swa import run_swa
-from saltkit.training import ConfigError, as_bool, check_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles/saltnet/configs"

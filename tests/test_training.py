@@ -20,8 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import saltkit.handlers.nan as nan_mod
 from saltkit.checkpoints import load_network
+from saltkit.config import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
 from saltkit.handlers import NoamLambda
-from saltkit.training import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles/saltnet/configs"
