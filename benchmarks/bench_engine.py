@@ -62,10 +62,11 @@ def loop(inputs):
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, EnsureTyped
 
+    from saltkit.checkpoints import load_network
     from saltkit.data import test_items
-    from saltkit.inference import Probabilities, load_network, save_probabilities
+    from saltkit.inference import Probabilities, save_probabilities
     from saltkit.inference.ensemble import write_prediction
-    from saltkit.inference.postprocess import PostProcessing
+    from saltkit.inference.postprocess import PostProcessingSettings
     from saltkit.transforms import LoadTiled, network_input_transform
 
     items = test_items(inputs["data"])
@@ -85,7 +86,7 @@ def loop(inputs):
     out.mkdir(exist_ok=True)
     pred = Probabilities(np.asarray(ids), np.concatenate(probs), np.concatenate(image_probs))
     save_probabilities(out / "probabilities.npz", pred)
-    write_prediction(pred, out / "submission.csv", PostProcessing(), [it["id"] for it in items])
+    write_prediction(pred, out / "submission.csv", PostProcessingSettings(), [it["id"] for it in items])
     return out
 
 

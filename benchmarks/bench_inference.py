@@ -92,8 +92,8 @@ def test_tiles() -> tuple[np.ndarray, str]:
 
 def runtime_setup() -> dict:
     """The CPU recipe network (random weights) as a checkpoint, its ONNX export, both runtimes, and the tiles."""
+    from saltkit.checkpoints import load_network
     from saltkit.export import export_onnx
-    from saltkit.inference.checkpoint import load_network
     from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
     from saltkit.networks import SaltUNet
 

@@ -19,7 +19,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import ensure_tuple_rep
 
-from saltkit.networks.encoders import IMAGENET_MEAN
+# The original recipe fills a hole with the ImageNet mean per channel (what the encoder's input normalisation maps
+# to zero); the transforms stay below the networks, so the three numbers are spelt here.
+CUTOUT_FILL = (0.485, 0.456, 0.406)
 
 
 def remap(image: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -74,7 +76,7 @@ class RandCutoutd(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = "image", label_key: str | None = "label", size: int = 30,
-                 fill: float | Sequence[float] = IMAGENET_MEAN, max_label_fraction: float = 0.5, prob: float = 0.5,
+                 fill: float | Sequence[float] = CUTOUT_FILL, max_label_fraction: float = 0.5, prob: float = 0.5,
                  allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)

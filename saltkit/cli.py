@@ -1,40 +1,17 @@
-"""`saltkit` command line: a registry of subcommands (folds, score, check-data, ..., and the bundle workflows).
+"""`saltkit` command line: the data commands defined here (folds, score, check-data), those of inference
+(ensemble, export) and seismic (predict, mosaic), and the bundle workflows (train, swa, evaluate, tune, inference).
 
-Other packages add subcommands with a module listed in EXTENSION_MODULES that defines
-`register(registry)` and calls `register_subcommand(registry, Subcommand(...))` in it.
+Each area defines its commands as `saltkit.subcommands.Subcommand`s in a `register(registry)` function; this module
+imports them plainly and builds one argparse parser.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-# Modules that may add subcommands (imported when present): each defines register(registry) -> None.
-EXTENSION_MODULES = ("saltkit.inference.commands", "saltkit.seismic.commands")
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    """One `saltkit NAME ...` command: `add_arguments(parser)` declares it, `run(args)` returns the exit code."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    passthrough: bool = False  # arguments reach `run` unparsed, as `args.args` (the bundle workflows)
-    one_line_errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # besides saltkit's own errors
-
-
-def register_subcommand(registry: dict[str, Subcommand], command: Subcommand) -> None:
-    """Add `command` to `registry`; a name can be registered only once."""
-    if command.name in registry:
-        raise ValueError(f"saltkit subcommand {command.name!r} is already registered")
-    registry[command.name] = command
-
+from saltkit.subcommands import Subcommand, register_subcommand
 
 # ---------------------------------------------------------------- folds
 
@@ -152,20 +129,16 @@ def builtin_subcommands() -> dict[str, Subcommand]:
 
 
 def all_subcommands() -> dict[str, Subcommand]:
-    """Built-in subcommands plus those registered by the EXTENSION_MODULES that exist."""
-    registry = builtin_subcommands()
-    for name in EXTENSION_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            # Only a missing extension module is skipped; its own broken imports still surface.
-            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
-                continue
-            raise
-        module.register(registry)
+    """Every saltkit command: the data commands, inference's, seismic's, then the bundle workflows not defined yet
+    (seismic's `predict` has its own options; the predict bundle runs the same code)."""
+    from saltkit.inference.commands import register as register_inference
+    from saltkit.seismic.commands import register as register_seismic
     from saltkit.workflows import register as register_workflows
 
-    register_workflows(registry)  # last: a module above may define its own `predict`
+    registry = builtin_subcommands()
+    register_inference(registry)
+    register_seismic(registry)
+    register_workflows(registry)
     return registry
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from monai.networks.utils import convert_to_torchscript
 
+from saltkit.checkpoints import read_checkpoint
 from saltkit.data.layout import load_image, sample_dir, test_items
 from saltkit.geometry import pad_widths
-from saltkit.inference.checkpoint import read_checkpoint
 from saltkit.inference.onnx_runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, require_module
 from saltkit.inference.runtime import weights_fingerprint
 from saltkit.io import atomic_write

@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from saltkit.config import ConfigError, as_bool
 from saltkit.io import host_name, remove_stale_temporaries
 
 try:
@@ -80,9 +81,6 @@ def lock_run_dir(run_dir: str | Path) -> RunDirLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        # imported here, as in the other functions: taking the lock needs neither MONAI nor torch
-        from saltkit.training import ConfigError
-
         raise ConfigError(f"config key 'run_dir': {path.parent} is in use by another training "
                           f"({lock_holder(path)}, lock file {path}); wait for it to end, or train into another "
                           "--run_dir") from None
@@ -124,7 +122,6 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
     """
     import ignite.distributed as idist
 
-    from saltkit.training import ConfigError, as_bool
 
     overwrite = as_bool(overwrite, "overwrite")
     run_dir = Path(str(run_dir))
@@ -155,7 +152,6 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
 def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool) -> None:
     """ConfigError when a run would replace the checkpoints of a previous run: a fresh run without `overwrite`, or
     a resume of a last.pt from another folder."""
-    from saltkit.training import ConfigError
 
     previous = previous_run_files(run_dir)
     if previous and resume_path is None and not overwrite:

@@ -6,198 +6,24 @@ Checks raise ConfigError naming the config key, the value and what was expected.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import hashlib
-import inspect
 import json
 import logging
 import os
-import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 
-from saltkit.config import (  # noqa: F401  (the bundle configs call them as saltkit.training.*)
-    FALSE_WORDS,
-    TRUE_WORDS,
-    ConfigError,
-    as_bool,
-    check_booleans,
-    none_if_null,
-    require_int,
-)
-from saltkit.data.folds import ensure_folds, split_items
+from saltkit.config import FALSE_WORDS, TRUE_WORDS, ConfigError, as_bool, require_int
 from saltkit.data.layout import DatasetError, train_items
 from saltkit.io import atomic_write
 from saltkit.transforms import check_variant
 
 logger = logging.getLogger(__name__)
-
-BUNDLE_SEPARATORS = ("::", "#")  # MONAI config id separators (new and old spelling)
-# `@id` / `%id` references inside config strings (the top-level key they start with)
-REFERENCE = re.compile(r"[@%]([A-Za-z_][A-Za-z0-9_]*)")
-
-
-# ---------------------------------------------------------------- unknown keys on the command line
-
-
-def top_key(override_id: str) -> str:
-    """'train#dataloader#num_workers' -> 'train' (the top-level config key an override id lands in)."""
-    for sep in BUNDLE_SEPARATORS:
-        override_id = override_id.split(sep)[0]
-    return override_id
-
-
-def bundle_run_arguments() -> set[str]:
-    """Keyword names that `python -m monai.bundle run` consumes itself (everything else overrides config keys)."""
-    from monai.bundle import ConfigWorkflow, scripts
-
-    names: set[str] = {"workflow_name", "workflow_type", "properties_path"}
-    for fn in (scripts.run, scripts.create_workflow, ConfigWorkflow.__init__):
-        names |= {p.name for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names - {"self", "override", "kwargs"}
-
-
-def config_file_list(value) -> list[str]:
-    """The --config_file value as a list: a path, a list, or the string of a Python/JSON list."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("["):
-        try:
-            return [str(v) for v in ast.literal_eval(text)]
-        except (ValueError, SyntaxError):
-            return [v.strip(" '\"") for v in text.strip("[]").split(",") if v.strip()]
-    return [text]
-
-
-def config_keys(config_files: Iterable[str]) -> set[str]:
-    """Top-level keys defined across the given bundle config files (JSON or YAML)."""
-    from monai.bundle import ConfigParser
-
-    keys: set[str] = set()
-    for f in config_files:
-        content = ConfigParser.load_config_file(f)
-        if not isinstance(content, Mapping):
-            raise ConfigError(f"{f}: a bundle config must be a mapping of keys, got {type(content).__name__}")
-        keys |= set(content)
-    return keys
-
-
-def unknown_keys(known: Iterable[str], override_ids: Iterable[str]) -> dict[str, list[str]]:
-    """Override ids whose top-level key no config file defines -> {id: close matches among the known keys}."""
-    known = set(known)
-    return {i: difflib.get_close_matches(top_key(i), sorted(known), n=3)
-            for i in override_ids if top_key(i) not in known}
-
-
-def parse_bundle_argv(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
-    """(config files, override ids) of a `python -m monai.bundle run ...` command line, None for other programs.
-
-    Understands `--key value`, `--key=value` and fire's hyphen spelling (`--max-epochs`); an `--args_file` is read
-    for its config_file and override keys too.
-    """
-    if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or "run" not in argv[1:3]:
-        return None
-    run_args = bundle_run_arguments()
-    files: list[str] = []
-    overrides: list[str] = []
-    tokens = list(argv[1:])
-    for i, tok in enumerate(tokens):
-        if not tok.startswith("--"):
-            continue
-        name, eq, value = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if not eq:
-            value = tokens[i + 1] if i + 1 < len(tokens) else ""
-        if name == "config_file":
-            files += config_file_list(value)
-        elif name == "args_file":
-            from monai.bundle import ConfigParser
-
-            extra = ConfigParser.load_config_file(value)
-            files += config_file_list(extra.get("config_file", []))
-            overrides += [k for k in extra if k not in run_args]
-        elif name not in run_args:
-            overrides.append(name)
-    return files, overrides
-
-
-def referenced_keys(content) -> set[str]:
-    """Top-level keys that the `@id` / `%id` references in a config's strings point to (recursively)."""
-    if isinstance(content, str):
-        return {top_key(m) for m in REFERENCE.findall(content)}
-    if isinstance(content, Mapping):
-        return set().union(*(referenced_keys(v) for v in content.values()))
-    if isinstance(content, (list, tuple)):
-        return set().union(*(referenced_keys(v) for v in content))
-    return set()
-
-
-def bundle_keys(folder: Path) -> set[str]:
-    """Top-level keys defined by any JSON config of a bundle's config folder (the folder of the first config)."""
-    from monai.bundle import ConfigParser
-
-    keys: set[str] = set()
-    for f in sorted(folder.glob("*.json")):
-        try:
-            content = ConfigParser.load_config_file(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(content, Mapping):
-            keys |= set(content)
-    return keys
-
-
-def override_file_typos(files: Sequence[str]) -> dict[str, dict[str, list[str]]]:
-    """{file: {unknown key: close matches}} for the override files (all but the first config file).
-
-    A key (the top-level part of an id such as `loss#bce_weight`) is known when another of the files defines or
-    references it, or a config of the first file's bundle defines it (`loss_center_crop` in configs/pad.json is a
-    training key, harmless when pad.json is merged into swa.json).
-    """
-    from monai.bundle import ConfigParser
-
-    contents = [ConfigParser.load_config_file(f) for f in files]
-    for f, content in zip(files, contents, strict=True):
-        if not isinstance(content, Mapping):
-            raise ConfigError(f"{f}: a bundle config must be a mapping of keys, got {type(content).__name__}")
-    family = bundle_keys(Path(files[0]).parent) if files else set()
-    typos: dict[str, dict[str, list[str]]] = {}
-    for k in range(1, len(files)):
-        others = [c for j, c in enumerate(contents) if j != k]
-        known = family.union(*(set(c) | referenced_keys(c) for c in others))
-        unknown = unknown_keys(known, contents[k])
-        if unknown:
-            typos[files[k]] = unknown
-    return typos
-
-
-def check_overrides(argv: Sequence[str] | None = None) -> None:
-    """Fail on an override of a key that no config file defines: on the command line (`--max_epoch 3` for
-    max_epochs) or inside an override file merged after the bundle config (`{"max_epoch": 3}`).
-
-    Does nothing when the process is not `python -m monai.bundle run` (e.g. monai.bundle.run called in Python).
-    """
-    parsed = parse_bundle_argv(sys.argv if argv is None else argv)
-    if parsed is None:
-        return
-    files, overrides = parsed
-    for f, unknown in override_file_typos(files).items():
-        lines = [i + (f" (did you mean {' or '.join(m)}?)" if m else "") for i, m in unknown.items()]
-        raise ConfigError(f"{f}: unknown config key(s) {'; '.join(lines)}. No other config file of {files} "
-                          "defines them; check the spelling (keys are listed in bundles/saltnet/docs/README.md)")
-    unknown = unknown_keys(config_keys(files), overrides)
-    if unknown:
-        lines = [f"--{i}" + (f" (did you mean {' or '.join(m)}?)" if m else "") for i, m in unknown.items()]
-        raise ConfigError(f"unknown config key(s) on the command line: {'; '.join(lines)}. No config file of "
-                          f"{files} defines them; check the spelling (keys are listed in bundles/saltnet/docs/README.md)")
-
 
 # ---------------------------------------------------------------- config checks and the fold split
 
@@ -255,32 +81,6 @@ def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropou
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value!r}")
 
 
-def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") -> str:
-    """`runs/folds/<dataset folder name>-<hash of its absolute path>-k<K>.csv`.
-
-    Beside the runs rather than inside the dataset (the shipped sample may be read-only); the hash keeps the
-    splits of different datasets with the same folder name apart.
-    """
-    path = Path(str(dataset_dir)).resolve()
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    return str(Path(root) / "folds" / f"{path.name}-{digest}-k{num_folds}.csv")
-
-
-def fold_split(dataset_dir, folds_csv, fold: int, num_folds: int) -> tuple[list[dict], list[dict]]:
-    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it)."""
-    folds_csv = Path(str(folds_csv))
-    if idist.get_rank() == 0:
-        folds_csv.parent.mkdir(parents=True, exist_ok=True)
-        ensure_folds(dataset_dir, folds_csv, k=num_folds)
-    if idist.get_world_size() > 1:
-        idist.barrier()  # the other ranks read the file rank 0 wrote
-    try:
-        folds = ensure_folds(dataset_dir, folds_csv, k=num_folds)
-        return split_items(train_items(dataset_dir), folds, fold)
-    except DatasetError as e:
-        raise ConfigError(f"config keys 'folds_csv' / 'fold': {e}") from None
-
-
 def check_batch_size(items: Sequence[dict], batch_size: int, fold: int | None = None) -> None:
     """The training fold must fill at least one batch per process (batches are dropped when incomplete)."""
     per_rank = len(items) // idist.get_world_size()
@@ -321,7 +121,7 @@ def check_resume(resume_path: str | None, expected: Mapping | None = None) -> No
     the split's tile ids, see `saltkit.handlers.checkpoints.check_same_run`); ConfigError naming the path if not."""
     if resume_path is None:
         return
-    from saltkit.handlers.checkpoints import ResumeError, check_same_run, read_resume_checkpoint
+    from saltkit.checkpoints import ResumeError, check_same_run, read_resume_checkpoint
 
     try:
         ckpt = read_resume_checkpoint(resume_path, mmap=True)

@@ -2,7 +2,7 @@
 
 Data dicts flow as: {"image": path, "label": path, ...} -> LoadTiled -> image float (3, 101, 101) in [0, 1] (the
 grey tile repeated), label float (1, 101, 101) in {0, 1} -> random augmentation (train only, saltkit.augmentation) ->
-TileLabeld (keeps the 101 x 101 label for the metric) -> the variant's spatial transform (configs/pad.json:
+CopyItemsd (`tile_label_copy`: keeps the 101 x 101 label for the metric) -> the variant's spatial transform (configs/pad.json:
 reflect pad to 128; configs/resize.json: resize to 128; `network_input_transform`) -> network. After the network,
 `TilePredictiond` maps the prediction back onto the 101 x 101 tile grid, so metrics always compare tiles, whatever
 the variant; inference does the same per tile with `tile_output_transform`.
@@ -14,7 +14,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import BorderPadd, MapTransform, Resized, SpatialCropd
+from monai.transforms import BorderPadd, CopyItemsd, MapTransform, Resized, SpatialCropd
 
 from saltkit.config import ConfigError
 from saltkit.data.layout import load_image, load_mask
@@ -72,18 +72,10 @@ class LoadTiled(MapTransform):
         return d
 
 
-class TileLabeld(MapTransform):
-    """Copy the label as `label_tile` before the spatial transform: the metric compares against the true tile."""
-
-    def __init__(self, keys: KeysCollection = "label", name: str = TILE_LABEL_KEY, allow_missing_keys: bool = True):
-        super().__init__(keys, allow_missing_keys)
-        self.name = name
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.name] = d[key].clone() if isinstance(d[key], torch.Tensor) else d[key]
-        return d
+def tile_label_copy(key: str = "label") -> CopyItemsd:
+    """MONAI's CopyItemsd keeping `key` as `label_tile` before the spatial transform: the metric compares against
+    the true 101 x 101 tile whatever the variant does to the label."""
+    return CopyItemsd(keys=key, names=TILE_LABEL_KEY, allow_missing_keys=True)
 
 
 def check_validation_size(value) -> str:
@@ -99,7 +91,7 @@ class TilePredictiond:
     Called by MONAI engines (decollate=False) on the merged batch + output dict. `pred` is what the engine's
     network or inferer returned at network resolution: a SaltOutput or logit tensor (training: salt where the
     logit is > 0) or the probability dict of `FlipTTAInferer` (validation: salt where "prob" > 0.5). pad: central
-    crop; resize: bilinear resize back to 101 (as inference does). The label is the copy `TileLabeld` kept before
+    crop; resize: bilinear resize back to 101 (as inference does). The label is the copy `tile_label_copy` kept before
     the spatial transform.
 
     validation_size: "tile" (default) scores the 101 x 101 tile, what the leaderboard scores; "network" scores the

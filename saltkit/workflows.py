@@ -141,8 +141,8 @@ def run_workflow(workflow: Workflow, args: Sequence[str]) -> int:
     import fire
     from monai.bundle import scripts
 
+    from saltkit.config import config_file_list
     from saltkit.logs import details_at_debug
-    from saltkit.training import config_file_list
 
     argv = bundle_argv(workflow, args)
     details_at_debug()  # MONAI's input summary, logged through its own handlers, whatever the workflow's config
@@ -181,7 +181,7 @@ def register(registry: dict) -> None:
     Registered even where no checkout is found (a copy installed with `pip install .`, run from another folder):
     running it then ends with one line naming the bundle config it looked for, not "invalid choice".
     """
-    from saltkit.cli import Subcommand, register_subcommand
+    from saltkit.subcommands import Subcommand, register_subcommand
 
     for wf in WORKFLOWS:
         if wf.name in registry:

@@ -93,7 +93,7 @@ def test_ckpt_export_as_the_model_zoo_readme_writes_it(checkpoint, tmp_path):
     monai_bundle("ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file", str(checkpoint),
                  "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
                  "--ckpt", str(checkpoint))
-    from saltkit.inference import load_network
+    from saltkit.checkpoints import load_network
 
     module = torch.jit.load(str(out), map_location="cpu").eval()
     x = torch.rand(2, 3, 128, 128)

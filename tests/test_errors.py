@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
+from saltkit.checkpoints import read_checkpoint
+from saltkit.config import ConfigError
 from saltkit.data.layout import DatasetError, read_id_csv
 from saltkit.errors import excepthook, is_user_error, one_line, program_name, user_error
 from saltkit.handlers.noam import schedule_steps
-from saltkit.inference.checkpoint import read_checkpoint
-from saltkit.training import ConfigError, check_config
+from saltkit.training import check_config
 
 
 def raised(fn, *args, **kwargs) -> BaseException:

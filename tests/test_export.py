@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from saltkit.checkpoints import load_network
 from saltkit.cli import main
 from saltkit.export import export_torchscript, load_exported
-from saltkit.inference.checkpoint import load_network
 
 
 @pytest.fixture(scope="module")

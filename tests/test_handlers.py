@@ -15,13 +15,13 @@ import saltkit.handlers.checkpoints as ckpt_mod
 from saltkit.handlers import (
     BestCheckpoint,
     DivergenceError,
+    EpochTimeBudget,
+    FailOnNanLoss,
     LastCheckpoint,
     NoamHandler,
     NoamLambda,
     ResumeError,
     ResumeFromCheckpoint,
-    TerminateOnNan,
-    TimeLimit,
     WorstTilesImages,
     cooldown_steps,
     noam_scheduler,
@@ -235,7 +235,7 @@ def test_terminate_on_nan_raises_a_clear_error(tmp_path):
     last = tmp_path / "last.pt"
     last.write_bytes(b"")  # a previous epoch's checkpoint
     engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan") if e.state.iteration == 3 else 1.0)})
-    TerminateOnNan(last_checkpoint=str(last)).attach(engine)
+    FailOnNanLoss(last_checkpoint=str(last)).attach(engine)
     with pytest.raises(DivergenceError, match=rf"loss is nan at epoch 1, iteration 3; {last} holds"):
         engine.run([0] * 5, max_epochs=1)
 
@@ -295,12 +295,12 @@ def test_time_limit_stops_before_the_budget_runs_out(monkeypatch):
     clock = iter(range(0, 10_000, 100))  # every call: 100 s later; one call per epoch start and end
     monkeypatch.setattr(tl.time, "perf_counter", lambda: next(clock))
     engine = Engine(lambda e, b: None)
-    TimeLimit(minutes=10).attach(engine)  # 600 s
+    EpochTimeBudget(minutes=10).attach(engine)  # 600 s
     engine.run([0], max_epochs=20)
     # epoch 1 started at 0, epoch k ends at 100 k (epoch starts after the first do not read the clock):
     # after epoch 5, 500 s + 100 s/epoch = 600 s is not past the budget; after epoch 6 it would be
     assert engine.state.epoch == 6
-    TimeLimit(None).attach(Engine(lambda e, b: None))  # no limit: nothing attached
+    EpochTimeBudget(None).attach(Engine(lambda e, b: None))  # no limit: nothing attached
 
 
 def test_time_limit_ends_the_cooldown_at_the_last_epoch_that_fits(monkeypatch):
@@ -314,7 +314,7 @@ def test_time_limit_ends_the_cooldown_at_the_last_epoch_that_fits(monkeypatch):
     NoamHandler(sched).attach(engine)
     lrs = []
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(e.state.lr))
-    TimeLimit(minutes=10, lr_scheduler=sched).attach(engine)
+    EpochTimeBudget(minutes=10, lr_scheduler=sched).attach(engine)
     engine.run([0, 0], max_epochs=20)
     # 6 epochs fit (as above): the schedule now ends at iteration 12, so the run stops with the rate at 0 after a
     # full 6-iteration ramp instead of being cut before its cool-down started

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import run as bundle_run
 
+from saltkit.checkpoints import load_network
 from saltkit.cli import main as saltkit_main
 from saltkit.data import load_image
 from saltkit.data import test_items as list_test_items  # aliased: pytest would collect test_items
-from saltkit.inference import load_network, load_probabilities
+from saltkit.inference import load_probabilities
 from saltkit.metrics import kaggle_scores
 from saltkit.submission import read_submission, validate_submission
 
@@ -256,7 +257,7 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, float]:
 
 
 def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ckpt, sample_dir, tmp_path, capsys):
-    from saltkit.inference import PostProcessing, postprocess
+    from saltkit.inference import PostProcessingSettings, postprocess
     from saltkit.inference.evaluate import COVERAGE_CLASSES
     from saltkit.submission import submission_masks
 
@@ -269,11 +270,11 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
     assert saltkit_main(["tune", *common, "--output_dir", str(tmp_path / "tuned")]) == 0
     out = capsys.readouterr().out
     entry = torch.load(ckpt, weights_only=True)["postprocessing"]
-    settings = PostProcessing(**{k: entry[k] for k in ("threshold", "min_component_size", "image_threshold",
+    settings = PostProcessingSettings(**{k: entry[k] for k in ("threshold", "min_component_size", "image_threshold",
                                                          "min_area")})
     assert entry["tuned_on"]["fold"] == 0 and entry["tuned_on"]["num_folds"] == 5 and entry["tuned_on"]["tiles"] == 20
     assert f"stored in {ckpt}" in out and "all the plain default" in out  # evaluated with the defaults, then tuned
-    assert entry["metric_after"] > entry["metric_before"] and settings != PostProcessing()
+    assert entry["metric_after"] > entry["metric_before"] and settings != PostProcessingSettings()
     tuned = pd.read_csv(tmp_path / "tuned" / "tiles.csv", dtype={"id": str})
     assert tuned["score_tta"].mean() == pytest.approx(entry["metric_before"], abs=1e-9)
     assert tuned["score_tuned"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
@@ -308,7 +309,7 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
     for i in tuned["id"]:
         shutil.copy(sample_dir / "train" / "images" / f"{i}.png", data / "test" / "images")
     other = 0.35 if settings.threshold != 0.35 else 0.4
-    for given, expected in (({}, settings), ({"threshold": other, "image_threshold": "null"}, PostProcessing(
+    for given, expected in (({}, settings), ({"threshold": other, "image_threshold": "null"}, PostProcessingSettings(
             other, settings.min_component_size, None, settings.min_area))):
         out_dir = tmp_path / f"inference{len(given)}"
         bundle_run("inference", config_file=str(BUNDLE / "inference.json"), ckpt=str(ckpt), output_dir=str(out_dir),
@@ -319,7 +320,7 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
         # the saved probabilities are rounded to 1/65535, so a pixel right at the threshold may flip
         expected_masks = postprocess(probs.probs, probs.image_probs, expected)
         assert (masks != expected_masks).mean() < 1e-4
-        assert (masks != postprocess(probs.probs, probs.image_probs, PostProcessing())).mean() > 0.01
+        assert (masks != postprocess(probs.probs, probs.image_probs, PostProcessingSettings())).mean() > 0.01
         if not given:
             truth = submission_masks(pd.read_csv(sample_dir / "train.csv", dtype={"id": str}, keep_default_na=False)
                                      .set_index("id").loc[probs.ids].reset_index(), sample_dir / "train.csv")

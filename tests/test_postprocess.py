@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.morphology import remove_small_objects
 
-from saltkit.inference.postprocess import PostProcessing, postprocess, remove_small_components
+from saltkit.inference.postprocess import PostProcessingSettings, postprocess, remove_small_components
 
 
 def test_defaults_are_a_plain_threshold():
@@ -15,7 +15,7 @@ def test_defaults_are_a_plain_threshold():
     out = postprocess(probs)
     assert out.dtype == np.uint8
     assert np.array_equal(out, (probs > 0.5).astype(np.uint8))
-    assert np.array_equal(postprocess(probs, settings=PostProcessing(threshold=0.8)), probs > 0.8)
+    assert np.array_equal(postprocess(probs, settings=PostProcessingSettings(threshold=0.8)), probs > 0.8)
 
 
 def test_small_components_match_skimage_per_tile():
@@ -45,19 +45,19 @@ def test_image_threshold_and_min_area_empty_tiles():
     probs[1, :3, :3] = 0.9  # 9 pixels
     probs[2, 10:60, 10:60] = 0.9  # big, but the image head says no salt
     image = np.array([0.9, 0.9, 0.1], dtype=np.float32)
-    out = postprocess(probs, image, PostProcessing(image_threshold=0.5, min_area=10))
+    out = postprocess(probs, image, PostProcessingSettings(image_threshold=0.5, min_area=10))
     assert out[0].sum() == 2500 and out[1].sum() == 0 and out[2].sum() == 0
-    out = postprocess(probs, image, PostProcessing(min_component_size=10))
+    out = postprocess(probs, image, PostProcessingSettings(min_component_size=10))
     assert out[1].sum() == 0 and out[2].sum() == 2500
 
 
 def test_bad_settings_and_inputs():
     with pytest.raises(ValueError, match="threshold"):
-        PostProcessing(threshold=1.5)
+        PostProcessingSettings(threshold=1.5)
     with pytest.raises(ValueError, match="min_area"):
-        PostProcessing(min_area=-1)
+        PostProcessingSettings(min_area=-1)
     with pytest.raises(ValueError, match="image probabilities"):
-        postprocess(np.zeros((1, 4, 4)), None, PostProcessing(image_threshold=0.5))
+        postprocess(np.zeros((1, 4, 4)), None, PostProcessingSettings(image_threshold=0.5))
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         postprocess(np.zeros((4, 4)))
 
@@ -77,7 +77,7 @@ def test_engine_transforms_equal_postprocess_on_real_masks(sample_dir):
     image = rng.random(len(truths)).astype(np.float32)
     salty = int(np.argmax(truths.mean(axis=(1, 2)) > 0.2))
     image[salty] = np.float32(0.7)  # exactly the float32 nearest 0.7, which lies below 0.7: both keep the tile
-    for settings in (PostProcessing(0.45, 20, 0.5, 40), PostProcessing(0.6, 0, 0.7, 0), PostProcessing(0.3, 80)):
+    for settings in (PostProcessingSettings(0.45, 20, 0.5, 40), PostProcessingSettings(0.6, 0, 0.7, 0), PostProcessingSettings(0.3, 80)):
         expected = postprocess(probs, image, settings)
         post = mask_transforms(settings)
         for k in range(len(probs)):

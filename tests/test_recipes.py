@@ -96,7 +96,7 @@ def test_keys_table_defaults_are_train_json_values():
 
 
 def test_postprocessing_keys_are_documented_as_the_configs_set_them():
-    from saltkit.inference import PostProcessing
+    from saltkit.inference import PostProcessingSettings
 
     configs = {name: json.loads((REPO / "bundles/saltnet/configs" / name).read_text())
                for name in ("inference.json", "evaluate.json", "predict.json", "swa.json")}
@@ -106,7 +106,7 @@ def test_postprocessing_keys_are_documented_as_the_configs_set_them():
     docs = DOCS.read_text()
     rows = {cells[0]: cells[1:] for cells in table_after(docs, "`evaluate.json` and `inference.json` read like")}
     meaning = rows[", ".join(f"`{k}`" for k in keys)][0]
-    plain = PostProcessing()
+    plain = PostProcessingSettings()
     defaults = ", ".join(json.dumps(getattr(plain, k)) for k in keys)  # 0.5, 0, null, 0
     assert meaning.startswith("`auto` each") and f"the plain default ({defaults})" in meaning
     assert rows["`tune_postprocessing`"][0].startswith(f"evaluate only, {json.dumps(configs['evaluate.json']['tune_postprocessing'])}")

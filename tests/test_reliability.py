@@ -27,6 +27,7 @@ from PIL import Image
 
 import saltkit.handlers.checkpoints as ckpt_mod
 from saltkit.cli import main
+from saltkit.config import ConfigError, as_bool, check_overrides
 from saltkit.data.folds import folds_for_dataset, write_folds
 from saltkit.data.layout import (
     DatasetError,
@@ -40,15 +41,14 @@ from saltkit.data.layout import (
 from saltkit.data.layout import (
     test_items as list_test_items,
 )
-from saltkit.handlers import TerminateOnNan
+from saltkit.handlers import FailOnNanLoss
 from saltkit.handlers.nan import DivergenceError
-from saltkit.handlers.swa import run_swa
-from saltkit.inference.postprocess import PostProcessing
+from saltkit.inference.postprocess import PostProcessingSettings
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
 from saltkit.io import FolderNotWritableError, atomic_write, check_writable
 from saltkit.rle import RLEError, rle_runs
 from saltkit.rundir import claim_run_dir
-from saltkit.training import ConfigError, as_bool, check_overrides
+from saltkit.swa import run_swa
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles/saltnet/configs"
@@ -584,8 +584,8 @@ def test_swa_checks_its_output_folder_before_the_work(finished_run, tmp_path):
 ])
 def test_postprocessing_settings_name_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        PostProcessing(**kwargs)
-    assert PostProcessing(image_threshold="null").image_threshold is None
+        PostProcessingSettings(**kwargs)
+    assert PostProcessingSettings(image_threshold="null").image_threshold is None
 
 
 def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
@@ -593,7 +593,7 @@ def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
 
     def diverging() -> Engine:
         engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan"))})
-        TerminateOnNan(last_checkpoint=str(last)).attach(engine)
+        FailOnNanLoss(last_checkpoint=str(last)).attach(engine)
         return engine
 
     last = tmp_path / "last.pt"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from saltkit.handlers.swa import average_checkpoints, recompute_bn, run_swa
 from saltkit.networks import SaltUNet
+from saltkit.swa import average_checkpoints, recompute_bn, run_swa
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
 
@@ -167,7 +167,7 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recomputed BatchNorm statistics over 8 training tiles" in out
     # the result is a checkpoint the inference bundle can rebuild
-    from saltkit.inference import load_network
+    from saltkit.checkpoints import load_network
 
     assert load_network(run_dir / "swa.pt").arch == swa["arch"]
     # post-processing tuned on the fold's 4 validation tiles after the BN pass, stored with the weights
@@ -200,7 +200,7 @@ def test_swa_bundle_missing_checkpoint(tmp_path):
 def test_run_record_must_match_the_fold(tmp_path):
     from monai.bundle import run as bundle_run
 
-    from saltkit.inference.checkpoint import check_run_matches
+    from saltkit.checkpoints import check_run_matches
 
     (tmp_path / "config.json").write_text(json.dumps({"resolved": {"fold": 3, "num_folds": 10, "variant": "pad"}}))
     check_run_matches(tmp_path, fold=3, num_folds=10, variant="pad")
@@ -221,7 +221,7 @@ def test_run_record_must_match_the_fold(tmp_path):
 
 
 def test_checkpoint_names_resolve_in_the_run_folder(tmp_path):
-    from saltkit.handlers.swa import run_checkpoints
+    from saltkit.swa import run_checkpoints
 
     run = tmp_path / "pad_fold0"
     assert run_checkpoints(run) == [run / "best_loss.pt", run / "best_accuracy.pt", run / "best_metric.pt"]

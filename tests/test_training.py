@@ -19,9 +19,9 @@ from monai.data import set_track_meta
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import saltkit.handlers.nan as nan_mod
+from saltkit.checkpoints import load_network
+from saltkit.config import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
 from saltkit.handlers import NoamLambda
-from saltkit.inference.checkpoint import load_network
-from saltkit.training import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles/saltnet/configs"
@@ -102,7 +102,7 @@ class Interrupted(Exception):
 def interrupted_run(small_dataset, tmp_path_factory):
     """A 3-epoch run killed in the middle of epoch 3 (after 2 complete epochs)."""
     run_dir = tmp_path_factory.mktemp("runs") / "pad_fold0"
-    original = nan_mod.TerminateOnNan.__call__
+    original = nan_mod.FailOnNanLoss.__call__
 
     def kill_in_epoch_3(self, engine):
         original(self, engine)
@@ -110,7 +110,7 @@ def interrupted_run(small_dataset, tmp_path_factory):
             raise Interrupted
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(nan_mod.TerminateOnNan, "__call__", kill_in_epoch_3)
+    mp.setattr(nan_mod.FailOnNanLoss, "__call__", kill_in_epoch_3)
     try:
         with pytest.raises(RuntimeError) as info:
             run_training(small_dataset, run_dir, max_epochs=3)

@@ -18,9 +18,9 @@ from saltkit.data.layout import load_image, load_mask, train_items
 from saltkit.geometry import center_crop
 from saltkit.transforms import (
     LoadTiled,
-    TileLabeld,
     TilePredictiond,
     network_input_transform,
+    tile_label_copy,
     tile_output_transform,
 )
 
@@ -148,13 +148,14 @@ def test_tile_prediction_maps_logits_back_to_the_tile():
     assert torch.equal(out["tile_label"], tile)  # the copy kept before resizing, not a resized-back label
     with pytest.raises(ValueError, match="'variant'"):
         TilePredictiond("crop")
-    assert TileLabeld()({"label": tile[0]})["label_tile"] is not None
+    copied = tile_label_copy()({"label": tile[0]})
+    assert torch.equal(copied["label_tile"], tile[0]) and copied["label_tile"] is not copied["label"]
 
 
 def test_validation_size_network_scores_the_resize_variant_at_128(items):
     """`validation_size: network`: the resize variant scored as the original did, the 128 x 128 prediction against
     the nearest-resized label; the pad variant keeps its tile; other values name the key."""
-    chain = Compose([LoadTiled(keys=["image", "label"], channels=3), TileLabeld(),
+    chain = Compose([LoadTiled(keys=["image", "label"], channels=3), tile_label_copy(),
                      network_input_transform("resize")])
     data = chain(items[0])
     label = torch.as_tensor(data["label"])[None]

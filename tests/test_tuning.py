@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from saltkit.data import train_items
 from saltkit.data.layout import load_mask
-from saltkit.inference.postprocess import PostProcessing, postprocess
+from saltkit.inference.postprocess import PostProcessingSettings, postprocess
 from saltkit.inference.tuned import (
     check_entry,
     choose_postprocessing,
@@ -62,9 +62,9 @@ def test_search_result_is_what_postprocess_scores_and_beats_the_defaults(truths)
     probs, image = constructed(truths)
     result = search_postprocessing(probs, image, truths)
     assert result.metric == pytest.approx(direct_metric(probs, image, truths, result.settings), abs=1e-12)
-    assert result.default_metric == pytest.approx(direct_metric(probs, image, truths, PostProcessing()), abs=1e-12)
+    assert result.default_metric == pytest.approx(direct_metric(probs, image, truths, PostProcessingSettings()), abs=1e-12)
     assert result.metric > result.default_metric + 0.02, result
-    assert result.settings != PostProcessing() and result.tiles == 100
+    assert result.settings != PostProcessingSettings() and result.tiles == 100
     grid = TuningGrid()
     assert result.candidates == len(grid.thresholds) * len(grid.min_component_sizes) * 8 * len(grid.min_areas)
     # no image head: image_threshold is never searched
@@ -80,7 +80,7 @@ def test_metric_grid_agrees_with_brute_force(truths):
     totals, values = metric_grid(probs, image, truths, grid)
     assert totals.shape == (3, 4, 3, 3) and values[2] == [None, 0.3, 0.7]
     for (i, t), (k, s), (j, it), (a, area) in itertools.product(*(list(enumerate(v)) for v in values)):
-        settings = PostProcessing(t, s, it, area)
+        settings = PostProcessingSettings(t, s, it, area)
         assert totals[i, k, j, a] / (10 * len(truths)) == pytest.approx(
             direct_metric(probs, image, truths, settings), abs=1e-12), settings
     best = search_postprocessing(probs, image, truths, grid, tolerance=0)
@@ -90,7 +90,7 @@ def test_metric_grid_agrees_with_brute_force(truths):
     i, k, j, a = (values[n].index(getattr(chosen.settings, key)) for n, key in enumerate(
         ("threshold", "min_component_size", "image_threshold", "min_area")))
     assert totals[i, k, j, a] >= totals.max() - 10
-    plainer = [s for s in itertools.product(*values) if plainness(PostProcessing(*s)) < plainness(chosen.settings)]
+    plainer = [s for s in itertools.product(*values) if plainness(PostProcessingSettings(*s)) < plainness(chosen.settings)]
     assert all(totals[tuple(v.index(x) for v, x in zip(values, s, strict=True))] < totals.max() - 10 for s in plainer)
 
 
@@ -99,13 +99,13 @@ def test_ties_go_to_the_plainest_setting(truths):
     probs = np.where(truths > 0, 0.9, 0.1).astype(np.float32)
     image = np.where(truths.reshape(len(truths), -1).any(1), 0.9, 0.1).astype(np.float32)
     result = search_postprocessing(probs, image, truths, tolerance=0)
-    assert result.settings == PostProcessing() and result.metric == result.default_metric == 1.0
+    assert result.settings == PostProcessingSettings() and result.metric == result.default_metric == 1.0
     assert result.ties > 1
     # a tolerance as wide as the metric keeps the defaults whatever the data
     noisy, noisy_image = constructed(truths)
-    assert search_postprocessing(noisy, noisy_image, truths, tolerance=1.0).settings == PostProcessing()
-    assert min([PostProcessing(0.45), PostProcessing(0.5, 20), PostProcessing()], key=plainness) == PostProcessing()
-    assert plainness(PostProcessing(0.55)) < plainness(PostProcessing(0.5, 10, 0.3))
+    assert search_postprocessing(noisy, noisy_image, truths, tolerance=1.0).settings == PostProcessingSettings()
+    assert min([PostProcessingSettings(0.45), PostProcessingSettings(0.5, 20), PostProcessingSettings()], key=plainness) == PostProcessingSettings()
+    assert plainness(PostProcessingSettings(0.55)) < plainness(PostProcessingSettings(0.5, 10, 0.3))
 
 
 def test_heldout_metric_scores_each_tile_with_settings_tuned_on_the_others(truths):
@@ -166,7 +166,7 @@ def test_entry_round_trip_through_the_checkpoint(ckpt, truths, sample_dir):
     assert chosen.settings == result.settings and set(chosen.sources.values()) == {"tuned"}
     assert "all tuned (fold 0, 100 tiles" in str(chosen) and str(ckpt) in str(chosen)
     given = choose_postprocessing(ckpt, threshold=0.5, image_threshold="null")
-    assert given.settings == PostProcessing(0.5, result.settings.min_component_size, None, result.settings.min_area)
+    assert given.settings == PostProcessingSettings(0.5, result.settings.min_component_size, None, result.settings.min_area)
     assert given.sources == {"threshold": "given", "min_component_size": "tuned", "image_threshold": "given",
                              "min_area": "tuned"}
     assert prediction_threshold(ckpt) == result.settings.threshold
@@ -175,9 +175,9 @@ def test_entry_round_trip_through_the_checkpoint(ckpt, truths, sample_dir):
 
 def test_checkpoint_without_entry_gives_the_plain_defaults(ckpt, capsys):
     chosen = choose_postprocessing(ckpt)
-    assert chosen.settings == PostProcessing() and set(chosen.sources.values()) == {"default"}
+    assert chosen.settings == PostProcessingSettings() and set(chosen.sources.values()) == {"default"}
     assert f"all the plain default ({ckpt} holds no tuned values)" in str(chosen)
-    assert choose_postprocessing(ckpt, min_area=40).settings == PostProcessing(min_area=40)
+    assert choose_postprocessing(ckpt, min_area=40).settings == PostProcessingSettings(min_area=40)
     assert prediction_threshold(ckpt) == 0.5
     assert "mask threshold 0.5 (the default" in capsys.readouterr().out
 
@@ -210,7 +210,7 @@ def test_given_values_out_of_range_name_the_key(ckpt):
         choose_postprocessing(ckpt, threshold=2.0)
     with pytest.raises(ValueError, match=r"config key 'min_area' must be an integer >= 0.*got 'lots', or auto"):
         choose_postprocessing(ckpt, min_area="lots")
-    assert choose_postprocessing(ckpt, threshold="AUTO").settings == PostProcessing()
+    assert choose_postprocessing(ckpt, threshold="AUTO").settings == PostProcessingSettings()
 
 
 def test_predict_command_masks_at_the_tuned_threshold(ckpt, sample_dir, tmp_path, capsys):

@@ -5,11 +5,14 @@ Coverage class: -1 for an empty mask, else the tenth of the tile the salt covers
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import pandas as pd
 
+from saltkit.config import ConfigError
 from saltkit.data.layout import DatasetError, csv_line, id_listing, load_mask, read_id_csv, train_items
 from saltkit.io import atomic_write
 
@@ -211,3 +214,29 @@ def folds_from_id_lists(dataset_dir: str | Path, valid_lists: list[str | Path], 
     df = pd.DataFrame({"id": ids, "fold": [fold_of[i][0] for i in ids], "coverage_class": classes})
     _check_folds(df, "the validation lists", len(valid_lists))
     return df
+
+
+def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") -> str:
+    """`runs/folds/<dataset folder name>-<hash of its absolute path>-k<K>.csv`.
+
+    Beside the runs rather than inside the dataset (the shipped sample may be read-only); the hash keeps the
+    splits of different datasets with the same folder name apart.
+    """
+    path = Path(str(dataset_dir)).resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return str(Path(root) / "folds" / f"{path.name}-{digest}-k{num_folds}.csv")
+
+
+def fold_split(dataset_dir, folds_csv, fold: int, num_folds: int) -> tuple[list[dict], list[dict]]:
+    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it)."""
+    folds_csv = Path(str(folds_csv))
+    if idist.get_rank() == 0:
+        folds_csv.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folds(dataset_dir, folds_csv, k=num_folds)
+    if idist.get_world_size() > 1:
+        idist.barrier()  # the other ranks read the file rank 0 wrote
+    try:
+        folds = ensure_folds(dataset_dir, folds_csv, k=num_folds)
+        return split_items(train_items(dataset_dir), folds, fold)
+    except DatasetError as e:
+        raise ConfigError(f"config keys 'folds_csv' / 'fold': {e}") from None

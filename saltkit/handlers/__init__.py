@@ -8,7 +8,7 @@ from saltkit.handlers.checkpoints import (
     save_checkpoint,
 )
 from saltkit.handlers.images import WorstTilesImages
-from saltkit.handlers.nan import DivergenceError, TerminateOnNan
+from saltkit.handlers.nan import DivergenceError, FailOnNanLoss
 from saltkit.handlers.noam import (
     NoamHandler,
     NoamLambda,
@@ -18,7 +18,7 @@ from saltkit.handlers.noam import (
     warmup_steps,
 )
 from saltkit.handlers.progress import EpochSummary, TrainingProgress
-from saltkit.handlers.time_limit import TimeLimit
+from saltkit.handlers.time_limit import EpochTimeBudget
 
 __all__ = [
     "BestCheckpoint",
@@ -29,8 +29,8 @@ __all__ = [
     "NoamLambda",
     "ResumeError",
     "ResumeFromCheckpoint",
-    "TerminateOnNan",
-    "TimeLimit",
+    "FailOnNanLoss",
+    "EpochTimeBudget",
     "TrainingProgress",
     "WorstTilesImages",
     "cooldown_steps",

@@ -1,11 +1,8 @@
-"""Run-directory checkpoints: best_loss.pt, best_accuracy.pt, best_metric.pt, last.pt, and resuming from last.pt.
+"""Engine handlers that write a run's checkpoints (best_loss.pt, best_accuracy.pt, best_metric.pt, last.pt) and
+resume from last.pt; what the files hold and how they are written is `saltkit.checkpoints`.
 
-Every file is a torch.save'd dict with "network" (state_dict) and "arch" (SaltUNet ctor kwargs, so inference
-and SWA can rebuild the network without any config). last.pt also holds "optimizer", "scheduler", "trainer"
-(Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's score and epoch), "rng" and what
-identifies the run (variant, fold, the hash of the split's tile ids), which a resume must match.
-Fixed file names (not Ignite's Checkpoint, whose names carry the score) written through `saltkit.io.atomic_write`
-(temporary file + os.replace), so a kill at any moment leaves either the previous file or the new one.
+Fixed file names (not Ignite's Checkpoint, whose names carry the score, nor MONAI's CheckpointSaver, which writes
+non-atomically and has no resume-identity checks).
 At the end of an epoch last.pt is written first and the improved best files after it: a kill in between loses
 nothing, since the resume rewrites a best file that last.pt records as this epoch's but that was not written.
 Only the process of rank 0 writes; every rank resumes.
@@ -16,7 +13,6 @@ from __future__ import annotations
 import logging
 import pickle
 import random
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,39 +22,17 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from saltkit.io import atomic_write
+from saltkit.checkpoints import (
+    ResumeError,
+    arch_of,
+    check_same_arch,
+    check_same_run,
+    read_resume_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
-
-# arch keys that change how the network computes, not which weights it has; a resume or SWA may differ in them
-WEIGHT_NEUTRAL_ARCH_KEYS = ("attention", "head_dropout", "decoder_dropout", "bottleneck_dropout")
-
-
-def weight_arch(arch: dict) -> dict:
-    """`arch` without the weight-neutral keys: two networks with equal weight_arch load each other's weights."""
-    return {k: v for k, v in arch.items() if k not in WEIGHT_NEUTRAL_ARCH_KEYS}
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (or the network itself)."""
-    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
-
-
-def arch_of(network: nn.Module) -> dict:
-    """SaltUNet.arch of a (possibly wrapped) network."""
-    net = unwrap(network)
-    if not hasattr(net, "arch"):
-        raise TypeError(f"{type(net).__name__} has no .arch; checkpoints need a SaltUNet-like network")
-    return dict(net.arch)
-
-
-def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """torch.save `ckpt` to `path` atomically (the folder is created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        torch.save(ckpt, f)
-    return path
 
 
 def is_writer() -> bool:
@@ -205,68 +179,6 @@ class LastCheckpoint:
             save_checkpoint(self.checkpoint(engine), self.path)
         for b in self.best:
             b.write_pending()
-
-
-class ResumeError(ValueError):
-    """last.pt cannot be resumed by this config (other architecture or run, missing, unreadable or incomplete)."""
-
-
-# what last.pt records about its run that a resume must match (other recorded keys only explain a mismatch)
-RUN_KEYS = ("variant", "fold", "num_folds")
-SPLIT_KEY = "split"
-
-
-def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """The last.pt at `path` (CPU tensors; `mmap` maps instead of reading them); ResumeError naming the path when
-    it is missing, unreadable (truncated, not a torch file) or lacks what a resume needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResumeError(f"resume: {path} not found; nothing to resume (train without --resume first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ResumeError(f"resume: {path} is not a readable checkpoint (truncated or not written by torch.save: "
-                          f"{reason}); resume from an intact last.pt, or train afresh") from None
-    if not isinstance(ckpt, dict):
-        raise ResumeError(f"resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint")
-    missing = [k for k in ("network", "arch", "optimizer", "trainer", "best") if k not in ckpt]
-    if missing:
-        raise ResumeError(f"resume: {path} lacks {missing}; only a last.pt written by training can be "
-                          "resumed (best_*.pt hold the network only)")
-    return ckpt
-
-
-def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
-    """ResumeError when last.pt was written by another run than `expected` describes: another variant, fold or
-    number of folds, or another split of the tile ids (other dataset or folds file). Keys a checkpoint does not
-    record are not compared."""
-    diff = [f"{k}: checkpoint {ckpt[k]!r} vs config {expected[k]!r}" for k in RUN_KEYS
-            if k in ckpt and k in expected and ckpt[k] != expected[k]]
-    if diff:
-        flags = " ".join(f"--{k} {ckpt[k]}" for k in RUN_KEYS if k in ckpt and k in expected and ckpt[k] != expected[k])
-        raise ResumeError(f"cannot resume from {path}: it belongs to another run ({', '.join(diff)}); resume with "
-                          f"the run's own settings ({flags}) or train into a new run_dir")
-    if SPLIT_KEY in ckpt and SPLIT_KEY in expected and ckpt[SPLIT_KEY] != expected[SPLIT_KEY]:
-        raise ResumeError(f"cannot resume from {path}: it was trained on other tiles for fold {ckpt.get('fold')} "
-                          f"({data_source(ckpt)}) than this config gives ({data_source(expected)}); resume with the "
-                          "run's own dataset_dir and folds_csv, or train into a new run_dir")
-
-
-def data_source(record: dict) -> str:
-    """'dataset_dir D, folds_csv F' of a run record, for messages."""
-    return f"dataset_dir {record.get('dataset_dir', '?')}, folds_csv {record.get('folds_csv', '?')}"
-
-
-def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
-    """Raise ResumeError naming the differing arch keys when `saved` and `current` build different weights."""
-    saved, current = weight_arch(saved), weight_arch(current)
-    keys = set(saved) | set(current)
-    diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ResumeError(f"cannot resume from {path}: it holds another architecture ({shown}); use the config "
-                          "it was trained with, or a new run_dir to start afresh")
 
 
 def load_schedule_keeping_settings(scheduler, state: dict) -> None:

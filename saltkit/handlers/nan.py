@@ -19,9 +19,9 @@ def output_loss(output) -> float:
     return float(loss.detach()) if hasattr(loss, "detach") else float(loss)
 
 
-class TerminateOnNan:
-    """Like ignite's TerminateOnNan, but raises DivergenceError (the run fails, last.pt keeps the last good epoch)
-    with the epoch, iteration and learning rate, instead of logging a warning and ending "successfully".
+class FailOnNanLoss:
+    """Fail the run on a NaN or infinite loss: raises DivergenceError (last.pt keeps the last good epoch) with the
+    epoch, iteration and learning rate, where Ignite's TerminateOnNan logs a warning and ends "successfully".
     The message says whether `last_checkpoint` exists (a run that diverges in its first epoch has none)."""
 
     def __init__(self, output_transform: Callable = output_loss, last_checkpoint: str | None = None):

@@ -37,6 +37,18 @@ class NoamLambda:
         self.warmup_steps = float(warmup_steps)
         self.total_steps = None if total_steps is None else float(total_steps)
         self.cooldown_steps = float(cooldown_steps)
+        self.configured_total_steps = self.total_steps  # what the config asked for, before any `end_at`
+
+    @property
+    def has_cooldown(self) -> bool:
+        return self.cooldown_steps > 0
+
+    def end_at(self, total_steps: float) -> bool:
+        """Make the cool-down end at `total_steps`, never past the configured end; True when the end moved."""
+        end = float(min(total_steps, self.configured_total_steps))
+        moved = end != self.total_steps
+        self.total_steps = end
+        return moved
 
     def __call__(self, step: int) -> float:
         s = step + 1

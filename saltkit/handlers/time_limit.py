@@ -10,8 +10,9 @@ from ignite.engine import Engine, Events
 logger = logging.getLogger(__name__)
 
 
-class TimeLimit:
-    """Terminate the trainer after the epoch whose successor would end past `minutes` of training.
+class EpochTimeBudget:
+    """Terminate the trainer after the epoch whose successor would end past `minutes` of training (Ignite's
+    TimeLimit stops mid-epoch once the time is up; this stops at an epoch boundary inside the budget).
 
     The budget counts from the trainer's start (this process; a resumed run gets a fresh budget). The next epoch's
     length is estimated as the mean of the epochs run so far, validation and checkpoints included. Attach it after
@@ -25,7 +26,6 @@ class TimeLimit:
     def __init__(self, minutes: float | None, lr_scheduler=None):
         self.seconds = None if minutes is None else float(minutes) * 60
         self.lr_scheduler = lr_scheduler
-        self.configured_ends: dict[int, float] = {}  # lambda index -> the schedule's configured total steps
         self.start: float | None = None
         self.first_epoch = 0
 
@@ -52,12 +52,8 @@ class TimeLimit:
 
     def end_schedule_at(self, total_steps: int) -> None:
         """End a cool-down schedule at `total_steps`, or at its configured end if that comes first."""
-        for i, fn in enumerate(getattr(self.lr_scheduler, "lr_lambdas", [])):
-            if not getattr(fn, "cooldown_steps", 0):
-                continue
-            configured = self.configured_ends.setdefault(i, fn.total_steps)
-            end = float(min(total_steps, configured))
-            if end != fn.total_steps:
-                logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(end)} "
-                            f"(the last epoch expected to fit the budget; configured: {int(configured)})")
-                fn.total_steps = end
+        for fn in getattr(self.lr_scheduler, "lr_lambdas", []):
+            if getattr(fn, "has_cooldown", False) and fn.end_at(total_steps):
+                logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(fn.total_steps)} "
+                            f"(the last epoch expected to fit the budget; configured: "
+                            f"{int(fn.configured_total_steps)})")

@@ -9,16 +9,6 @@ submission. Post-processing tuned on a validation fold (`tuning`) is stored in t
 """
 
 from saltkit.geometry import restore_tiles
-from saltkit.inference.checkpoint import (
-    checkpoint_arch,
-    checkpoint_variant,
-    default_checkpoint,
-    load_network,
-    network_from_checkpoint,
-    output_dir_for,
-    read_checkpoint,
-    run_setting,
-)
 from saltkit.inference.ensemble import average_probabilities, ensemble_files
 from saltkit.inference.handlers import EvaluationReport, PredictionWriter
 from saltkit.inference.inferers import (
@@ -30,7 +20,7 @@ from saltkit.inference.inferers import (
 )
 from saltkit.inference.postprocess import (
     EmptyTilesd,
-    PostProcessing,
+    PostProcessingSettings,
     RemoveSmallComponentsd,
     mask_transforms,
     postprocess,
@@ -52,7 +42,7 @@ __all__ = [
     "EmptyTilesd",
     "EvaluationReport",
     "FlipTTAInferer",
-    "PostProcessing",
+    "PostProcessingSettings",
     "PredictionWriter",
     "Probabilities",
     "RemoveSmallComponentsd",
@@ -62,24 +52,16 @@ __all__ = [
     "TuningResult",
     "average_probabilities",
     "check_runtime",
-    "checkpoint_arch",
-    "checkpoint_variant",
     "choose_postprocessing",
-    "default_checkpoint",
     "ensemble_files",
     "inference_network",
-    "load_network",
     "load_probabilities",
     "mask_transforms",
-    "network_from_checkpoint",
-    "output_dir_for",
     "postprocess",
     "prediction_threshold",
-    "read_checkpoint",
     "read_tuned_postprocessing",
     "remove_small_components",
     "restore_tiles",
-    "run_setting",
     "save_probabilities",
     "search_postprocessing",
     "section_inferer",

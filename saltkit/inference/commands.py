@@ -1,4 +1,4 @@
-"""`saltkit ensemble` and `saltkit export` (registered into saltkit.cli through `register`)."""
+"""`saltkit ensemble` and `saltkit export` (listed by saltkit.cli through `register`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from saltkit.cli import Subcommand, register_subcommand
+from saltkit.subcommands import Subcommand, register_subcommand
 
 
 def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,11 +37,11 @@ def default_ensemble_out(probs: list[Path]) -> Path:
 
 def _ensemble_run(args: argparse.Namespace) -> int:
     from saltkit.inference.ensemble import ensemble_files, write_prediction
-    from saltkit.inference.postprocess import PostProcessing
+    from saltkit.inference.postprocess import PostProcessingSettings
     from saltkit.inference.probabilities import write_probabilities
     from saltkit.io import atomic_write, check_writable
 
-    settings = PostProcessing(threshold=args.threshold, min_component_size=args.min_component_size,
+    settings = PostProcessingSettings(threshold=args.threshold, min_component_size=args.min_component_size,
                               image_threshold=args.image_threshold, min_area=args.min_area)
     out = args.out or default_ensemble_out(args.probs)
     check_writable(out.parent, "--out")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from saltkit.inference.postprocess import PostProcessing, postprocess
+from saltkit.inference.postprocess import PostProcessingSettings, postprocess
 from saltkit.inference.probabilities import Probabilities, load_probabilities
 
 
@@ -57,7 +57,7 @@ def ensemble_files(paths: Sequence[str | Path]) -> Probabilities:
 
 
 def write_prediction(
-    pred: Probabilities, output: str | Path, settings: PostProcessing, expected_ids: Sequence[str] | None = None
+    pred: Probabilities, output: str | Path, settings: PostProcessingSettings, expected_ids: Sequence[str] | None = None
 ) -> dict:
     """Post-process `pred`, validate and write the submission CSV at `output`; return a summary dict.
 

@@ -24,7 +24,7 @@ EVAL_SETS = ("fold", "all")
 def labelled_items(dataset_dir, eval_set: str = "fold", folds_csv=None, num_folds: int = 10, fold: int = 0) -> list:
     """Data dicts to evaluate: the validation items of `fold` ("fold") or every train tile of `dataset_dir` ("all")."""
     from saltkit.data import train_items
-    from saltkit.training import fold_split
+    from saltkit.data.folds import fold_split
 
     if eval_set == "all":
         return train_items(dataset_dir)

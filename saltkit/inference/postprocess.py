@@ -19,7 +19,7 @@ from scipy import ndimage
 
 
 @dataclass(frozen=True)
-class PostProcessing:
+class PostProcessingSettings:
     """Settings of `postprocess` (bundle keys: threshold, min_component_size, image_threshold, min_area).
 
     threshold: a pixel is salt when its probability is > threshold.
@@ -74,10 +74,10 @@ def remove_small_components(masks: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def postprocess(
-    probs: np.ndarray, image_probs: np.ndarray | None = None, settings: PostProcessing | None = None
+    probs: np.ndarray, image_probs: np.ndarray | None = None, settings: PostProcessingSettings | None = None
 ) -> np.ndarray:
     """`(N, H, W)` float probabilities (+ `(N,)` image probabilities) -> `(N, H, W)` uint8 {0, 1} masks."""
-    s = settings or PostProcessing()
+    s = settings or PostProcessingSettings()
     probs = np.asarray(probs)
     if probs.ndim != 3:
         raise ValueError(f"probabilities must be (N, H, W), got shape {probs.shape}")
@@ -143,7 +143,7 @@ class EmptyTilesd(MapTransform):
         return d
 
 
-def mask_transforms(settings: PostProcessing, prob_keys: Sequence[str] = ("prob",),
+def mask_transforms(settings: PostProcessingSettings, prob_keys: Sequence[str] = ("prob",),
                     mask_keys: Sequence[str] = ("mask",), image_prob_keys: Sequence[str] = ("image_prob",)) -> Compose:
     """MONAI post transforms that add binary `mask_keys` `(1, H, W)` uint8 from probability `prob_keys`
     (copy, `AsDiscreted` threshold, small components, tile-level emptying); the probabilities stay as they are."""

@@ -59,8 +59,8 @@ def onnx_fingerprint(path: Path) -> str | None:
 def onnx_model_for(ckpt: str | Path, onnx_path: str | Path | None = None) -> Path:
     """Path of an ONNX export of checkpoint `ckpt`'s weights: `onnx_path` (default: `ckpt` with suffix .onnx),
     exported there first (checked against the checkpoint on real tiles) when missing or from other weights."""
+    from saltkit.checkpoints import read_checkpoint
     from saltkit.export import export_onnx
-    from saltkit.inference.checkpoint import read_checkpoint
 
     ckpt = Path(ckpt)
     path = Path(onnx_path) if onnx_path else ckpt.with_suffix(".onnx")

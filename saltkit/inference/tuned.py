@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from saltkit.config import ConfigError
-from saltkit.inference.postprocess import PostProcessing
+from saltkit.inference.postprocess import PostProcessingSettings
 from saltkit.inference.tuning import TuningGrid, TuningResult, heldout_metric, search_postprocessing
 
 ENTRY = "postprocessing"
 KEYS = ("threshold", "min_component_size", "image_threshold", "min_area")
 METRICS = ("metric_before", "metric_after", "metric_heldout")
 AUTO = "auto"
-DEFAULT = PostProcessing()
+DEFAULT = PostProcessingSettings()
 
 
 # ---------------------------------------------------------------- the entry: build, check, read, write
@@ -71,7 +71,7 @@ def check_entry(entry, source: str | Path = "checkpoint") -> dict:
     if missing:
         raise ValueError(f"{source}: entry '{ENTRY}' lacks {', '.join(missing)}; {fix}")
     try:
-        PostProcessing(**{k: entry[k] for k in KEYS})
+        PostProcessingSettings(**{k: entry[k] for k in KEYS})
     except ValueError as e:
         raise ValueError(f"{source}: entry '{ENTRY}': {str(e).replace('config key', 'key')}; {fix}") from None
     for key in METRICS:
@@ -86,14 +86,14 @@ def check_entry(entry, source: str | Path = "checkpoint") -> dict:
     return entry
 
 
-def entry_settings(entry: dict) -> PostProcessing:
-    """The `PostProcessing` an entry (checked with `check_entry`) holds."""
-    return PostProcessing(**{k: entry[k] for k in KEYS})
+def entry_settings(entry: dict) -> PostProcessingSettings:
+    """The `PostProcessingSettings` an entry (checked with `check_entry`) holds."""
+    return PostProcessingSettings(**{k: entry[k] for k in KEYS})
 
 
 def read_tuned_postprocessing(path: str | Path, key: str = "ckpt") -> dict | None:
     """The checked post-processing entry of the checkpoint at `path`, or None when it has none (older runs)."""
-    from saltkit.inference.checkpoint import read_checkpoint
+    from saltkit.checkpoints import read_checkpoint
 
     entry = read_checkpoint(path, key, mmap=True).get(ENTRY)
     return None if entry is None else check_entry(entry, path)
@@ -102,8 +102,7 @@ def read_tuned_postprocessing(path: str | Path, key: str = "ckpt") -> dict | Non
 def store_postprocessing(path: str | Path, entry: dict) -> Path:
     """Rewrite the checkpoint at `path` with `entry` (checked first) as its post-processing entry, atomically:
     a failure leaves the file as it was."""
-    from saltkit.handlers.checkpoints import save_checkpoint
-    from saltkit.inference.checkpoint import read_checkpoint
+    from saltkit.checkpoints import read_checkpoint, save_checkpoint
 
     check_entry(entry, path)
     ckpt = read_checkpoint(path, "ckpt")
@@ -128,7 +127,7 @@ def _metric(entry: dict, key: str) -> str:
     return "?" if value is None else f"{value:.4f}"
 
 
-def settings_text(settings: PostProcessing) -> str:
+def settings_text(settings: PostProcessingSettings) -> str:
     """`threshold 0.45, min_component_size 20, image_threshold None, min_area 0`."""
     return ", ".join(f"{k} {getattr(settings, k)}" for k in KEYS)
 
@@ -180,7 +179,7 @@ def is_auto(value) -> bool:
 class ChosenPostProcessing:
     """The settings a workflow uses, and where each key came from ("tuned", "given" or "default")."""
 
-    settings: PostProcessing
+    settings: PostProcessingSettings
     sources: dict
     ckpt: str
     entry: dict | None = None
@@ -221,7 +220,7 @@ def choose_postprocessing(ckpt: str | Path, threshold=AUTO, min_component_size=A
         else:
             values[key], sources[key] = getattr(DEFAULT, key), "default"
     try:
-        settings = PostProcessing(**values)
+        settings = PostProcessingSettings(**values)
     except ValueError as e:
         raise ConfigError(f"{e}, or {AUTO} (the checkpoint's tuned value, else the default)") from None
     return ChosenPostProcessing(settings, sources, str(ckpt), entry)

@@ -1,4 +1,4 @@
-"""Post-processing tuned on labelled tiles: the `PostProcessing` with the best mean competition metric over a grid.
+"""Post-processing tuned on labelled tiles: the `PostProcessingSettings` with the best mean competition metric over a grid.
 
 Exact (the chosen setting's metric is what `postprocess` + `kaggle_scores` give) and fast, without running
 `postprocess` once per setting:
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from saltkit.inference.postprocess import PostProcessing, check_count, check_fraction, postprocess
+from saltkit.inference.postprocess import PostProcessingSettings, check_count, check_fraction, postprocess
 from saltkit.metrics import kaggle_scores, scores_from_counts
 
-DEFAULT = PostProcessing()
+DEFAULT = PostProcessingSettings()
 
 
 def _grid(start: float, stop: float, step: float) -> tuple[float, ...]:
@@ -31,7 +31,7 @@ def _grid(start: float, stop: float, step: float) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class TuningGrid:
-    """The values searched for each `PostProcessing` key; the plain defaults (0.5, 0, None, 0) are always added.
+    """The values searched for each `PostProcessingSettings` key; the plain defaults (0.5, 0, None, 0) are always added.
 
     thresholds: pixel probability thresholds; min_component_sizes, min_areas: pixel counts (0: off);
     image_thresholds: image-head probability thresholds (None: off; ignored when there is no image head).
@@ -64,7 +64,7 @@ class TuningGrid:
 class TuningResult:
     """The chosen settings and the mean competition metric (over `tiles` tiles) with them and with the defaults."""
 
-    settings: PostProcessing
+    settings: PostProcessingSettings
     metric: float
     default_metric: float
     tiles: int
@@ -76,7 +76,7 @@ class TuningResult:
         return self.metric - self.default_metric
 
 
-def plainness(s: PostProcessing) -> tuple:
+def plainness(s: PostProcessingSettings) -> tuple:
     """Sort key: fewer rules switched on, then the threshold nearest 0.5, then the weakest rules."""
     on = (s.threshold != DEFAULT.threshold) + (s.min_component_size > 1) + (s.image_threshold is not None) + (s.min_area > 0)
     return (on, abs(s.threshold - DEFAULT.threshold), s.threshold, s.min_component_size,
@@ -149,7 +149,7 @@ def metric_grid(probs, image_probs, truths, grid: TuningGrid = TuningGrid()) -> 
 
 def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningGrid(),
                           tolerance: float | None = None) -> TuningResult:
-    """The grid's best `PostProcessing` for `(N, H, W)` probabilities (+ `(N,)` image-head probabilities or None)
+    """The grid's best `PostProcessingSettings` for `(N, H, W)` probabilities (+ `(N,)` image-head probabilities or None)
     against `(N, H, W)` binary truths, by mean competition metric.
 
     Among the settings whose metric is within `tolerance` of the best (None: one tile's score, 1 / N; 0: exact
@@ -161,7 +161,7 @@ def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningG
     best = totals.max()
     tenths = 10 if tolerance is None else int(np.floor(float(tolerance) * 10 * n + 1e-9))
     floor = best - tenths
-    candidates = [PostProcessing(thresholds[i], sizes[k], image_thresholds[j], areas[a])
+    candidates = [PostProcessingSettings(thresholds[i], sizes[k], image_thresholds[j], areas[a])
                   for i, k, j, a in zip(*np.nonzero(totals >= floor), strict=True)]
     chosen = min(candidates, key=plainness)
     index = (thresholds.index(chosen.threshold), sizes.index(chosen.min_component_size),
@@ -172,7 +172,7 @@ def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningG
                         candidates=int(totals.size), ties=len(candidates))
 
 
-def tile_scores(probs, image_probs, truths, settings: PostProcessing) -> np.ndarray:
+def tile_scores(probs, image_probs, truths, settings: PostProcessingSettings) -> np.ndarray:
     """Competition score per tile -> float64 `(N,)` of `postprocess(probs, image_probs, settings)` vs truths."""
     return kaggle_scores(postprocess(probs, image_probs, settings), np.asarray(truths))
 

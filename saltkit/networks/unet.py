@@ -78,7 +78,7 @@ class SaltUNet(nn.Module):
         c0, c1, c2, c3, c4 = stage_channels(backbone)
         self._arch = {"backbone": backbone, "num_filters": num_filters, "head_dropout": head_dropout,
                       "decoder_dropout": decoder_dropout, "bottleneck_dropout": bottleneck_dropout,
-                      "upsample_input": upsample_input, "attention": attention}
+                      "upsample_input": upsample_input}  # `attention` is a reference switch, not architecture
         self.upsample_input = upsample_input
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -109,12 +109,12 @@ class SaltUNet(nn.Module):
         return dict(self._arch)
 
     def set_attention(self, attention: str) -> None:
-        """Switch every OC block between "sdpa" and "plain" (same weights); recorded in `arch`."""
+        """Switch every OC block between "sdpa" and "plain" (same weights; a test and benchmark switch, so not
+        recorded in `arch`: a checkpoint carries no reference switches)."""
         for m in self.modules():
             if isinstance(m, ObjectContextBlock):
                 ObjectContextBlock.check_attention(attention)
                 m.attention = attention
-        self._arch["attention"] = attention
 
     def set_hypercolumn(self, mode: str) -> None:
         """"fused" (default) or "concat": two computations of the same heads and pixel fusion (same weights)."""
@@ -196,6 +196,7 @@ def network_from_arch(arch: dict, pretrained: str | Path | None = None) -> SaltU
     """Rebuild a SaltUNet from `SaltUNet.arch` (as stored in checkpoints under "arch"); weights come separately."""
     arch = dict(arch)
     arch.pop("pretrained", None)  # tolerate an arch written with the ctor's pretrained value
+    arch.pop("attention", None)  # older checkpoints recorded the reference switch; it changes no weight
     unknown = set(arch) - set(inspect.signature(SaltUNet).parameters)
     if unknown:
         raise ValueError(f"arch has unknown keys {sorted(unknown)}; expected SaltUNet constructor arguments")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from saltkit.cli import Subcommand, register_subcommand
+from saltkit.subcommands import Subcommand, register_subcommand
 
 
 def _bool(text: str) -> bool:

@@ -28,7 +28,8 @@ def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.
                    threads: int | None = None) -> tuple[nn.Module, Inferer]:
     """The checkpoint's network (eval mode, on `device`; or its ONNX export run by ONNX Runtime with `runtime`
     "onnxruntime") and the section inferer of the variant it was trained with."""
-    from saltkit.inference import checkpoint_variant, inference_network, load_network, section_inferer
+    from saltkit.checkpoints import checkpoint_variant, load_network
+    from saltkit.inference import inference_network, section_inferer
 
     variant = checkpoint_variant(ckpt, variant)
     network = inference_network(runtime, load_network(ckpt, device), ckpt, device, threads=threads)

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from monai.transforms import BorderPad, Resize
 from PIL import Image
-
-from saltkit.data import load_image, load_mask
-from saltkit.inference.checkpoint import load_network, run_record
 from saltkit.inference.restore import restore_tiles
+
+from saltkit.checkpoints import load_network, run_record
+from saltkit.data import load_image, load_mask
+from saltkit.data.folds import fold_split
 from saltkit.metrics import kaggle_scores
 from saltkit.pictures import tile_grid
-from saltkit.training import fold_split
 
 DOCS = Path(__file__).resolve().parent
 

@@ -16,8 +16,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from saltkit.handlers.checkpoints import weight_arch
-from saltkit.inference.checkpoint import check_variant, network_from_checkpoint, read_checkpoint
+from saltkit.checkpoints import (
+    check_checkpoint_variant,
+    network_from_checkpoint,
+    read_checkpoint,
+    weight_arch,
+)
 from saltkit.io import atomic_write, check_writable
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
@@ -48,7 +52,7 @@ def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None)
     ckpts = [read_checkpoint(p, key="checkpoints") for p in paths]
     arch = dict(ckpts[0]["arch"])
     for p, c in zip(paths, ckpts, strict=True):
-        check_variant(c, variant, p)
+        check_checkpoint_variant(c, variant, p)
         if weight_arch(c["arch"]) != weight_arch(arch):  # the first checkpoint's attention/dropout settings are kept
             raise ValueError(f"{p}: arch {c['arch']} differs from {paths[0]}'s {arch}; cannot average them")
     network = network_from_checkpoint(ckpts[0], paths[0])

@@ -1,0 +1,237 @@
+"""The checkpoint format, in one place: what a saltkit .pt holds, how it is written and read, and the checks on it.
+
+Every file is a torch.save'd dict with "network" (state_dict) and "arch" (SaltUNet constructor kwargs, so
+inference, SWA and export rebuild the network without any config), and "variant" (pad / resize). Optional entries:
+"postprocessing" (settings tuned on the validation fold, `saltkit.inference.tuned`); last.pt also holds
+"optimizer", "scheduler", "trainer" (Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's
+score and epoch), "rng" and what identifies the run (variant, fold, the hash of the split's tile ids), which a
+resume must match. Files are written through `saltkit.io.atomic_write` (temporary file + os.replace), so a kill at
+any moment leaves either the previous file or the new one, and read with `weights_only=True` (plain types only).
+The engine handlers that write them during training are in `saltkit.handlers.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saltkit.io import atomic_write
+
+# arch keys that change how the network computes, not which weights it has; a resume or SWA may differ in them
+WEIGHT_NEUTRAL_ARCH_KEYS = ("attention", "head_dropout", "decoder_dropout", "bottleneck_dropout")
+
+
+def weight_arch(arch: dict) -> dict:
+    """`arch` without the weight-neutral keys: two networks with equal weight_arch load each other's weights."""
+    return {k: v for k, v in arch.items() if k not in WEIGHT_NEUTRAL_ARCH_KEYS}
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (or the network itself)."""
+    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
+
+
+def arch_of(network: nn.Module) -> dict:
+    """SaltUNet.arch of a (possibly wrapped) network."""
+    net = unwrap(network)
+    if not hasattr(net, "arch"):
+        raise TypeError(f"{type(net).__name__} has no .arch; checkpoints need a SaltUNet-like network")
+    return dict(net.arch)
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """torch.save `ckpt` to `path` atomically (the folder is created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+    return path
+
+
+class ResumeError(ValueError):
+    """last.pt cannot be resumed by this config (other architecture or run, missing, unreadable or incomplete)."""
+
+
+# what last.pt records about its run that a resume must match (other recorded keys only explain a mismatch)
+RUN_KEYS = ("variant", "fold", "num_folds")
+
+
+SPLIT_KEY = "split"
+
+
+def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The last.pt at `path` (CPU tensors; `mmap` maps instead of reading them); ResumeError naming the path when
+    it is missing, unreadable (truncated, not a torch file) or lacks what a resume needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"resume: {path} not found; nothing to resume (train without --resume first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ResumeError(f"resume: {path} is not a readable checkpoint (truncated or not written by torch.save: "
+                          f"{reason}); resume from an intact last.pt, or train afresh") from None
+    if not isinstance(ckpt, dict):
+        raise ResumeError(f"resume: {path} holds a {type(ckpt).__name__}, not a training checkpoint")
+    missing = [k for k in ("network", "arch", "optimizer", "trainer", "best") if k not in ckpt]
+    if missing:
+        raise ResumeError(f"resume: {path} lacks {missing}; only a last.pt written by training can be "
+                          "resumed (best_*.pt hold the network only)")
+    return ckpt
+
+
+def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
+    """ResumeError when last.pt was written by another run than `expected` describes: another variant, fold or
+    number of folds, or another split of the tile ids (other dataset or folds file). Keys a checkpoint does not
+    record are not compared."""
+    diff = [f"{k}: checkpoint {ckpt[k]!r} vs config {expected[k]!r}" for k in RUN_KEYS
+            if k in ckpt and k in expected and ckpt[k] != expected[k]]
+    if diff:
+        flags = " ".join(f"--{k} {ckpt[k]}" for k in RUN_KEYS if k in ckpt and k in expected and ckpt[k] != expected[k])
+        raise ResumeError(f"cannot resume from {path}: it belongs to another run ({', '.join(diff)}); resume with "
+                          f"the run's own settings ({flags}) or train into a new run_dir")
+    if SPLIT_KEY in ckpt and SPLIT_KEY in expected and ckpt[SPLIT_KEY] != expected[SPLIT_KEY]:
+        raise ResumeError(f"cannot resume from {path}: it was trained on other tiles for fold {ckpt.get('fold')} "
+                          f"({data_source(ckpt)}) than this config gives ({data_source(expected)}); resume with the "
+                          "run's own dataset_dir and folds_csv, or train into a new run_dir")
+
+
+def data_source(record: dict) -> str:
+    """'dataset_dir D, folds_csv F' of a run record, for messages."""
+    return f"dataset_dir {record.get('dataset_dir', '?')}, folds_csv {record.get('folds_csv', '?')}"
+
+
+def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
+    """Raise ResumeError naming the differing arch keys when `saved` and `current` build different weights."""
+    saved, current = weight_arch(saved), weight_arch(current)
+    keys = set(saved) | set(current)
+    diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ResumeError(f"cannot resume from {path}: it holds another architecture ({shown}); use the config "
+                          "it was trained with, or a new run_dir to start afresh")
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+    """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing.
+
+    `mmap`: map the tensors instead of reading them (cheap when only the small entries are wanted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (config key '{key}'); train the run first, "
+                                f"or pass --{key} with an existing checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "network" not in ckpt or "arch" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a saltkit checkpoint with keys 'network' and 'arch', got {keys}")
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint") -> nn.Module:
+    """SaltUNet rebuilt from `ckpt["arch"]` with `ckpt["network"]` loaded strictly (eval mode, on CPU)."""
+    from saltkit.networks import network_from_arch
+
+    network = network_from_arch(ckpt["arch"])  # pretrained=None: the checkpoint holds every weight
+    try:
+        network.load_state_dict(ckpt["network"])
+    except RuntimeError as e:
+        raise ValueError(f"{source}: weights do not match its own arch {ckpt['arch']} ({e})") from e
+    return network.eval()
+
+
+def check_checkpoint_variant(ckpt: dict, variant: str | None, source: str | Path = "checkpoint") -> None:
+    """Fail when the checkpoint records another `variant` than the config's (a pad model fed resized tiles)."""
+    trained = ckpt.get("variant")
+    if variant is not None and trained is not None and trained != variant:
+        raise ValueError(f"{source} was trained with variant {trained!r} but config key 'variant' is {variant!r}; "
+                         f"merge configs/{trained}.json instead")
+
+
+def load_network(
+    path: str | Path, device: str | torch.device = "cpu", variant: str | None = None, key: str = "ckpt"
+) -> nn.Module:
+    """Network of the checkpoint at `path`, in eval mode on `device`; checks the recorded variant if given."""
+    ckpt = read_checkpoint(path, key)
+    check_checkpoint_variant(ckpt, variant, path)
+    return network_from_checkpoint(ckpt, path).to(device)
+
+
+def run_record(run_dir: str | Path) -> dict:
+    """The resolved keys training recorded in `run_dir/config.json`; {} when the run has no record."""
+    record_path = Path(run_dir) / "config.json"
+    if not record_path.is_file():
+        return {}
+    try:
+        return dict(json.loads(record_path.read_text())["resolved"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{record_path}: not a training run record ({e})") from e
+
+
+def run_setting(run_dir: str | Path, key: str, default=None, given=None):
+    """`given` when set (a command-line value), else what the run in `run_dir` recorded for `key`, else `default`.
+
+    So the steps after training (SWA, evaluation) use the run's own dataset_dir, fold and fold file by default.
+    """
+    if given is not None:
+        return given
+    value = run_record(run_dir).get(key)
+    return default if value is None else value
+
+
+def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_folds=None, variant=None) -> None:
+    """Fail when `run_dir/config.json` (written by training) records another fold split or variant.
+
+    SWA's BatchNorm pass and fold evaluation must use the run's own training / validation tiles; a checkpoint
+    scored on tiles it was trained on would look better than it is. Silent when the run has no config.json.
+    """
+    record_path = Path(run_dir) / "config.json"
+    record = run_record(run_dir)
+    expected = {"fold": fold, "num_folds": num_folds, "variant": variant}
+    for key, value in expected.items():
+        if value is not None and key in record and record[key] != value:
+            fix = f"merge configs/{record[key]}.json" if key == "variant" else f"pass --{key} {record[key]}"
+            raise ValueError(f"{record_path}: the run was trained with {key} {record[key]!r} but config key "
+                             f"'{key}' is {value!r}; {fix}")
+    if dataset_dir is not None and record.get("dataset_dir"):
+        if Path(record["dataset_dir"]).resolve() != Path(str(dataset_dir)).resolve():
+            raise ValueError(f"{record_path}: the run was trained on {record['dataset_dir']} but config key "
+                             f"'dataset_dir' is {dataset_dir}; leave --dataset_dir out to use the run's")
+
+
+def checkpoint_arch(path: str | Path) -> dict:
+    """The "arch" dict of the checkpoint at `path` (for configs that build the network before loading it)."""
+    return dict(read_checkpoint(path)["arch"])
+
+
+def checkpoint_variant(path: str | Path, variant: str | None = None) -> str:
+    """The variant the checkpoint at `path` was trained with; `variant` (a config's, or None) must agree."""
+    from saltkit.geometry import check_variant as valid_variant
+
+    recorded = read_checkpoint(path).get("variant")
+    if recorded is None and variant is None:
+        raise ValueError(f"{path} does not record its variant: merge configs/pad.json or configs/resize.json "
+                         "(config key 'variant')")
+    check_checkpoint_variant({"variant": recorded}, variant, path)
+    return valid_variant(recorded if recorded is not None else variant)
+
+
+def default_checkpoint(bundle_root: str | Path, run_dir: str | Path, name: str = "best_metric.pt") -> str:
+    """`bundle_root/models/model.pt` when it exists (a bundle with its model, as in the model zoo), else
+    `run_dir/name` (a training run's checkpoint)."""
+    bundled = Path(bundle_root) / "models" / "model.pt"
+    return str(bundled if bundled.is_file() else Path(run_dir) / name)
+
+
+def output_dir_for(ckpt: str | Path, workflow: str) -> str:
+    """`<folder of ckpt>/<workflow>/<ckpt stem>`: each checkpoint's report or prediction has its own folder."""
+    ckpt = Path(ckpt)
+    return str(ckpt.parent / workflow / ckpt.stem)

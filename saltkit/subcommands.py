@@ -1,0 +1,27 @@
+"""What a `saltkit NAME ...` command is, so each area (data, inference, seismic, the bundle workflows) can define
+its own commands without importing the command line that lists them."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `saltkit NAME ...` command: `add_arguments(parser)` declares it, `run(args)` returns the exit code."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False  # arguments reach `run` unparsed, as `args.args` (the bundle workflows)
+    one_line_errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # besides saltkit's own errors
+
+
+def register_subcommand(registry: dict[str, Subcommand], command: Subcommand) -> None:
+    """Add `command` to `registry`; a name can be registered only once."""
+    if command.name in registry:
+        raise ValueError(f"saltkit subcommand {command.name!r} is already registered")
+    registry[command.name] = command
