@@ -117,7 +117,8 @@ def test_noam_handler_steps_per_iteration_and_records_lr():
     assert seen == pytest.approx([0.1 * NoamLambda(4)(k) for k in range(1, 7)], rel=1e-9)
     assert opt.param_groups[0]["lr"] == pytest.approx(seen[-1])
     # the lambda is an object, so its warm-up travels in the scheduler state
-    assert sched.state_dict()["lr_lambdas"][0] == {"warmup_steps": 4.0, "total_steps": None, "cooldown_steps": 0.0}
+    assert sched.state_dict()["lr_lambdas"][0] == {"warmup_steps": 4.0, "total_steps": None, "cooldown_steps": 0.0,
+                                                   "configured_total_steps": None}
 
 
 # ---------------------------------------------------------------- atomic writes
