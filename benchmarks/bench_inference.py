@@ -121,14 +121,15 @@ def padded_batch(tiles: np.ndarray, start: int) -> torch.Tensor:
 
 def runtime_side(name: str):
     def run(inputs: dict):
-        from saltkit.inference.tta import tta_probabilities
+        from saltkit.inference import FlipTTAInferer
 
         start = inputs["cursor"][name]
         inputs["cursor"][name] += ORT_BATCH  # each round, the next batch of tiles (the same for both sides)
         threads = torch.get_num_threads()
         torch.set_num_threads(THREADS)
         try:
-            return tta_probabilities(inputs[name], padded_batch(inputs["tiles"], start), tta=True)[0]
+            with torch.no_grad():
+                return FlipTTAInferer(tta=True)(padded_batch(inputs["tiles"], start), inputs[name])["prob"]
         finally:
             torch.set_num_threads(threads)
 
