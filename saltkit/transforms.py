@@ -106,14 +106,10 @@ class TilePredictiond:
 
     def __call__(self, data: dict) -> dict:
         if self.at_network_size:
-            return self.network_size(data)
-        pred = data["pred"]
-        if isinstance(pred, dict):
-            prob = restore_tiles(pred["prob"].detach().float(), self.variant, self.size)
-            data["tile_pred"] = (prob > PROB_THRESHOLD).float()
-        else:
-            logit = pred if isinstance(pred, torch.Tensor) else pred.logit
-            data["tile_pred"] = (restore_tiles(logit.detach().float(), self.variant, self.size) > 0).float()
+            data["tile_pred"] = salt_map(data["pred"], lambda x: x)
+            data["tile_label"] = (torch.as_tensor(data["label"]).float() > 0.5).float().to(data["tile_pred"].device)
+            return data
+        data["tile_pred"] = salt_map(data["pred"], lambda x: restore_tiles(x, self.variant, self.size))
         device = data["tile_pred"].device
         if TILE_LABEL_KEY in data:
             data["tile_label"] = torch.as_tensor(data[TILE_LABEL_KEY]).to(device)
@@ -121,14 +117,11 @@ class TilePredictiond:
             data["tile_label"] = (restore_tiles(data["label"].float(), self.variant, self.size) > 0.5).float()
         return data
 
-    @staticmethod
-    def network_size(data: dict) -> dict:
-        """`tile_pred` / `tile_label` at network resolution (the resize variant scored at 128 x 128)."""
-        pred = data["pred"]
-        if isinstance(pred, dict):
-            data["tile_pred"] = (pred["prob"].detach().float() > PROB_THRESHOLD).float()
-        else:
-            logit = pred if isinstance(pred, torch.Tensor) else pred.logit
-            data["tile_pred"] = (logit.detach().float() > 0).float()
-        data["tile_label"] = (torch.as_tensor(data["label"]).float() > 0.5).float().to(data["tile_pred"].device)
-        return data
+
+def salt_map(pred, restore) -> torch.Tensor:
+    """Binary salt map of an engine's `pred` after `restore` (a map -> map function): the probability dict of
+    `FlipTTAInferer` (salt where "prob" > 0.5), or a SaltOutput / logit tensor (salt where the logit is > 0)."""
+    if isinstance(pred, dict):
+        return (restore(pred["prob"].detach().float()) > PROB_THRESHOLD).float()
+    logit = pred if isinstance(pred, torch.Tensor) else pred.logit
+    return (restore(logit.detach().float()) > 0).float()

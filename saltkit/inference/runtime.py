@@ -9,7 +9,6 @@ Everything around the network (TTA, sliding windows, post-processing, writers) i
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -42,47 +41,31 @@ def weights_fingerprint(network_state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def onnx_fingerprint(path: Path) -> str | None:
-    """The weights fingerprint recorded in an ONNX export's metadata, None when it has none or is unreadable."""
-    try:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        from saltkit.inference.onnx_runtime import METADATA_KEY
-
-        meta = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY, "{}")
-        return json.loads(meta).get("weights")
-    except Exception:  # an unreadable or foreign file is re-exported, not trusted
-        return None
-
-
-def onnx_model_for(ckpt: str | Path, onnx_path: str | Path | None = None) -> Path:
-    """Path of an ONNX export of checkpoint `ckpt`'s weights: `onnx_path` (default: `ckpt` with suffix .onnx),
-    exported there first (checked against the checkpoint on real tiles) when missing or from other weights."""
+def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str | Path | None = None,
+                      threads: int | None = None):
+    """The network the engine calls: `network` on `device` (torch; its weights are loaded by the bundle's
+    CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export at `onnx_path` (default: `ckpt`
+    with suffix .onnx), exported there first when missing, unreadable or from other weights (`threads` intra-op
+    threads, None: ONNX Runtime's default)."""
+    if not uses_onnxruntime(runtime):
+        return network.to(device)
     from saltkit.checkpoints import read_checkpoint
     from saltkit.export import export_onnx
+    from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
 
     ckpt = Path(ckpt)
     path = Path(onnx_path) if onnx_path else ckpt.with_suffix(".onnx")
     expected = weights_fingerprint(read_checkpoint(ckpt)["network"])
     if path.is_file():
-        found = onnx_fingerprint(path)
+        try:
+            model = OnnxRuntimeNetwork(path, threads=threads)
+            found = model.metadata.get("weights")
+        except ValueError:  # not a saltkit export ONNX Runtime can load: exported again
+            model, found = None, None
         if found == expected:
-            return path
+            return model
         logger.info(f"{path} was exported from other weights than {ckpt} ({found} != {expected}): exporting again")
     else:
         logger.info(f"exporting {ckpt} to {path} for ONNX Runtime (once; later runs reuse it)")
     export_onnx(ckpt, path)
-    return path
-
-
-def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str | Path | None = None,
-                      threads: int | None = None):
-    """The network the engine calls: `network` on `device` (torch; its weights are loaded by the bundle's
-    CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export (`threads` intra-op threads,
-    None: ONNX Runtime's default)."""
-    if not uses_onnxruntime(runtime):
-        return network.to(device)
-    from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
-
-    return OnnxRuntimeNetwork(onnx_model_for(ckpt, onnx_path), threads=threads)
+    return OnnxRuntimeNetwork(path, threads=threads)
