@@ -118,7 +118,7 @@ def step_side(side: str):
         net, opt, loss_fn = inputs[side]
         net.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(inputs["x"]), inputs["target"])
+        loss = loss_fn(net(inputs.get("x_" + side, inputs["x"])), inputs["target"])
         loss.backward()
         opt.step()
         return loss.item()
@@ -175,11 +175,15 @@ def step_extra(batch: int):
 def cpu_recipe_step_setup() -> dict:
     """The CPU recipe's train step as the bundle builds it (train.json + configs/cpu.json + configs/pad.json: network,
     loss, optimizer, one batch of the shipped sample) and its reference mode: the same weights and optimizer state
-    with plain attention, the concatenated hypercolumn, out-of-place ABN and the per-image Lovasz loop."""
+    with plain attention, the concatenated hypercolumn, out-of-place ABN, the per-image Lovasz loop, the for-loop AdamW
+    and the default (NCHW) memory layout."""
     from benchmarks.bench_pipeline import setup as pipeline_setup
 
     inputs = pipeline_setup()
     ref, ref_opt = copy.deepcopy((inputs["network"], inputs["optimizer"]))  # the copy's optimizer holds ref's weights
+    ref.to(memory_format=torch.contiguous_format)  # the reference runs in the default layout
+    for group in ref_opt.param_groups:  # and the for-loop AdamW, as in step_setup
+        group.update(fused=False, foreach=False)
     ref.set_attention("plain")
     ref.set_hypercolumn("concat")
     set_inplace_activations(ref, False)
@@ -187,6 +191,7 @@ def cpu_recipe_step_setup() -> dict:
     ref_loss.reference = True
     return {
         "x": inputs["batch"]["image"], "target": inputs["batch"]["label"],
+        "x_ours": inputs["batch"]["image"].to(memory_format=inputs["memory_format"]),
         "ours": (inputs["network"], inputs["optimizer"], inputs["loss"]), "baseline": (ref, ref_opt, ref_loss),
     }
 

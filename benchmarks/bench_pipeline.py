@@ -43,6 +43,7 @@ def setup() -> dict:
         "dataset": dataset, "batch_size": batch_size, "network": network,
         "loss": parser.get_parsed_content("loss"), "optimizer": parser.get_parsed_content("optimizer"),
         "batch": list_data_collate([dataset[i] for i in range(batch_size)]),
+        "memory_format": parser.get_parsed_content("to_kwargs")["memory_format"],
         "recipe": f"{parser['backbone']} f={parser['num_filters']} upsample_input={parser['upsample_input']} "
                   f"batch {batch_size}",
     }
