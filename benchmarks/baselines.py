@@ -3,7 +3,7 @@ references of the value-equality tests (tests/test_baselines.py). Not part of th
 
 - `rle_encode_original`: flatten column-major, pad a 0 at both ends, the positions where the value changes are
   run starts and ends, lengths = ends - starts, joined as a string.
-- `kaggle_scores_original`: per tile count_nonzero of truth * pred and truth + pred in a list comprehension, IoU,
+- `competition_metric_original`: per tile count_nonzero of truth * pred and truth + pred in a list comprehension, IoU,
   the ten thresholds compared in one vectorised step, empty truths fixed afterwards.
 - `symmetric_lovasz_original`: a Python loop over images, the elu + 1 Lovasz hinge of each flattened image, mean
   over images; symmetric = the mean of that on (logits, labels) and on (-logits, 1 - labels).
@@ -29,7 +29,7 @@ def rle_encode_original(masks: np.ndarray) -> list[str]:
     return out
 
 
-def kaggle_scores_original(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
+def competition_metric_original(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
     """(N, H, W) uint8 / bool predictions and truths -> float64 (N,) competition scores."""
 
     def iou(truth: np.ndarray, pred: np.ndarray) -> float:

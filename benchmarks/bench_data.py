@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.baselines import kaggle_scores_original, rle_encode_original
+from benchmarks.baselines import competition_metric_original, rle_encode_original
 from benchmarks.run import Case
 from saltkit.data.layout import load_mask, sample_dir
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 from saltkit.rle import rle_encode
 
 # The shared real data beside the checkout (or $SALTKIT_SHARED, as for the tests).
@@ -61,10 +61,10 @@ CASES = [
               "original's algorithm (per mask: pad, diff, str of each number, join)",
     ),
     Case(
-        name="kaggle_score_4000",
+        name="competition_metric_4000",
         setup=_score_inputs,
-        ours=lambda x: kaggle_scores(*x),
-        baseline=lambda x: kaggle_scores_original(*x),
+        ours=lambda x: competition_metric(*x),
+        baseline=lambda x: competition_metric_original(*x),
         compare=_same_scores,
         baseline_name="the original's algorithm",
         repeat=5,

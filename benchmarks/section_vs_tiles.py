@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from saltkit.data.folds import read_folds  # noqa: E402
 from saltkit.geometry import TILE_SIZE  # noqa: E402
-from saltkit.metrics import kaggle_scores  # noqa: E402
+from saltkit.metrics import competition_metric  # noqa: E402
 from saltkit.seismic.mosaics import assemble_mosaic, read_mosaics  # noqa: E402
 from saltkit.seismic.predict import load_predictor  # noqa: E402
 from saltkit.seismic.sections import predict_section  # noqa: E402
@@ -91,8 +91,8 @@ def compare(ckpt, dataset_dir, folds_csv, fold, context, tta=True, overlap=0.5, 
         print(f"{name}: {len(targets)} validation tile(s)", file=sys.stderr, flush=True)
     truths = np.stack(truths)
     table = pd.DataFrame(rows)
-    table["score_section"] = kaggle_scores(np.stack(section_probs) > threshold, truths)
-    table["score_tile"] = kaggle_scores(np.stack(tile_probs) > threshold, truths)
+    table["metric_section"] = competition_metric(np.stack(section_probs) > threshold, truths)
+    table["metric_tile"] = competition_metric(np.stack(tile_probs) > threshold, truths)
     table["truth_empty"] = ~truths.reshape(len(truths), -1).any(1)
     return table
 
@@ -104,7 +104,7 @@ def summary(table: pd.DataFrame) -> str:
                "truth with salt": table[~table["truth_empty"]]}
     for name, t in subsets.items():
         if len(t):
-            lines.append(f"{name:34s} {len(t):5d} {t['score_section'].mean():8.4f} {t['score_tile'].mean():8.4f}")
+            lines.append(f"{name:34s} {len(t):5d} {t['metric_section'].mean():8.4f} {t['metric_tile'].mean():8.4f}")
     return "\n".join(lines)
 
 

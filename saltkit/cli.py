@@ -54,7 +54,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("truth_csv", type=Path, help="labelled id,rle_mask CSV (e.g. train.csv rows of a held-out fold)")
     p.add_argument("pred_csv", type=Path, help="predictions in submission format (id,rle_mask), same ids")
     p.add_argument("--per-image", type=Path, default=None, metavar="OUT.csv",
-                   help="also write id,score,pixel_accuracy,truth_empty per tile")
+                   help="also write id,metric,pixel_accuracy,truth_empty per tile")
 
 
 def _score_run(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def _score_run(args: argparse.Namespace) -> int:
 
     from saltkit.data.layout import read_rle_masks
     from saltkit.io import atomic_write
-    from saltkit.metrics import kaggle_scores, pixel_accuracy
+    from saltkit.metrics import competition_metric, pixel_accuracy
     from saltkit.submission import read_submission, submission_masks, validate_submission
 
     truth_df, truths = read_rle_masks(args.truth_csv)
@@ -70,9 +70,9 @@ def _score_run(args: argparse.Namespace) -> int:
     # Predictions in the truth's row order.
     pred_df = pred_df.set_index("id").loc[truth_df["id"]].reset_index()
     preds = submission_masks(pred_df, args.pred_csv)
-    scores, accuracy = kaggle_scores(preds, truths), pixel_accuracy(preds, truths)
+    scores, accuracy = competition_metric(preds, truths), pixel_accuracy(preds, truths)
     if args.per_image is not None:
-        table = pd.DataFrame({"id": truth_df["id"], "score": scores, "pixel_accuracy": accuracy,
+        table = pd.DataFrame({"id": truth_df["id"], "metric": scores, "pixel_accuracy": accuracy,
                               "truth_empty": ~truths.reshape(len(truths), -1).any(1)})
         with atomic_write(args.per_image) as f:
             table.to_csv(f, index=False)
@@ -81,9 +81,9 @@ def _score_run(args: argparse.Namespace) -> int:
     print(f"tiles: {len(scores)} ({int(empty.sum())} with empty truth)")
     print(f"pixel accuracy: {accuracy.mean():.6f}")
     if empty.any():
-        print(f"score on empty-truth tiles: {scores[empty].mean():.6f}")
+        print(f"metric on empty-truth tiles: {scores[empty].mean():.6f}")
     if (~empty).any():
-        print(f"score on salt tiles: {scores[~empty].mean():.6f}")
+        print(f"metric on salt tiles: {scores[~empty].mean():.6f}")
     print(f"{scores.mean():.6f}")
     return 0
 

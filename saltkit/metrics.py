@@ -1,8 +1,11 @@
 """TGS competition metric and pixel accuracy, per tile and vectorised over the batch, plus Ignite wrappers.
 
-Competition score of one tile: IoU of prediction and truth, then the fraction of the thresholds
+Competition metric of one tile: IoU of prediction and truth, then the fraction of the thresholds
 0.50, 0.55, ..., 0.95 that the IoU strictly exceeds; a tile whose truth is empty scores 1 when the
-prediction is empty too, else 0. The leaderboard score is the mean over tiles.
+prediction is empty too, else 0. The leaderboard figure is the mean over tiles.
+
+One name throughout: `competition_metric` (per-tile values) and `CompetitionMetric` (the Ignite mean) here; `metric`
+for short in engine metrics, files and columns (`train_metric`, `val_metric`, `best_metric.pt`, `metric_tta`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def pixel_counts(preds, truths) -> np.ndarray:
 
 def scores_from_counts(inter: np.ndarray, union: np.ndarray, pred_pixels: np.ndarray,
                        truth_pixels: np.ndarray) -> np.ndarray:
-    """Competition score per tile from its pixel counts (int arrays (N,)) -> float64 (N,)."""
+    """Competition metric per tile from its pixel counts (int arrays (N,)) -> float64 (N,)."""
     inter, union = np.asarray(inter, np.int64), np.asarray(union, np.int64)
     # Thresholds 0.50..0.95 as k / 20: IoU > k / 20  <=>  20 * inter > k * union, exact in integers.
     twentieths = np.arange(10, 20, dtype=np.int64)
@@ -66,24 +69,28 @@ def scores_from_counts(inter: np.ndarray, union: np.ndarray, pred_pixels: np.nda
     return np.where(truth_empty, (np.asarray(pred_pixels) == 0).astype(np.float64), scores)
 
 
-def kaggle_scores(preds, truths) -> np.ndarray:
-    """Competition score per tile -> float64 (N,). Inputs: numpy or torch, (N, H, W) or (N, 1, H, W), nonzero = salt."""
+def competition_metric(preds, truths) -> np.ndarray:
+    """Competition metric per tile -> float64 (N,). Inputs: numpy or torch, (N, H, W) or (N, 1, H, W), nonzero = salt."""
     inter, pred_pixels, truth_pixels, _ = pixel_counts(preds, truths)
     return scores_from_counts(inter, pred_pixels + truth_pixels - inter, pred_pixels, truth_pixels)
 
 
 def pixel_accuracy(preds, truths) -> np.ndarray:
-    """Fraction of equal pixels per tile -> float64 (N,). Same inputs as `kaggle_scores`."""
+    """Fraction of equal pixels per tile -> float64 (N,). Same inputs as `competition_metric`."""
     differ = pixel_counts(preds, truths)[3]
     h, w = np.shape(preds)[-2:]
     return (h * w - differ) / (h * w)
 
 
 class _TileMean(Metric):
-    """Mean over tiles of a per-tile score of (logits > threshold) vs y; sums are all-reduced under DDP."""
+    """Mean over tiles of a per-tile value of (y_pred > logit_threshold) vs y; sums are all-reduced under DDP.
 
-    def __init__(self, threshold: float = 0.0, output_transform=lambda x: x, device="cpu"):
-        self.threshold = threshold
+    y_pred holds logits, so the default cut 0 is probability 0.5 (post-processing's `threshold` is a probability);
+    0/1 masks pass through the default cut unchanged.
+    """
+
+    def __init__(self, logit_threshold: float = 0.0, output_transform=lambda x: x, device="cpu"):
+        self.logit_threshold = logit_threshold
         super().__init__(output_transform=output_transform, device=device)
 
     def _per_tile(self, preds: torch.Tensor, truths: torch.Tensor) -> np.ndarray:
@@ -104,7 +111,7 @@ class _TileMean(Metric):
         if y_pred.shape != y.shape or y.ndim not in (3, 4):
             raise ValueError(f"{type(self).__name__}: y_pred {tuple(y_pred.shape)} and y {tuple(y.shape)} must "
                              "have the same (B, 1, H, W) shape")
-        preds = (y_pred > self.threshold).reshape(len(y_pred), -1)
+        preds = (y_pred > self.logit_threshold).reshape(len(y_pred), -1)
         truths = (y > 0.5).reshape(len(y), -1)
         self._sum += float(self._per_tile(preds, truths).sum())
         self._num_tiles += len(preds)
@@ -116,8 +123,8 @@ class _TileMean(Metric):
         return self._sum.item() / self._num_tiles
 
 
-class KaggleScore(_TileMean):
-    """Ignite metric: mean competition score of `y_pred > threshold` (logits) against binary `y`."""
+class CompetitionMetric(_TileMean):
+    """Ignite metric: mean competition metric of `y_pred > logit_threshold` against binary `y`."""
 
     def _per_tile(self, preds, truths):
         # Count on the tensors' device; only four (B,) count vectors reach the CPU.
@@ -126,7 +133,7 @@ class KaggleScore(_TileMean):
 
 
 class PixelAccuracy(_TileMean):
-    """Ignite metric: mean per-tile pixel accuracy of `y_pred > threshold` (logits) against binary `y`."""
+    """Ignite metric: mean per-tile pixel accuracy of `y_pred > logit_threshold` against binary `y`."""
 
     def _per_tile(self, preds, truths):
         return (preds == truths).sum(1).cpu().numpy() / preds.shape[1]

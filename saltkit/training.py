@@ -130,6 +130,9 @@ def check_resume(resume_path: str | None, expected: Mapping | None = None) -> No
         raise ConfigError(f"config key 'resume': {e}") from None
 
 
+RECORDED_PATHS = ("dataset_dir", "folds_csv", "run_dir")
+
+
 def prepare_run_dir(run_dir, record: Mapping, resume_path: str | None = None, argv: Sequence[str] | None = None) -> Path:
     """Create the run directory and write `config.json` (resolved top-level keys + the command line); rank 0 only.
 
@@ -140,6 +143,8 @@ def prepare_run_dir(run_dir, record: Mapping, resume_path: str | None = None, ar
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = list(sys.argv if argv is None else argv)
+    # absolute, so SWA and evaluate find the run's data and folds from any working folder
+    record = {k: str(Path(str(v)).resolve()) if k in RECORDED_PATHS and v is not None else v for k, v in record.items()}
     content = {"resolved": jsonable(record), "command": argv, "resumed_from": resume_path}
     name = "config.json" if resume_path is None else "config_resumed.json"
     with atomic_write(run_dir / name) as f:

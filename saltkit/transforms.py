@@ -14,7 +14,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import BorderPadd, CopyItemsd, MapTransform, Resized, SpatialCropd
+from monai.transforms import BorderPadd, Compose, CopyItemsd, EnsureTyped, MapTransform, Resized, SpatialCropd
 
 from saltkit.config import ConfigError
 from saltkit.data.layout import load_image, load_mask
@@ -45,6 +45,15 @@ def tile_output_transform(variant: str, keys: KeysCollection = ("prob",)) -> Map
         before, _ = pad_widths(TILE_SIZE, NETWORK_SIZE)
         return SpatialCropd(keys, roi_start=[before, before], roi_end=[before + TILE_SIZE] * 2, allow_missing_keys=True)
     return Resized(keys, spatial_size=[TILE_SIZE, TILE_SIZE], mode="bilinear", allow_missing_keys=True)
+
+
+def tile_inputs(variant: str, keys: KeysCollection = ("image", "label")) -> Compose:
+    """The deterministic pipeline of the workflows that read tiles from disk (evaluate, inference, SWA): LoadTiled
+    (3 channels), the variant's tile -> network transform of the image (labels stay on the 101 x 101 tile grid, where
+    the metric is scored), EnsureTyped without metadata. One definition instead of a copy in each bundle file."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    return Compose([LoadTiled(keys, channels=3), network_input_transform(variant, "image"),
+                    EnsureTyped(keys, track_meta=False)])
 
 
 class LoadTiled(MapTransform):

@@ -13,7 +13,7 @@ import torch
 
 from saltkit.data.layout import load_mask
 from saltkit.losses import lovasz_hinge, symmetric_lovasz
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 from saltkit.rle import rle_encode
 
 BASELINES = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
@@ -78,7 +78,7 @@ def test_rle_identical_on_other_shapes(original, shape):
 
 def test_scores_identical_on_real_masks(original, masks):
     preds = shifted_predictions(masks)
-    np.testing.assert_array_equal(kaggle_scores(preds, masks), original.kaggle_scores_original(preds, masks))
+    np.testing.assert_array_equal(competition_metric(preds, masks), original.competition_metric_original(preds, masks))
 
 
 def test_scores_identical_at_exact_thresholds(original):
@@ -90,15 +90,15 @@ def test_scores_identical_at_exact_thresholds(original):
         preds[k - 10, :, :k] = 1
     preds[11, 50, 50] = 1  # an empty truth with a non-empty prediction
     truths = np.stack([truth] * 11 + [np.zeros_like(truth)])
-    ours = kaggle_scores(preds, truths)
-    np.testing.assert_array_equal(ours, original.kaggle_scores_original(preds, truths))
+    ours = competition_metric(preds, truths)
+    np.testing.assert_array_equal(ours, original.competition_metric_original(preds, truths))
     np.testing.assert_array_equal(ours[:10], np.arange(10) / 10)
 
 
 def test_original_score_matches_golden(original, golden):
-    scores = original.kaggle_scores_original(golden["preds"], golden["masks"])
+    scores = original.competition_metric_original(golden["preds"], golden["masks"])
     np.testing.assert_array_equal(scores, golden["kaggle_per_image"])
-    np.testing.assert_array_equal(kaggle_scores(golden["preds"], golden["masks"]), scores)
+    np.testing.assert_array_equal(competition_metric(golden["preds"], golden["masks"]), scores)
 
 
 # ---------------------------------------------------------------- Lovasz

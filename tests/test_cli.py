@@ -12,7 +12,7 @@ import pytest
 from saltkit.cli import Subcommand, builtin_subcommands, main, register_subcommand
 from saltkit.data.folds import read_folds
 from saltkit.data.layout import copy_subset, read_rle_masks, sample_dir, train_items
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 from saltkit.submission import write_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _predictions(tmp_path):
     preds[::7] = 0
     path = tmp_path / "pred.csv"
     write_submission(truth_df["id"].tolist()[::-1], preds[::-1], path)  # row order differs from the truth's
-    return path, kaggle_scores(preds, truths)
+    return path, competition_metric(preds, truths)
 
 
 def test_score_command(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_score_command(tmp_path, capsys):
     assert out[-1] == f"{expected.mean():.6f}" and float(out[-1]) < 1
     assert "tiles: 100" in "\n".join(out)
     table = np.genfromtxt(per_image, delimiter=",", names=True, dtype=None, encoding="utf-8")
-    np.testing.assert_allclose(table["score"], expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table["metric"], expected, rtol=0, atol=1e-12)
 
 
 def test_score_command_errors(tmp_path, capsys):

@@ -21,7 +21,7 @@ from saltkit.cli import main as saltkit_main
 from saltkit.data import load_image
 from saltkit.data import test_items as list_test_items  # aliased: pytest would collect test_items
 from saltkit.inference import load_probabilities
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 from saltkit.submission import read_submission, validate_submission
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # MONAI's eval notice
@@ -149,16 +149,16 @@ def test_evaluate_bundle(run_dir, sample_dir, tmp_path, capsys):
     bundle_run("evaluate", config_file=str(BUNDLE / "evaluate.json"), ckpt=str(run_dir / "best_metric.pt"),
                output_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"), progress=False, worst_tiles=4)
     table = pd.read_csv(tmp_path / "tiles.csv", dtype={"id": str})
-    assert list(table.columns) == ["id", "coverage", "iou", "score", "iou_tta", "score_tta"]
+    assert list(table.columns) == ["id", "coverage", "iou", "metric", "iou_tta", "metric_tta"]
     folds = pd.read_csv(tmp_path / "folds.csv", dtype={"id": str})
     assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 0, "id"])
-    assert table[["iou", "score", "iou_tta", "score_tta", "coverage"]].stack().between(0, 1).all()
+    assert table[["iou", "metric", "iou_tta", "metric_tta", "coverage"]].stack().between(0, 1).all()
     from PIL import Image
 
     worst = np.asarray(Image.open(tmp_path / "worst_tiles.png"))
     assert worst.ndim == 3 and worst.shape[2] == 3 and worst.shape[1] > 4 * 101  # four outlined tiles in a row
     out = capsys.readouterr().out
-    assert f"{table['score_tta'].mean():.4f} with TTA" in out
+    assert f"{table['metric_tta'].mean():.4f} with TTA" in out
 
 
 def test_missing_checkpoint_is_named(tmp_path):
@@ -276,8 +276,8 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
     assert f"stored in {ckpt}" in out and "all the plain default" in out  # evaluated with the defaults, then tuned
     assert entry["metric_after"] > entry["metric_before"] and settings != PostProcessingSettings()
     tuned = pd.read_csv(tmp_path / "tuned" / "tiles.csv", dtype={"id": str})
-    assert tuned["score_tta"].mean() == pytest.approx(entry["metric_before"], abs=1e-9)
-    assert tuned["score_tuned"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
+    assert tuned["metric_tta"].mean() == pytest.approx(entry["metric_before"], abs=1e-9)
+    assert tuned["metric_tuned"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
     # per coverage class: the tiles of each class and their means, counted here from the tiles' coverage
     coverage = pd.read_csv(tmp_path / "tuned" / "coverage.csv", keep_default_na=False, na_values=[""])
     assert coverage["class"].tolist() == [*COVERAGE_CLASSES, "all"]
@@ -287,8 +287,8 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
     for row, member in zip(coverage.itertuples(index=False), classes, strict=True):
         assert row.tiles == member.sum(), row
         if member.any():
-            assert row.score_tuned == pytest.approx(tuned["score_tuned"][member].mean(), abs=1e-6), row
-            assert row.score == pytest.approx(tuned["score"][member].mean(), abs=1e-6), row
+            assert row.metric_tuned == pytest.approx(tuned["metric_tuned"][member].mean(), abs=1e-6), row
+            assert row.metric == pytest.approx(tuned["metric"][member].mean(), abs=1e-6), row
     summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
     assert summary["tuning"] == entry and summary["coverage"][-1]["tiles"] == 20
     scalars = tensorboard_scalars(tmp_path / "tuned" / "tensorboard")
@@ -301,7 +301,7 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
     assert "all tuned (fold 0, 20 tiles" in capsys.readouterr().out
     after = pd.read_csv(tmp_path / "after" / "tiles.csv", dtype={"id": str})
     assert after["id"].tolist() == tuned["id"].tolist()
-    np.testing.assert_array_equal(after["score_tta"].to_numpy(), tuned["score_tuned"].to_numpy())
+    np.testing.assert_array_equal(after["metric_tta"].to_numpy(), tuned["metric_tuned"].to_numpy())
 
     # inference too (on the validation tiles as a test set); a value given on the command line wins
     data = tmp_path / "val_as_test"
@@ -324,7 +324,7 @@ def test_tune_stores_the_settings_that_evaluate_and_inference_then_use(varied_ck
         if not given:
             truth = submission_masks(pd.read_csv(sample_dir / "train.csv", dtype={"id": str}, keep_default_na=False)
                                      .set_index("id").loc[probs.ids].reset_index(), sample_dir / "train.csv")
-            assert kaggle_scores(masks, truth).mean() == pytest.approx(entry["metric_after"], abs=0.05)
+            assert competition_metric(masks, truth).mean() == pytest.approx(entry["metric_after"], abs=0.05)
     assert "threshold, image_threshold as given" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 
 from saltkit.data.layout import load_mask
-from saltkit.metrics import KaggleScore, PixelAccuracy, kaggle_scores, pixel_accuracy
+from saltkit.metrics import CompetitionMetric, PixelAccuracy, competition_metric, pixel_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +25,20 @@ def pairs(sample_dir):
 
 
 def test_golden_values(golden):
-    scores = kaggle_scores(golden["preds"], golden["masks"])
+    scores = competition_metric(golden["preds"], golden["masks"])
     assert scores.dtype == np.float64 and scores.shape == (64,)
     np.testing.assert_allclose(scores, golden["kaggle_per_image"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(scores.mean(), golden["kaggle_mean"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scores.mean(), golden["competition_metric_mean"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(pixel_accuracy(golden["preds"], golden["masks"]), golden["pixel_accuracy"],
                                rtol=0, atol=1e-12)
 
 
 def test_input_forms_agree(pairs):
     p, t = pairs["preds"], pairs["masks"]
-    expected = kaggle_scores(p, t)
-    np.testing.assert_array_equal(kaggle_scores(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]), expected)
-    np.testing.assert_array_equal(kaggle_scores(p.astype(bool), t.astype(np.int64)), expected)
-    np.testing.assert_array_equal(kaggle_scores(p.astype(np.float32), t), expected)
+    expected = competition_metric(p, t)
+    np.testing.assert_array_equal(competition_metric(torch.from_numpy(p)[:, None], torch.from_numpy(t)[:, None]), expected)
+    np.testing.assert_array_equal(competition_metric(p.astype(bool), t.astype(np.int64)), expected)
+    np.testing.assert_array_equal(competition_metric(p.astype(np.float32), t), expected)
 
 
 def _tile(salt_cols: int) -> np.ndarray:
@@ -57,21 +57,21 @@ def test_hand_computed_scores():
         (_tile(40), 0.0),  # IoU 0.5: exceeds none
     ]
     preds = np.stack([c[0] for c in cases])
-    scores = kaggle_scores(preds, np.stack([truth] * len(cases)))
+    scores = competition_metric(preds, np.stack([truth] * len(cases)))
     np.testing.assert_array_equal(scores, [c[1] for c in cases])
     # Empty truth: 1 only for an empty prediction.
     empty = np.zeros((2, 101, 101), np.uint8)
-    np.testing.assert_array_equal(kaggle_scores(np.stack([_tile(0), _tile(1)]), empty), [1.0, 0.0])
+    np.testing.assert_array_equal(competition_metric(np.stack([_tile(0), _tile(1)]), empty), [1.0, 0.0])
     np.testing.assert_allclose(pixel_accuracy(_tile(1)[None], empty[:1]), [1 - 101 / 10201], rtol=0, atol=1e-15)
 
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="differ in shape"):
-        kaggle_scores(np.zeros((2, 5, 5)), np.zeros((3, 5, 5)))
+        competition_metric(np.zeros((2, 5, 5)), np.zeros((3, 5, 5)))
     with pytest.raises(ValueError, match=r"\(N, H, W\) or \(N, 1, H, W\)"):
-        kaggle_scores(np.zeros((5, 5)), np.zeros((5, 5)))
+        competition_metric(np.zeros((5, 5)), np.zeros((5, 5)))
     with pytest.raises(ValueError, match="binarise"):
-        kaggle_scores(np.full((1, 5, 5), 0.7), np.zeros((1, 5, 5)))
+        competition_metric(np.full((1, 5, 5), 0.7), np.zeros((1, 5, 5)))
 
 
 def _run_engine(batches, metrics):
@@ -86,34 +86,34 @@ def test_ignite_metrics_in_engine(pairs):
     logits = torch.from_numpy(pairs["logits"])[:, None]
     # Batches of 10 (last one 4): the running mean must equal the per-tile mean over all 64.
     batches = [(logits[i : i + 10], truth[i : i + 10]) for i in range(0, 64, 10)]
-    metrics = _run_engine(batches, {"kaggle": KaggleScore(), "acc": PixelAccuracy(),
-                                    "kaggle_t1": KaggleScore(threshold=1.0)})
+    metrics = _run_engine(batches, {"metric": CompetitionMetric(), "acc": PixelAccuracy(),
+                                    "metric_t1": CompetitionMetric(logit_threshold=1.0)})
     binary = (pairs["logits"] > 0).astype(np.uint8)
-    assert metrics["kaggle"] == pytest.approx(kaggle_scores(binary, pairs["masks"]).mean(), abs=1e-12)
+    assert metrics["metric"] == pytest.approx(competition_metric(binary, pairs["masks"]).mean(), abs=1e-12)
     assert metrics["acc"] == pytest.approx(pixel_accuracy(binary, pairs["masks"]).mean(), abs=1e-12)
     binary1 = (pairs["logits"] > 1.0).astype(np.uint8)
-    assert metrics["kaggle_t1"] == pytest.approx(kaggle_scores(binary1, pairs["masks"]).mean(), abs=1e-12)
+    assert metrics["metric_t1"] == pytest.approx(competition_metric(binary1, pairs["masks"]).mean(), abs=1e-12)
 
 
 def test_ignite_metric_matches_golden_predictions(golden):
-    # Logits +-5 from the golden binary predictions: KaggleScore must reproduce kaggle_mean exactly.
+    # Logits +-5 from the golden binary predictions: CompetitionMetric must reproduce competition_metric_mean exactly.
     logits = torch.from_numpy(golden["preds"]).float()[:, None] * 10 - 5
     truth = torch.from_numpy(golden["masks"]).float()[:, None]
-    metrics = _run_engine([(logits[:32], truth[:32]), (logits[32:], truth[32:])], {"k": KaggleScore()})
-    assert abs(metrics["k"] - float(golden["kaggle_mean"])) <= 1e-12
+    metrics = _run_engine([(logits[:32], truth[:32]), (logits[32:], truth[32:])], {"k": CompetitionMetric()})
+    assert abs(metrics["k"] - float(golden["competition_metric_mean"])) <= 1e-12
 
 
 def test_ignite_metric_on_sample_and_errors(sample_dir):
     files = sorted((sample_dir / "train" / "masks").glob("*.png"))[:16]
     truth = torch.from_numpy(np.stack([load_mask(f) for f in files])).float()[:, None]
     perfect = truth * 20 - 10
-    metrics = _run_engine([(perfect[:8], truth[:8]), (perfect[8:], truth[8:])], {"k": KaggleScore(),
+    metrics = _run_engine([(perfect[:8], truth[:8]), (perfect[8:], truth[8:])], {"k": CompetitionMetric(),
                                                                                   "a": PixelAccuracy()})
     assert metrics == {"k": 1.0, "a": 1.0}
     with pytest.raises(NotComputableError):
-        KaggleScore().compute()
+        CompetitionMetric().compute()
     with pytest.raises(ValueError, match="must have the same"):
-        KaggleScore().update((perfect[:2], truth[:3]))
+        CompetitionMetric().update((perfect[:2], truth[:3]))
 
 
 def _ddp_worker(local_rank, preds, truth, out):
@@ -122,7 +122,7 @@ def _ddp_worker(local_rank, preds, truth, out):
     rank, world = idist.get_rank(), idist.get_world_size()
     logits = torch.from_numpy(preds).float()[:, None] * 10 - 5
     y = torch.from_numpy(truth).float()[:, None]
-    metrics = _run_engine([(logits[rank::world], y[rank::world])], {"k": KaggleScore(), "a": PixelAccuracy()})
+    metrics = _run_engine([(logits[rank::world], y[rank::world])], {"k": CompetitionMetric(), "a": PixelAccuracy()})
     if rank == 0:
         out.put(metrics)
 
@@ -137,8 +137,8 @@ def test_ignite_metrics_all_reduce_over_two_processes(pairs):
     with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
         parallel.run(_ddp_worker, pairs["preds"], pairs["masks"], out)
     metrics = out.get(timeout=1800)  # only a hang should trip it
-    total = kaggle_scores(pairs["preds"], pairs["masks"]).mean()
-    half = kaggle_scores(pairs["preds"][0::2], pairs["masks"][0::2]).mean()
+    total = competition_metric(pairs["preds"], pairs["masks"]).mean()
+    half = competition_metric(pairs["preds"][0::2], pairs["masks"][0::2]).mean()
     assert abs(half - total) > 1e-3  # rank 0's own half alone would not pass
     assert abs(metrics["k"] - total) <= 1e-12
     assert abs(metrics["a"] - pixel_accuracy(pairs["preds"], pairs["masks"]).mean()) <= 1e-12

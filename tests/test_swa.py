@@ -181,7 +181,7 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
                worst_tiles=0)
     table = pd.read_csv(tmp_path / "evaluate" / "tiles.csv", dtype={"id": str})
     assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
-    assert table["score_tta"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
+    assert table["metric_tta"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
 
 
 def test_swa_bundle_missing_checkpoint(tmp_path):

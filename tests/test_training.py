@@ -137,6 +137,9 @@ def test_interrupted_run_left_valid_checkpoints(interrupted_run):
     config = json.loads((interrupted_run / "config.json").read_text())["resolved"]
     assert config["train_tiles"] == 32 and config["val_tiles"] == 8  # validation tiles (flip TTA: no copies)
     assert config["backbone"] == "resnet18" and config["variant"] == "pad"
+    # recorded absolute, so SWA and evaluate find the run's data and folds from any working folder
+    for key in ("dataset_dir", "folds_csv", "run_dir"):
+        assert Path(config[key]).is_absolute() and Path(config[key]).exists(), (key, config[key])
 
 
 def test_resume_continues_where_the_run_stopped(resumed_run):
@@ -260,3 +263,16 @@ def test_two_process_gloo_run(small_dataset, tmp_path):
     assert not any(k.startswith("module.") for k in last["network"])  # saved unwrapped from DDP
     assert len(list((run_dir / "tensorboard").iterdir())) == 1  # only rank 0 writes
     assert {"best_loss.pt", "best_accuracy.pt", "best_metric.pt"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_run_record_holds_absolute_paths(tmp_path, monkeypatch):
+    """A run trained from one folder is read by SWA / evaluate from another: relative paths are recorded absolute."""
+    from saltkit.training import prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    record = {"dataset_dir": "data/tgs", "folds_csv": "runs/folds/tgs-k10.csv", "run_dir": "runs/pad_fold0", "fold": 0}
+    prepare_run_dir("runs/pad_fold0", record, argv=["train"])
+    resolved = json.loads((tmp_path / "runs/pad_fold0/config.json").read_text())["resolved"]
+    root = tmp_path.resolve()
+    assert resolved == {"dataset_dir": str(root / "data/tgs"), "folds_csv": str(root / "runs/folds/tgs-k10.csv"),
+                        "run_dir": str(root / "runs/pad_fold0"), "fold": 0}

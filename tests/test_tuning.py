@@ -30,7 +30,7 @@ from saltkit.inference.tuning import (
     search_postprocessing,
     tile_scores,
 )
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def constructed(truths: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 def direct_metric(probs, image, truths, settings) -> float:
-    return float(kaggle_scores(postprocess(probs, image, settings), truths).mean())
+    return float(competition_metric(postprocess(probs, image, settings), truths).mean())
 
 
 def test_search_result_is_what_postprocess_scores_and_beats_the_defaults(truths):

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
 from saltkit.logs import details_at_debug, logging_around_bars
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class TrainingProgress:
     In a terminal: Ignite ProgressBars, the trainer's showing `loss` and `metric` averaged over recent iterations
     (rate `alpha`), with log lines written through the bars. Otherwise (output redirected to a file) no `\\r` bars
     but a log line every `every_percent` % of an epoch. The averages are local to this process (no collective
-    calls), so attach it on rank 0 only. `metric` is the competition score of the batch's `tile_pred` > 0 vs
+    calls), so attach it on rank 0 only. `metric` is the competition metric of the batch's `tile_pred` > 0 vs
     `tile_label` (engine output after TilePredictiond). `terminal` None: whether stderr (the bars' stream) is one.
     """
 
@@ -47,7 +47,7 @@ class TrainingProgress:
         out = engine.state.output
         self.loss = self._average(self.loss, float(out["loss"].detach()))
         if "tile_pred" in out:
-            score = kaggle_scores(out["tile_pred"] > 0, out["tile_label"] > 0.5).mean()
+            score = competition_metric(out["tile_pred"] > 0, out["tile_label"] > 0.5).mean()
             self.metric = self._average(self.metric, float(score))
 
     def shown(self, _output=None) -> dict:

@@ -1,9 +1,9 @@
 """The evaluate workflow's pieces: which labelled tiles to score, the per-tile table and the worst-tiles picture.
 
 The evaluate bundle (bundles/saltnet/configs/evaluate.json) runs a MONAI SupervisedEvaluator with flip TTA and
-`saltkit.inference.EvaluationReport`, which writes `tiles.csv` (id, coverage, iou, score, iou_tta, score_tta, and
-score_tuned when it tunes the post-processing; one row per tile), `coverage.csv` (the means per coverage class) and
-`worst_tiles.png` (the lowest TTA scores) with these functions.
+`saltkit.inference.EvaluationReport`, which writes `tiles.csv` (id, coverage, iou, metric, iou_tta, metric_tta, and
+metric_tuned when it tunes the post-processing; one row per tile), `coverage.csv` (the means per coverage class) and
+`worst_tiles.png` (the lowest TTA metric) with these functions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from saltkit.io import atomic_write
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 
 EVAL_SETS = ("fold", "all")
 
@@ -46,20 +46,20 @@ def iou_per_tile(preds: np.ndarray, truths: np.ndarray) -> np.ndarray:
 
 def tile_table(ids: Sequence[str], truths: np.ndarray, plain: np.ndarray, tta: np.ndarray,
                tuned: np.ndarray | None = None) -> pd.DataFrame:
-    """Per-tile DataFrame: id, coverage (salt fraction of the truth), iou, score (no TTA), iou_tta, score_tta, and
-    score_tuned (TTA, tuned post-processing) when `tuned` masks are given."""
+    """Per-tile DataFrame: id, coverage (salt fraction of the truth), iou, metric (no TTA), iou_tta, metric_tta, and
+    metric_tuned (TTA, tuned post-processing) when `tuned` masks are given."""
     table = pd.DataFrame(
         {
             "id": list(ids),
             "coverage": truths.reshape(len(truths), -1).mean(axis=1),
             "iou": iou_per_tile(plain, truths),
-            "score": kaggle_scores(plain, truths),
+            "metric": competition_metric(plain, truths),
             "iou_tta": iou_per_tile(tta, truths),
-            "score_tta": kaggle_scores(tta, truths),
+            "metric_tta": competition_metric(tta, truths),
         }
     )
     if tuned is not None:
-        table["score_tuned"] = kaggle_scores(tuned, truths)
+        table["metric_tuned"] = competition_metric(tuned, truths)
     return table
 
 
@@ -77,16 +77,16 @@ def coverage_class(coverage) -> np.ndarray:
 
 
 def coverage_table(table: pd.DataFrame, predicted_empty: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Per coverage class and over "all" tiles: tile count, the mean of each score column of `table` (score,
-    score_tta, score_tuned when present; NaN for a class without tiles) and, per `predicted_empty` entry
+    """Per coverage class and over "all" tiles: tile count, the mean of each metric column of `table` (metric,
+    metric_tta, metric_tuned when present; NaN for a class without tiles) and, per `predicted_empty` entry
     (name -> `(N,)` bool), the number of tiles predicted empty."""
     classes = coverage_class(table["coverage"].to_numpy())
-    scores = [c for c in ("score", "score_tta", "score_tuned") if c in table]
+    columns = [c for c in ("metric", "metric_tta", "metric_tuned") if c in table]
     rows = []
     for k, name in [*enumerate(COVERAGE_CLASSES), (None, "all")]:
         member = np.ones(len(table), dtype=bool) if k is None else classes == k
         row = {"class": name, "tiles": int(member.sum())}
-        row.update({c: float(table[c].to_numpy()[member].mean()) if member.any() else float("nan") for c in scores})
+        row.update({c: float(table[c].to_numpy()[member].mean()) if member.any() else float("nan") for c in columns})
         row.update({n: int(np.asarray(e)[member].sum()) for n, e in predicted_empty.items()})
         rows.append(row)
     return pd.DataFrame(rows)

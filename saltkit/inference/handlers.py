@@ -122,13 +122,13 @@ class PredictionWriter(TileCollector):
 
 
 class EvaluationReport(TileCollector):
-    """Writes into `output_dir`: `tiles.csv` (id, coverage, iou, score, iou_tta, score_tta per tile),
-    `coverage.csv` (per coverage class: tiles, mean scores, tiles predicted empty), `summary.json` (the means, the
+    """Writes into `output_dir`: `tiles.csv` (id, coverage, iou, metric, iou_tta, metric_tta per tile),
+    `coverage.csv` (per coverage class: tiles, mean metric, tiles predicted empty), `summary.json` (the means, the
     post-processing used, the tuning) and `worst_tiles.png` (the `worst` lowest-scoring tiles with TTA); prints the
     means and the coverage table, and writes them to TensorBoard through `writer` when given.
 
     `tune_ckpt`: also search the post-processing on these tiles' TTA probabilities
-    (`saltkit.inference.tuned.tune`), add `score_tuned` to the tables, and store the result in that checkpoint
+    (`saltkit.inference.tuned.tune`), add `metric_tuned` to the tables, and store the result in that checkpoint
     with `tuned_on` (what the tiles are: `saltkit.inference.tuned.tuning_record`).
     """
 
@@ -168,15 +168,15 @@ class EvaluationReport(TileCollector):
             table.to_csv(f, index=False, float_format="%.6g")
         with atomic_write(self.output_dir / COVERAGE_CSV) as f:
             coverage.to_csv(f, index=False, float_format="%.6g")
-        order = np.argsort(table["score_tta"].to_numpy(), kind="stable")[: max(self.worst, 0)]
+        order = np.argsort(table["metric_tta"].to_numpy(), kind="stable")[: max(self.worst, 0)]
         png_path = None
         if len(order):
             images = np.stack([load_image(self.items[self.ids[k]]["image"]) for k in order])
-            scores = table["score_tta"].to_numpy()[order]
+            scores = table["metric_tta"].to_numpy()[order]
             png_path = save_png(self.output_dir / WORST_PNG,
                                 tile_grid(images, truths[order], tta[order], [self.ids[k] for k in order], scores))
-        self.result = {"tiles": len(table), "score": float(table["score"].mean()),
-                       "score_tta": float(table["score_tta"].mean()), "iou": float(table["iou"].mean()),
+        self.result = {"tiles": len(table), "metric": float(table["metric"].mean()),
+                       "metric_tta": float(table["metric_tta"].mean()), "iou": float(table["iou"].mean()),
                        "iou_tta": float(table["iou_tta"].mean()), "settings": self.summary,
                        "tuning": entry, "coverage": coverage_records(coverage)}
         with atomic_write(self.output_dir / SUMMARY_JSON) as f:
@@ -187,7 +187,7 @@ class EvaluationReport(TileCollector):
         print(f"evaluate: {r['tiles']} tiles, {self.summary}")
         print(f"evaluate: wrote {csv_path}, {COVERAGE_CSV}, {SUMMARY_JSON}" + (f" and {WORST_PNG}" if png_path else ""))
         print(f"evaluate: mean IoU {r['iou']:.4f} without TTA, {r['iou_tta']:.4f} with TTA")
-        print(f"evaluate: competition metric {r['score']:.4f} without TTA, {r['score_tta']:.4f} with TTA")
+        print(f"evaluate: competition metric {r['metric']:.4f} without TTA, {r['metric_tta']:.4f} with TTA")
         print("evaluate: per coverage class of the truth (mean competition metric; tiles predicted empty):")
         print(coverage.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
         if entry is not None:
@@ -199,8 +199,8 @@ class EvaluationReport(TileCollector):
         from saltkit.inference.evaluate import COVERAGE_TAGS, coverage_records, markdown_table
 
         r, w = self.result, self.writer
-        w.add_scalar("evaluate/competition_metric", r["score"], 0)
-        w.add_scalar("evaluate/competition_metric_tta", r["score_tta"], 0)
+        w.add_scalar("evaluate/competition_metric", r["metric"], 0)
+        w.add_scalar("evaluate/competition_metric_tta", r["metric_tta"], 0)
         if entry is not None:
             w.add_scalar("evaluate/competition_metric_tta_defaults", entry["metric_before"], 0)
             w.add_scalar("evaluate/competition_metric_tta_tuned", entry["metric_after"], 0)

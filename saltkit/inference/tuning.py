@@ -1,6 +1,6 @@
 """Post-processing tuned on labelled tiles: the `PostProcessingSettings` with the best mean competition metric over a grid.
 
-Exact (the chosen setting's metric is what `postprocess` + `kaggle_scores` give) and fast, without running
+Exact (the chosen setting's metric is what `postprocess` + `competition_metric` give) and fast, without running
 `postprocess` once per setting:
 - salt components are labelled once per probability threshold; each `min_component_size` then only decides which
   components stay, so a tile's predicted pixels and its overlap with the truth are sums over kept components;
@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from saltkit.inference.postprocess import PostProcessingSettings, check_count, check_fraction, postprocess
-from saltkit.metrics import kaggle_scores, scores_from_counts
+from saltkit.metrics import competition_metric, scores_from_counts
 
 DEFAULT = PostProcessingSettings()
 
@@ -174,7 +174,7 @@ def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningG
 
 def tile_scores(probs, image_probs, truths, settings: PostProcessingSettings) -> np.ndarray:
     """Competition score per tile -> float64 `(N,)` of `postprocess(probs, image_probs, settings)` vs truths."""
-    return kaggle_scores(postprocess(probs, image_probs, settings), np.asarray(truths))
+    return competition_metric(postprocess(probs, image_probs, settings), np.asarray(truths))
 
 
 def heldout_metric(probs, image_probs, truths, grid: TuningGrid = TuningGrid(), parts: int = 2) -> float:

@@ -21,7 +21,7 @@ from saltkit.inference.restore import restore_tiles
 from saltkit.checkpoints import load_network, run_record
 from saltkit.data import load_image, load_mask
 from saltkit.data.folds import fold_split
-from saltkit.metrics import kaggle_scores
+from saltkit.metrics import competition_metric
 from saltkit.pictures import tile_grid
 
 DOCS = Path(__file__).resolve().parent
@@ -46,7 +46,7 @@ def worst_tiles(ckpt: Path, count: int = 8) -> np.ndarray:
     with torch.no_grad():
         logits = torch.cat([network(b).logit for b in network_input(images, variant).split(32)])
     preds = (restore_tiles(logits, variant)[:, 0] > 0).numpy().astype(np.uint8)
-    scores = kaggle_scores(preds, truths)
+    scores = competition_metric(preds, truths)
     worst = np.argsort(scores, kind="stable")[:count]
     return tile_grid(images[worst], truths[worst], preds[worst], [items[k]["id"] for k in worst], scores[worst])
 
