@@ -100,11 +100,13 @@ def test_sdpa_and_plain_networks_agree():
         assert (ta - tb).abs().max().item() < 1e-4
 
 
-def test_fused_hypercolumn_equals_the_concatenated_one():
-    """f = 16: d5 (128 channels) is projected before upsampling; outputs and weight gradients match the literal
-    concat form (eval mode: the dropouts are off), and the dropout masks act per (tile, channel) in both."""
+@pytest.mark.parametrize("num_filters", [16, 8])
+def test_fused_hypercolumn_equals_the_concatenated_one(num_filters):
+    """d5 (128 channels when f = 16, 64 when f = 8: as many as the fusion's outputs) is projected before
+    upsampling; outputs and weight gradients match the literal concat form (eval mode: the dropouts are off), and
+    the dropout masks act per (tile, channel) in both."""
     torch.manual_seed(2)
-    net = SaltUNet("resnet18", num_filters=16).eval()
+    net = SaltUNet("resnet18", num_filters=num_filters).eval()
     x = torch.rand(2, 3, 64, 64)
     results = {}
     for mode in ("concat", "fused"):

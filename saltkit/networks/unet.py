@@ -132,12 +132,13 @@ class SaltUNet(nn.Module):
         """The same function with less full-resolution work.
 
         Bilinear upsampling acts on each channel alone, so channel dropout and the 1x1 fusion conv commute with it.
-        A part with more channels than the fusion's 64 outputs (d5 when f = 16) is therefore dropped out and
-        projected at its own resolution (its slice of the fusion weight) and upsampled as 64 channels; its head
-        drops out before upsampling too. The other parts are concatenated at full resolution as written.
+        A low-resolution part with at least as many channels as the fusion's 64 outputs (d5: 128 channels when
+        f = 16, 64 when f = 8) is therefore dropped out and projected at its own resolution (its slice of the
+        fusion weight) and upsampled as 64 channels, never more than it has; its head drops out before upsampling
+        too. The other parts are concatenated at full resolution as written.
         """
         drop, conv = self.pixel_fusion
-        project = [d.shape[-2:] != size and d.shape[1] > conv.out_channels for d in ds]
+        project = [d.shape[-2:] != size and d.shape[1] >= conv.out_channels for d in ds]
         if not any(project):
             return self._hypercolumn_concat(ds, size)
         weights = conv.weight.split([d.shape[1] for d in ds], dim=1)
