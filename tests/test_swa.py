@@ -175,10 +175,15 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
     assert {k: entry["tuned_on"][k] for k in ("fold", "num_folds", "tiles")} == {"fold": 1, "num_folds": 3, "tiles": 4}
     assert 0 <= entry["metric_before"] <= entry["metric_after"] <= 1
     assert "SWA: post-processing tuned in " in out and "competition metric with TTA" in out
-    # the evaluate workflow on swa.pt (tuned values by default) scores what the tuning measured
-    bundle_run("evaluate", config_file=str(REPO / "bundles" / "saltnet" / "configs" / "evaluate.json"),
-               ckpt=str(run_dir / "swa.pt"), fold=1, output_dir=str(tmp_path / "evaluate"), progress=False,
-               worst_tiles=0)
+    # the evaluate workflow on swa.pt (tuned values by default) scores what the tuning measured, on the fold the
+    # run's record names (no --fold needed); another fold is refused before any work
+    evaluate = str(REPO / "bundles" / "saltnet" / "configs" / "evaluate.json")
+    with pytest.raises(Exception) as info:
+        bundle_run("evaluate", config_file=evaluate, ckpt=str(run_dir / "swa.pt"), fold=0,
+                   output_dir=str(tmp_path / "evaluate0"), progress=False)
+    assert "pass --fold 1" in repr(info.value) + repr(info.value.__cause__) + repr(info.value.__context__)
+    bundle_run("evaluate", config_file=evaluate, ckpt=str(run_dir / "swa.pt"), output_dir=str(tmp_path / "evaluate"),
+               progress=False, worst_tiles=0)
     table = pd.read_csv(tmp_path / "evaluate" / "tiles.csv", dtype={"id": str})
     assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
     assert table["metric_tta"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
