@@ -28,7 +28,7 @@ def test_golden_values(golden):
     scores = competition_metric(golden["preds"], golden["masks"])
     assert scores.dtype == np.float64 and scores.shape == (64,)
     np.testing.assert_allclose(scores, golden["kaggle_per_image"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(scores.mean(), golden["competition_metric_mean"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scores.mean(), golden["kaggle_mean"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(pixel_accuracy(golden["preds"], golden["masks"]), golden["pixel_accuracy"],
                                rtol=0, atol=1e-12)
 
@@ -96,11 +96,11 @@ def test_ignite_metrics_in_engine(pairs):
 
 
 def test_ignite_metric_matches_golden_predictions(golden):
-    # Logits +-5 from the golden binary predictions: CompetitionMetric must reproduce competition_metric_mean exactly.
+    # Logits +-5 from the golden binary predictions: CompetitionMetric must reproduce the golden kaggle_mean exactly.
     logits = torch.from_numpy(golden["preds"]).float()[:, None] * 10 - 5
     truth = torch.from_numpy(golden["masks"]).float()[:, None]
     metrics = _run_engine([(logits[:32], truth[:32]), (logits[32:], truth[32:])], {"k": CompetitionMetric()})
-    assert abs(metrics["k"] - float(golden["competition_metric_mean"])) <= 1e-12
+    assert abs(metrics["k"] - float(golden["kaggle_mean"])) <= 1e-12
 
 
 def test_ignite_metric_on_sample_and_errors(sample_dir):
