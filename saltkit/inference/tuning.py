@@ -173,7 +173,7 @@ def search_postprocessing(probs, image_probs, truths, grid: TuningGrid = TuningG
 
 
 def tile_scores(probs, image_probs, truths, settings: PostProcessingSettings) -> np.ndarray:
-    """Competition score per tile -> float64 `(N,)` of `postprocess(probs, image_probs, settings)` vs truths."""
+    """Competition metric per tile -> float64 `(N,)` of `postprocess(probs, image_probs, settings)` vs truths."""
     return competition_metric(postprocess(probs, image_probs, settings), np.asarray(truths))
 
 
