@@ -213,10 +213,11 @@ CASES = [
          repeat=5, baseline_name="plain softmax(QK^T)V attention",
          notes="OC block fwd+bwd (last decoder shape): SDPA vs plain softmax(QK^T)V"),
     Case("step_cpu_recipe", cpu_recipe_step_setup, step_side("ours"), step_side("baseline"),
-         compare=lambda ours, base: {"loss_ours": ours, "loss_baseline": base}, repeat=5, baseline_name=REFERENCE,
+         compare=lambda ours, base: {"loss_ours": ours, "loss_baseline": base}, repeat=5,
+         baseline_name=REFERENCE[:-1] + ", for-loop AdamW, NCHW)",
          extra={"recipe": "train.json + configs/cpu.json + configs/pad.json"},
-         notes="the CPU recipe's train step (fwd, loss, bwd, optimizer) as the bundle builds it, on a sample batch; "
-               "baseline: the same network and optimizer in reference mode"),
+         notes="the CPU recipe's train step (fwd, loss, bwd, optimizer) as the bundle builds it (channels_last, fused "
+               "AdamW), on a sample batch; baseline: the same network and optimizer in reference mode"),
     Case("step_senet154_b4_128", lambda: step_setup("senet154"), step_side("ours"), step_side("baseline"),
          compare=with_peaks("step_senet154_b4_128", step_extra(4)), repeat=2, baseline_name=REFERENCE,
          notes="SaltUNet senet154 train step, batch 4 at 128 (input upsampled to 256), fused AdamW vs for-loop "

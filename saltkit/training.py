@@ -73,10 +73,11 @@ def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
         raise ConfigError(f"config key 'cooldown_epochs' must be a number >= 0, got {cooldown_epochs!r}")
 
 
-def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5) -> None:
-    """The augmentation and head-dropout probabilities are numbers in [0, 1]."""
+def check_probabilities(cutout_prob, geometric_prob, intensity_prob, head_dropout=0.5, decoder_dropout=0.2) -> None:
+    """The augmentation and dropout probabilities are numbers in [0, 1]."""
     for key, value in (("cutout_prob", cutout_prob), ("geometric_prob", geometric_prob),
-                       ("intensity_prob", intensity_prob), ("head_dropout", head_dropout)):
+                       ("intensity_prob", intensity_prob), ("head_dropout", head_dropout),
+                       ("decoder_dropout", decoder_dropout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(f"config key '{key}' must be a probability in [0, 1], got {value!r}")
 

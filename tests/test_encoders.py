@@ -24,13 +24,13 @@ from saltkit.networks.encoders import (
 def test_registry_lists_every_backbone():
     assert set(available_backbones()) == {
         "senet154", "se_resnext50_32x4d", "se_resnext101_32x4d", "se_resnet50", "se_resnet101", "se_resnet152",
-        "resnet18", "resnet34", "resnet50",
+        "resnet18", "resnet34", "resnet50", "resnet10_w32", "resnet18_w32",
     }
     with pytest.raises(ValueError, match="unknown backbone 'resnet999'"):
         stage_channels("resnet999")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "se_resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "se_resnet50", "resnet10_w32", "resnet18_w32"])
 def test_stage_shapes_and_channels(name):
     enc = build_encoder(name).eval()
     with torch.no_grad():
@@ -45,6 +45,30 @@ def test_resnet_channels_are_the_published_ones():
     assert stage_channels("resnet18") == stage_channels("resnet34") == (64, 64, 128, 256, 512)
     assert stage_channels("resnet50") == (64, 256, 512, 1024, 2048)
     assert stage_channels("senet154") == (128, 256, 512, 1024, 2048)
+    assert stage_channels("resnet10_w32") == stage_channels("resnet18_w32") == (32, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("resnet10_w32", 1), ("resnet18_w32", 2)])
+def test_narrow_resnets_are_monai_resnets_with_the_torchvision_stem(name, blocks):
+    enc = build_encoder(name)
+    conv1 = enc.layer0[0]
+    assert (conv1.kernel_size, conv1.stride, conv1.out_channels) == ((7, 7), (2, 2), 32)
+    assert isinstance(enc.layer0[3], torch.nn.MaxPool2d)
+    assert [len(layer) for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4)] == [blocks] * 4
+
+
+def test_backbone_without_published_weights_says_so(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="no ImageNet weights are published for backbone 'resnet10_w32'"):
+        build_encoder("resnet10_w32", pretrained="imagenet")
+    with pytest.raises(WeightsNotFoundError, match="resnet10_w32.pth"):
+        build_encoder("resnet10_w32", pretrained=tmp_path / "missing.pth")
+    saved = tmp_path / "w.pth"
+    torch.manual_seed(3)
+    source = encoders.backbone_spec("resnet10_w32").build()  # a whole MONAI ResNet, as a user would save one
+    torch.save(source.state_dict(), saved)
+    enc = build_encoder("resnet10_w32", pretrained=saved)
+    assert torch.equal(enc.layer0[0].weight, source.conv1.weight)
+    assert torch.equal(enc.layer4[0].conv2.weight, source.layer4[0].conv2.weight)
 
 
 def test_missing_local_weights_file_names_the_path(tmp_path):
@@ -95,7 +119,9 @@ def test_weights_of_another_backbone_are_refused(tmp_path):
 
 
 def test_every_published_url_is_https_with_a_hash_in_its_name():
-    for name in encoders.available_backbones():
+    published = [name for name in encoders.available_backbones() if encoders.backbone_spec(name).url]
+    assert set(encoders.available_backbones()) - set(published) == {"resnet10_w32", "resnet18_w32"}
+    for name in published:
         url = encoders.backbone_spec(name).url
         assert url.startswith("https://"), url
         assert len(encoders.published_hash(url)) == 8

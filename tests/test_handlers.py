@@ -323,3 +323,24 @@ def test_time_limit_ends_the_cooldown_at_the_last_epoch_that_fits(monkeypatch):
     ramp = [NoamLambda(2)(k) * (12 - k) / 6 for k in range(7, 13)]
     assert lrs[-6:] == pytest.approx(ramp, abs=1e-12) and lrs[-1] == 0.0
     assert lrs[:6] == pytest.approx([NoamLambda(2)(k) for k in range(1, 7)])
+
+
+def test_time_limit_never_raises_a_rate_that_is_cooling_down(monkeypatch):
+    """A slow epoch (epoch 5: 500 s instead of 100 s) shortens the schedule; the faster epochs after it would let
+    the end move later again, but a cool-down that has begun only gets shorter, and the run stops at rate 0."""
+    import saltkit.handlers.time_limit as tl
+
+    clock = iter([0, 100, 200, 300, 400, 900, *range(1000, 10_000, 100)])  # epoch starts and ends, as above
+    monkeypatch.setattr(tl.time, "perf_counter", lambda: next(clock))
+    opt = torch.optim.SGD(ToyNet().parameters(), lr=1.0)
+    sched = noam_scheduler(opt, 2, total_steps=40, cooldown_steps=6)
+    engine = Engine(lambda e, b: opt.step())
+    NoamHandler(sched).attach(engine)
+    lrs = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(e.state.lr))
+    EpochTimeBudget(minutes=25, lr_scheduler=sched).attach(engine)  # 1500 s
+    engine.run([0, 0], max_epochs=20)
+    # after epoch 5 (900 s, 180 s per epoch) 3 more fit: the end moves to iteration 16 and the ramp starts at 10;
+    # after epochs 6 and 7 the mean epoch is shorter and one more epoch would fit, but the end stays at 16
+    assert sched.lr_lambdas[0].total_steps == 16 and engine.state.epoch == 8
+    assert lrs[-1] == 0.0 and all(b <= a for a, b in zip(lrs[9:-1], lrs[10:], strict=True))

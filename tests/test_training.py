@@ -185,7 +185,7 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())["resolved"]
     assert config["variant"] == "resize" and config["loss_center_crop"] is None and config["val_tiles"] == 8
     assert config["validation_size"] == "network"  # scored at 128 x 128, as the original validated resize
-    assert config["cooldown_epochs"] == 3 and config["cutout_prob"] == 0.0
+    assert config["cooldown_epochs"] == 3 and config["cutout_prob"] == 0.0 and config["decoder_dropout"] == 0.2
     # Noam warm-up 1 epoch (4 iterations); the 3-epoch cool-down is longer than the 2-epoch run, so it spans the
     # run: half the Noam rate after epoch 1, 0 at the end of epoch 2
     lr = [v for _, v in scalars(run_dir)["lr"]]
@@ -202,6 +202,7 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     ({"resume": "true"}, r"'resume': .*last.pt not found"),
     ({"cooldown_epochs": -1}, r"'cooldown_epochs' must be a number >= 0, got -1"),
     ({"cutout_prob": 1.5}, r"'cutout_prob' must be a probability in \[0, 1\], got 1.5"),
+    ({"decoder_dropout": -0.1}, r"'decoder_dropout' must be a probability in \[0, 1\], got -0.1"),
     ({"validation_size": "128"}, r"'validation_size' must be one of tile, network, got '128'"),
 ])
 def test_bad_config_fails_before_training(small_dataset, tmp_path, overrides, message):

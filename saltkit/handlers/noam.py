@@ -43,9 +43,19 @@ class NoamLambda:
     def has_cooldown(self) -> bool:
         return self.cooldown_steps > 0
 
-    def end_at(self, total_steps: float) -> bool:
-        """Make the cool-down end at `total_steps`, never past the configured end; True when the end moved."""
+    def ended(self, step: int) -> bool:
+        """Whether a cool-down schedule has brought the rate to 0 by iteration `step` (steps done)."""
+        return self.has_cooldown and step >= self.total_steps
+
+    def end_at(self, total_steps: float, step: int | None = None) -> bool:
+        """Make the cool-down end at `total_steps`, never past the configured end; True when the end moved.
+
+        With the current `step`: once the cool-down has begun it only ever gets shorter (moving its end later would
+        raise a rate that is already ramping down, or restart one that has reached 0).
+        """
         end = float(min(total_steps, self.configured_total_steps))
+        if step is not None and step >= self.total_steps - self.cooldown_steps:
+            end = min(end, self.total_steps)
         moved = end != self.total_steps
         self.total_steps = end
         return moved

@@ -20,7 +20,9 @@ class EpochTimeBudget:
 
     With `lr_scheduler` (a Noam LambdaLR) whose schedule has a cool-down, the schedule's end follows the last epoch
     expected to fit the budget (re-estimated after every epoch, never past max_epochs), so a fixed-time run ends
-    cooled down on any machine instead of being cut in the middle of its cool-down.
+    cooled down on any machine instead of being cut in the middle of its cool-down. Once the cool-down has begun
+    its end only moves earlier, and the run stops when the rate has reached 0 (a slow epoch that shortened the
+    schedule is not followed by a rate that climbs back up).
     """
 
     def __init__(self, minutes: float | None, lr_scheduler=None):
@@ -44,16 +46,29 @@ class EpochTimeBudget:
         per_epoch = elapsed / (engine.state.epoch - self.first_epoch)
         fit = max(int((self.seconds - elapsed) // per_epoch), 0)  # further epochs that fit the budget
         last_epoch = min(engine.state.max_epochs, engine.state.epoch + fit)
-        self.end_schedule_at(last_epoch * engine.state.epoch_length)
-        if last_epoch == engine.state.epoch < engine.state.max_epochs:
+        self.end_schedule_at(last_epoch * engine.state.epoch_length, engine.state.iteration)
+        if engine.state.epoch >= engine.state.max_epochs:
+            return
+        if last_epoch == engine.state.epoch:
             logger.info(f"time limit {self.seconds / 60:.1f} min: stopping after epoch {engine.state.epoch} "
                         f"({elapsed / 60:.1f} min elapsed, {per_epoch / 60:.1f} min per epoch)")
             engine.terminate()
+        elif self.cooled_down(engine.state.iteration):
+            # an epoch that ran slow shortened the schedule; the rate is 0 now, so further epochs would change nothing
+            logger.info(f"time limit {self.seconds / 60:.1f} min: the learning-rate cool-down has ended, stopping "
+                        f"after epoch {engine.state.epoch} ({elapsed / 60:.1f} min elapsed, {per_epoch / 60:.1f} "
+                        f"min per epoch)")
+            engine.terminate()
 
-    def end_schedule_at(self, total_steps: int) -> None:
-        """End a cool-down schedule at `total_steps`, or at its configured end if that comes first."""
+    def cooled_down(self, iteration: int) -> bool:
+        return any(getattr(fn, "has_cooldown", False) and fn.ended(iteration)
+                   for fn in getattr(self.lr_scheduler, "lr_lambdas", []))
+
+    def end_schedule_at(self, total_steps: int, iteration: int | None = None) -> None:
+        """End a cool-down schedule at `total_steps`, or at its configured end if that comes first; a cool-down that
+        has begun by `iteration` only gets shorter."""
         for fn in getattr(self.lr_scheduler, "lr_lambdas", []):
-            if getattr(fn, "has_cooldown", False) and fn.end_at(total_steps):
+            if getattr(fn, "has_cooldown", False) and fn.end_at(total_steps, iteration):
                 logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(fn.total_steps)} "
                             f"(the last epoch expected to fit the budget; configured: "
                             f"{int(fn.configured_total_steps)})")

@@ -33,7 +33,7 @@ class BackboneSpec:
 
     build: Callable[[], nn.Module]
     channels: tuple[int, int, int, int, int]
-    url: str
+    url: str | None  # None: no ImageNet weights are published for it (random initialisation or a local file)
 
 
 def _pretrainedmodels(name: str) -> Callable[[], nn.Module]:
@@ -51,6 +51,21 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
         import torchvision
 
         return torchvision.models.__dict__[name](weights=None)
+
+    return build
+
+
+def _monai_resnet(layers: list[int], widths: list[int]) -> Callable[[], nn.Module]:
+    """A 2-D MONAI ResNet with torchvision's stem (7x7 stride-2 conv + max pool) at the given stage widths.
+
+    torchvision's BasicBlock ResNets come at one width only; MONAI's take `block_inplanes`.
+    """
+
+    def build() -> nn.Module:
+        from monai.networks.nets import ResNet
+
+        return ResNet("basic", layers, widths, spatial_dims=2, n_input_channels=3, conv1_t_size=7,
+                      conv1_t_stride=2, num_classes=1000)
 
     return build
 
@@ -77,6 +92,9 @@ def backbone_specs() -> dict[str, BackboneSpec]:
                                  _TORCHVISION + "resnet34-b627a593.pth"),
         "resnet50": BackboneSpec(_torchvision("resnet50"), (64, 256, 512, 1024, 2048),
                                  _TORCHVISION + "resnet50-0676ba61.pth"),
+        # narrow ResNets for training from scratch on a CPU (half resnet18's widths: a quarter of its conv work)
+        "resnet10_w32": BackboneSpec(_monai_resnet([1, 1, 1, 1], [32, 64, 128, 256]), (32, 32, 64, 128, 256), None),
+        "resnet18_w32": BackboneSpec(_monai_resnet([2, 2, 2, 2], [32, 64, 128, 256]), (32, 32, 64, 128, 256), None),
     }
 
 
@@ -144,6 +162,11 @@ def resolve_weights(name: str, pretrained: str | Path | None) -> Path | None:
         return None
     if str(pretrained) == "imagenet":
         url = backbone_spec(name).url
+        if url is None:
+            raise WeightsNotFoundError(
+                f"no ImageNet weights are published for backbone {name!r}; pass pretrained=None (random "
+                f"initialisation) or pretrained=<path to a .pth state_dict of this backbone>"
+            )
         path = hub_weights_path(url)
         if path.is_file():
             return path
@@ -161,9 +184,14 @@ def resolve_weights(name: str, pretrained: str | Path | None) -> Path | None:
     if not path.is_file():
         raise WeightsNotFoundError(
             f"pretrained weights file {path} for backbone {name!r} does not exist; expected a state_dict .pth "
-            f"(e.g. {backbone_spec(name).url.rsplit('/', 1)[-1]}), 'imagenet' or None"
+            f"(e.g. {_example_file(name)}), 'imagenet' or None"
         )
     return path
+
+
+def _example_file(name: str) -> str:
+    url = backbone_spec(name).url
+    return url.rsplit("/", 1)[-1] if url else f"{name}.pth"
 
 
 class Encoder(nn.Module):
@@ -183,8 +211,9 @@ class Encoder(nn.Module):
                 raise ValueError(f"weights file {weights} does not fit backbone {name!r}: {err}") from err
         if hasattr(model, "layer0"):  # pretrainedmodels SENet: layer0 already holds conv(s)+BN+ReLU+max pool
             layer0 = model.layer0
-        else:  # torchvision ResNet
-            layer0 = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        else:  # torchvision ResNet (activation `relu`) or MONAI ResNet (`act`)
+            act = model.relu if hasattr(model, "relu") else model.act
+            layer0 = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
         self.name = name
         self.channels = spec.channels
         self.layer0 = layer0

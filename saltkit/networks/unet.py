@@ -157,6 +157,23 @@ class SaltUNet(nn.Module):
             fusion = fusion + p
         return pixel_logits, fusion
 
+    def _final_fused(self, pixel_fusion: torch.Tensor, image_fusion: torch.Tensor) -> torch.Tensor:
+        """The final head on concat[pixel_fusion, image_fusion broadcast over H x W] without building the broadcast.
+
+        The image part is constant over the map, so its share of the 3x3 conv is, at each pixel, the sum of its
+        kernel taps that fall inside the map (zero padding) times the image vector: a (B, out, 3, 3) product
+        spread by two 0/1 tap masks. Channel dropout on a constant channel is dropout on the vector.
+        """
+        drop, conv_bn, out = self.final
+        conv, abn = conv_bn[0], conv_bn[1]
+        w_pixel, w_image = conv.weight.split([pixel_fusion.shape[1], image_fusion.shape[1]], dim=1)
+        x = F.conv2d(drop(pixel_fusion), w_pixel, None, conv.stride, conv.padding)
+        image = drop(image_fusion[:, :, None, None])[:, :, 0, 0]
+        taps = torch.einsum("oikl,bi->bokl", w_image, image)
+        rows = _inside_taps(x.shape[-2], conv.kernel_size[0], conv.padding[0], x)
+        cols = _inside_taps(x.shape[-1], conv.kernel_size[1], conv.padding[1], x)
+        return out(abn(x + torch.einsum("bokl,ky,lx->boyx", taps, rows, cols)))
+
     def forward(self, x: torch.Tensor) -> SaltOutput:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % INPUT_MULTIPLE or x.shape[3] % INPUT_MULTIPLE:
             raise ValueError(f"SaltUNet expects (B, 3, H, W) with H and W multiples of {INPUT_MULTIPLE} "
@@ -181,12 +198,21 @@ class SaltUNet(nn.Module):
         pixel_logits, pixel_fusion = hypercolumn([d1, d2, d3, d4, d5], d_size)
         image_fusion = self.image_fusion(F.adaptive_avg_pool2d(bottleneck, 1).flatten(1))
         image_logit = self.image_logit(image_fusion)
-        broadcast = image_fusion[:, :, None, None].expand(-1, -1, *d_size)
-        logit = self.final(torch.cat([pixel_fusion, broadcast], dim=1))
+        if self.hypercolumn == "fused":
+            logit = self._final_fused(pixel_fusion, image_fusion)
+        else:
+            broadcast = image_fusion[:, :, None, None].expand(-1, -1, *d_size)
+            logit = self.final(torch.cat([pixel_fusion, broadcast], dim=1))
         if d_size != size:  # upsample_input=False: heads ran at H/2, logits are resized to the input
             logit = F.interpolate(logit, size=size, mode="bilinear", align_corners=False)
             pixel_logits = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pixel_logits]
         return SaltOutput(logit, tuple(pixel_logits), image_logit)
+
+
+def _inside_taps(length: int, kernel: int, padding: int, like: torch.Tensor) -> torch.Tensor:
+    """(kernel, length) 0/1: whether tap k of a stride-1 conv at output position y reads inside the map."""
+    pos = torch.arange(length, device=like.device)[None, :] + torch.arange(kernel, device=like.device)[:, None]
+    return ((pos >= padding) & (pos < length + padding)).to(like.dtype)
 
 
 def _upsample(x: torch.Tensor, size) -> torch.Tensor:
