@@ -196,6 +196,25 @@ def cpu_recipe_step_setup() -> dict:
     }
 
 
+def cpu_network_forms_setup() -> dict:
+    """The CPU recipe's train step with its cheaper network forms (configs/cpu.json: `fine_context_scale` 2,
+    `deep_supervision` native) against the same step with the recipe's forms (1, hypercolumn): same weights, same
+    batch, same fast code on both sides; what the two keys buy per step (they change the function, so no equality)."""
+    from benchmarks.bench_pipeline import setup as pipeline_setup
+
+    inputs = pipeline_setup()
+    net = inputs["network"]
+    recipe = SaltUNet(**{**net.arch, "fine_context_scale": 1, "deep_supervision": "hypercolumn"})
+    recipe.load_state_dict(net.state_dict())
+    recipe.to(memory_format=inputs["memory_format"])
+    recipe_opt = copy.deepcopy(inputs["optimizer"])  # same hyper-parameters and fused kernel, on recipe's weights
+    recipe_opt.param_groups[0]["params"] = list(recipe.parameters())
+    recipe_opt.state.clear()
+    assert net.arch["fine_context_scale"] == 2 and net.arch["deep_supervision"] == "native", net.arch
+    return {"x": inputs["batch"]["image"].to(memory_format=inputs["memory_format"]), "target": inputs["batch"]["label"],
+            "ours": (net, inputs["optimizer"], inputs["loss"]), "baseline": (recipe, recipe_opt, inputs["loss"])}
+
+
 ORIGINAL = "the original's algorithm"
 REFERENCE = "reference mode (plain attention, concatenated hypercolumn, per-image Lovasz loop)"
 
@@ -218,6 +237,12 @@ CASES = [
          extra={"recipe": "train.json + configs/cpu.json + configs/pad.json"},
          notes="the CPU recipe's train step (fwd, loss, bwd, optimizer) as the bundle builds it (channels_last, fused "
                "AdamW), on a sample batch; baseline: the same network and optimizer in reference mode"),
+    Case("step_cpu_network_forms", cpu_network_forms_setup, step_side("ours"), step_side("baseline"),
+         compare=lambda ours, base: {"loss_ours": ours, "loss_baseline": base}, repeat=5,
+         baseline_name="the recipe's network forms (fine_context_scale 1, deep_supervision hypercolumn)",
+         extra={"recipe": "train.json + configs/cpu.json + configs/pad.json"},
+         notes="the CPU recipe's train step with its cheaper network forms (decoder1's attention on the 2x2-pooled map, "
+               "deep-supervision heads at their own sizes) vs the recipe's forms, same weights and fast code"),
     Case("step_senet154_b4_128", lambda: step_setup("senet154"), step_side("ours"), step_side("baseline"),
          compare=with_peaks("step_senet154_b4_128", step_extra(4)), repeat=2, baseline_name=REFERENCE,
          notes="SaltUNet senet154 train step, batch 4 at 128 (input upsampled to 256), fused AdamW vs for-loop "

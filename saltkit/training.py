@@ -67,6 +67,16 @@ def check_integers(num_filters, val_interval, seed) -> None:
     require_int("seed", seed, 0)
 
 
+def check_network_variant(fine_context_scale, deep_supervision) -> None:
+    """The two cheaper-network keys: `fine_context_scale` an integer >= 1, `deep_supervision` a known mode."""
+    from saltkit.networks.unet import DEEP_SUPERVISION_MODES
+
+    require_int("fine_context_scale", fine_context_scale, 1)
+    if deep_supervision not in DEEP_SUPERVISION_MODES:
+        raise ConfigError(f"config key 'deep_supervision' must be one of {list(DEEP_SUPERVISION_MODES)}, "
+                          f"got {deep_supervision!r}")
+
+
 def check_schedule(max_epochs, cooldown_epochs, unit: str = "epoch") -> None:
     """`cooldown_epochs` (counted in `warmup_unit`s): a number >= 0 (one longer than the run covers the run)."""
     if isinstance(cooldown_epochs, bool) or not isinstance(cooldown_epochs, (int, float)) or cooldown_epochs < 0:

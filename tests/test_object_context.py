@@ -63,3 +63,23 @@ def test_context_projection_starts_at_zero():
 def test_unknown_attention_mode():
     with pytest.raises(ValueError, match="attention='flash'"):
         ObjectContextBlock(16, 8, 8, attention="flash")
+
+
+def test_scale_attends_on_the_pooled_map():
+    """OCNet's `scale`: the attention runs on the max-pooled map and its context is upsampled back."""
+    block, _ = make_pair(channels=16, key=8)
+    pooled = copy.deepcopy(block)
+    pooled.scale = 2
+    x = torch.randn(2, 16, 12, 8)
+    with torch.no_grad():
+        ctx = pooled.context(x)
+        expected = torch.nn.functional.interpolate(block.context(torch.nn.functional.max_pool2d(x, 2)),
+                                                   size=(12, 8), mode="bilinear", align_corners=False)
+        assert ctx.shape == (2, 8, 12, 8) and torch.equal(ctx, expected)
+        assert pooled.eval()(x).shape == x.shape
+    assert not torch.allclose(ctx, block.context(x), atol=1e-3)  # a different function from scale 1
+    with pytest.raises(ValueError, match=r"scale 2 needs H and W multiples of 2; got \(12, 9\)"):
+        pooled(torch.randn(1, 16, 12, 9))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="scale="):
+            ObjectContextBlock(16, 8, 8, scale=bad)

@@ -203,6 +203,8 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     ({"cooldown_epochs": -1}, r"'cooldown_epochs' must be a number >= 0, got -1"),
     ({"cutout_prob": 1.5}, r"'cutout_prob' must be a probability in \[0, 1\], got 1.5"),
     ({"decoder_dropout": -0.1}, r"'decoder_dropout' must be a probability in \[0, 1\], got -0.1"),
+    ({"fine_context_scale": 0}, r"'fine_context_scale' must be an integer >= 1, got 0"),
+    ({"deep_supervision": "coarse"}, r"'deep_supervision' must be one of \['hypercolumn', 'native'\], got 'coarse'"),
     ({"validation_size": "128"}, r"'validation_size' must be one of tile, network, got '128'"),
 ])
 def test_bad_config_fails_before_training(small_dataset, tmp_path, overrides, message):

@@ -126,6 +126,40 @@ def test_fused_hypercolumn_equals_the_concatenated_one(num_filters):
         net.set_hypercolumn("stacked")
 
 
+def test_cheaper_variants_keep_the_final_logit_and_weights():
+    """fine_context_scale and deep_supervision="native": the same weights; with the finest OC block at its initial
+    zero projection the final logit is unchanged, the deep-supervision heads run at d2..d5's own sizes."""
+    torch.manual_seed(3)
+    recipe = SaltUNet("resnet18", num_filters=8, upsample_input=False).eval()
+    assert "fine_context_scale" not in recipe.arch and "deep_supervision" not in recipe.arch  # recipe arch as before
+    cheap = SaltUNet("resnet18", num_filters=8, upsample_input=False, fine_context_scale=2,
+                     deep_supervision="native").eval()
+    cheap.load_state_dict(recipe.state_dict())  # strict: the same parameters
+    assert cheap.arch == {**recipe.arch, "fine_context_scale": 2, "deep_supervision": "native"}
+    assert network_from_arch(cheap.arch).arch == cheap.arch
+    assert cheap.decoder1.context.scale == 2 and cheap.decoder3.context.scale == 1
+    seen = []
+    hooks = [h[1].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1])) for h in cheap.pixel_heads]
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = recipe(x), cheap(x)
+    for h in hooks:
+        h.remove()
+    assert seen == [64, 32, 32, 16, 8]  # d1..d5 at their own resolutions
+    assert_heads(b, 2, 128, 128)
+    assert torch.allclose(a.logit, b.logit, atol=1e-5)  # decoder1's OC projection starts at zero
+    assert torch.equal(a.image_logit, b.image_logit)
+    assert torch.equal(a.pixel_logits[0], b.pixel_logits[0])  # d1's head is at d1's size either way
+    assert not torch.allclose(a.pixel_logits[4], b.pixel_logits[4], atol=1e-3)
+    torch.nn.init.normal_(cheap.decoder1.context.out.weight, std=1.0)
+    recipe.load_state_dict(cheap.state_dict())
+    z = torch.randn(2, 16, 32, 32)  # decoder1's OC block input for a 128 tile
+    with torch.no_grad():  # once trained, the pooled attention gives another context
+        assert not torch.allclose(recipe.decoder1.context(z), cheap.decoder1.context(z), atol=1e-2)
+    with pytest.raises(ValueError, match="deep_supervision='coarse'"):
+        SaltUNet("resnet18", num_filters=4, deep_supervision="coarse")
+
+
 def test_default_senet154_heads():
     torch.manual_seed(0)
     net = SaltUNet().eval()  # the recipe's default: senet154, f = 16

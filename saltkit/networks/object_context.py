@@ -36,13 +36,18 @@ class ObjectContextBlock(nn.Module):
     context = softmax(Q K^T / sqrt(Ck)) V over all H*W positions, then conv1x1(Cv -> C) initialised to zero
     (the block starts as a pass-through of its input); output = conv1x1(concat[context, x] -> C) + ABN + Dropout2d.
     `attention` picks "sdpa" (fast) or "plain" (the reference the tests compare against).
+    `scale` > 1 is OCNet's `scale`: the attention runs on the map max-pooled by `scale` (scale^4 times less work)
+    and its context is upsampled bilinearly back to H x W (H and W multiples of `scale`); 1 is the recipe.
     """
 
     def __init__(self, channels: int, key_channels: int, value_channels: int, dropout: float = 0.0,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", scale: int = 1):
         super().__init__()
         self.check_attention(attention)
+        if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+            raise ValueError(f"scale={scale!r}; expected an integer >= 1")
         self.attention = attention
+        self.scale = scale
         self.key = nn.Sequential(nn.Conv2d(channels, key_channels, 1, bias=False), ABN(key_channels))
         self.value = nn.Conv2d(channels, value_channels, 1)
         self.out = nn.Conv2d(value_channels, channels, 1)
@@ -58,6 +63,16 @@ class ObjectContextBlock(nn.Module):
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output before the zero-initialised projection: (B, C, H, W) -> (B, Cv, H, W)."""
+        if self.scale > 1:
+            size = x.shape[-2:]
+            if size[0] % self.scale or size[1] % self.scale:
+                raise ValueError(f"object context with scale {self.scale} needs H and W multiples of {self.scale}; "
+                                 f"got {tuple(size)}")
+            ctx = self._attend(F.max_pool2d(x, self.scale))
+            return F.interpolate(ctx, size=size, mode="bilinear", align_corners=False)
+        return self._attend(x)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         # (B, C', H, W) -> (B, HW, C') made contiguous once; q and k are the same tensor
         qk = self.key(x).flatten(2).transpose(1, 2).contiguous()

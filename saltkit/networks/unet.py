@@ -25,6 +25,7 @@ from .object_context import ObjectContextBlock
 
 INPUT_MULTIPLE = 32
 HYPERCOLUMN_MODES = ("fused", "concat")
+DEEP_SUPERVISION_MODES = ("hypercolumn", "native")
 
 
 class SaltOutput(NamedTuple):
@@ -46,10 +47,11 @@ class DecoderBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, dropout: float = 0.2,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", context_scale: int = 1):
         super().__init__()
         self.conv = conv_abn(in_channels, mid_channels)
-        self.context = ObjectContextBlock(mid_channels, mid_channels // 2, mid_channels // 2, dropout, attention)
+        self.context = ObjectContextBlock(mid_channels, mid_channels // 2, mid_channels // 2, dropout, attention,
+                                          context_scale)
         self.up = nn.ConvTranspose2d(mid_channels, out_channels, kernel_size=4, stride=2, padding=1)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -68,17 +70,30 @@ class SaltUNet(nn.Module):
     The input is normalised with the ImageNet mean/std inside the network.
     `attention="plain"` swaps the fused attention for the reference implementation (same weights), and
     `set_hypercolumn("concat")` the low-resolution hypercolumn for the literal full-resolution one (same weights).
+
+    Two cheaper variants (same weights, different function; the recipe is `fine_context_scale=1`,
+    `deep_supervision="hypercolumn"`): `fine_context_scale` > 1 runs the finest object-context block (decoder1's,
+    at a quarter of the encoder input) on its map max-pooled by that factor (OCNet's `scale`), and
+    `deep_supervision="native"` runs the five deep-supervision heads on d1..d5 at their own resolutions instead of
+    on the upsampled hypercolumn (their logits are upsampled; the final logit is unchanged).
     """
 
     def __init__(self, backbone: str = "senet154", pretrained: str | Path | None = None, num_filters: int = 16,
                  head_dropout: float = 0.5, decoder_dropout: float = 0.2, bottleneck_dropout: float = 0.05,
-                 upsample_input: bool = True, attention: str = "sdpa"):
+                 upsample_input: bool = True, attention: str = "sdpa", fine_context_scale: int = 1,
+                 deep_supervision: str = "hypercolumn"):
         super().__init__()
+        if deep_supervision not in DEEP_SUPERVISION_MODES:
+            raise ValueError(f"deep_supervision={deep_supervision!r}; expected one of {DEEP_SUPERVISION_MODES}")
         f = num_filters
         c0, c1, c2, c3, c4 = stage_channels(backbone)
         self._arch = {"backbone": backbone, "num_filters": num_filters, "head_dropout": head_dropout,
                       "decoder_dropout": decoder_dropout, "bottleneck_dropout": bottleneck_dropout,
                       "upsample_input": upsample_input}  # `attention` is a reference switch, not architecture
+        if fine_context_scale != 1 or deep_supervision != "hypercolumn":  # recorded when not the recipe's, so the
+            # recipe's checkpoints keep the arch they always had (and resume across versions)
+            self._arch.update(fine_context_scale=fine_context_scale, deep_supervision=deep_supervision)
+        self.deep_supervision = deep_supervision
         self.upsample_input = upsample_input
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -93,7 +108,7 @@ class SaltUNet(nn.Module):
         self.decoder4 = DecoderBlock(8 * f + c3, 16 * f, 4 * f, **dec)
         self.decoder3 = DecoderBlock(4 * f + c2, 8 * f, 2 * f, **dec)
         self.decoder2 = nn.Sequential(conv_abn(2 * f + c1, 4 * f), conv_abn(4 * f, f))
-        self.decoder1 = DecoderBlock(f + c0, 2 * f, f, **dec)
+        self.decoder1 = DecoderBlock(f + c0, 2 * f, f, **dec, context_scale=fine_context_scale)
         # hypercolumn [d1, u2, u3, u4, u5] channels
         hyper = (f, f, 2 * f, 4 * f, 8 * f)
         self.pixel_heads = nn.ModuleList(pixel_head(c, f, head_dropout) for c in hyper)
@@ -122,13 +137,14 @@ class SaltUNet(nn.Module):
             raise ValueError(f"hypercolumn={mode!r}; expected one of {HYPERCOLUMN_MODES}")
         self.hypercolumn = mode
 
-    def _hypercolumn_concat(self, ds: list[torch.Tensor], size: torch.Size):
-        """The recipe as written: upsample d2..d5 to d1's size, heads on each, dropout + conv1x1 on the concat."""
+    def _hypercolumn_concat(self, ds: list[torch.Tensor], size: torch.Size, heads: bool = True):
+        """The recipe as written: upsample d2..d5 to d1's size, heads on each, dropout + conv1x1 on the concat.
+        `heads=False` leaves the heads out (their logits list is empty)."""
         hyper = [d if d.shape[-2:] == size else _upsample(d, size) for d in ds]
-        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper, strict=True)]
+        pixel_logits = [head(h) for head, h in zip(self.pixel_heads, hyper, strict=True)] if heads else []
         return pixel_logits, self.pixel_fusion(torch.cat(hyper, dim=1))
 
-    def _hypercolumn_fused(self, ds: list[torch.Tensor], size: torch.Size):
+    def _hypercolumn_fused(self, ds: list[torch.Tensor], size: torch.Size, heads: bool = True):
         """The same function with less full-resolution work.
 
         Bilinear upsampling acts on each channel alone, so channel dropout and the 1x1 fusion conv commute with it.
@@ -140,16 +156,18 @@ class SaltUNet(nn.Module):
         drop, conv = self.pixel_fusion
         project = [d.shape[-2:] != size and d.shape[1] >= conv.out_channels for d in ds]
         if not any(project):
-            return self._hypercolumn_concat(ds, size)
+            return self._hypercolumn_concat(ds, size, heads)
         weights = conv.weight.split([d.shape[1] for d in ds], dim=1)
         pixel_logits, full, full_weights, projected = [], [], [], []
         for head, d, w, low_res in zip(self.pixel_heads, ds, weights, project, strict=True):
             if low_res:
-                pixel_logits.append(head[2](head[1](_upsample(head[0](d), size))))
+                if heads:
+                    pixel_logits.append(head[2](head[1](_upsample(head[0](d), size))))
                 projected.append(_upsample(F.conv2d(drop(d), w), size))
             else:
                 u = d if d.shape[-2:] == size else _upsample(d, size)
-                pixel_logits.append(head(u))
+                if heads:
+                    pixel_logits.append(head(u))
                 full.append(u)
                 full_weights.append(w)
         fusion = F.conv2d(drop(torch.cat(full, dim=1)), torch.cat(full_weights, dim=1), conv.bias)
@@ -194,8 +212,12 @@ class SaltUNet(nn.Module):
         d2 = self.decoder2(torch.cat([d3, e1], dim=1))
         d1 = self.decoder1(d2, e0)
         d_size = d1.shape[-2:]
+        ds = [d1, d2, d3, d4, d5]
         hypercolumn = self._hypercolumn_fused if self.hypercolumn == "fused" else self._hypercolumn_concat
-        pixel_logits, pixel_fusion = hypercolumn([d1, d2, d3, d4, d5], d_size)
+        native = self.deep_supervision == "native"
+        pixel_logits, pixel_fusion = hypercolumn(ds, d_size, heads=not native)
+        if native:
+            pixel_logits = [head(d) for head, d in zip(self.pixel_heads, ds, strict=True)]
         image_fusion = self.image_fusion(F.adaptive_avg_pool2d(bottleneck, 1).flatten(1))
         image_logit = self.image_logit(image_fusion)
         if self.hypercolumn == "fused":
@@ -205,7 +227,7 @@ class SaltUNet(nn.Module):
             logit = self.final(torch.cat([pixel_fusion, broadcast], dim=1))
         if d_size != size:  # upsample_input=False: heads ran at H/2, logits are resized to the input
             logit = F.interpolate(logit, size=size, mode="bilinear", align_corners=False)
-            pixel_logits = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pixel_logits]
+        pixel_logits = [p if p.shape[-2:] == size else _upsample(p, size) for p in pixel_logits]
         return SaltOutput(logit, tuple(pixel_logits), image_logit)
 
 
