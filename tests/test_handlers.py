@@ -22,6 +22,7 @@ from saltkit.handlers import (
     NoamLambda,
     ResumeError,
     ResumeFromCheckpoint,
+    ScheduledValidation,
     WorstTilesImages,
     cooldown_steps,
     noam_scheduler,
@@ -323,6 +324,42 @@ def test_time_limit_ends_the_cooldown_at_the_last_epoch_that_fits(monkeypatch):
     ramp = [NoamLambda(2)(k) * (12 - k) / 6 for k in range(7, 13)]
     assert lrs[-6:] == pytest.approx(ramp, abs=1e-12) and lrs[-1] == 0.0
     assert lrs[:6] == pytest.approx([NoamLambda(2)(k) for k in range(1, 7)])
+
+
+class _RecordingValidator:
+    def __init__(self):
+        self.epochs = []
+
+    def run(self, epoch):
+        self.epochs.append(epoch)
+
+
+def _validated_epochs(interval, max_epochs, budget_minutes=None, cooldown_steps=0, monkeypatch=None):
+    """Epochs (2 iterations each, 100 s each on a fake clock) after which ScheduledValidation ran the validator."""
+    import saltkit.handlers.time_limit as tl
+
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr(tl.time, "perf_counter", lambda: next(clock))
+    opt = torch.optim.SGD(ToyNet().parameters(), lr=1.0)
+    sched = noam_scheduler(opt, 2, total_steps=2 * max_epochs, cooldown_steps=cooldown_steps)
+    engine = Engine(lambda e, b: opt.step())
+    NoamHandler(sched).attach(engine)
+    EpochTimeBudget(budget_minutes, lr_scheduler=sched).attach(engine)  # before the validation, as in train.json
+    handler = ScheduledValidation(None, interval=interval, lr_scheduler=sched)
+    handler.validator = validator = _RecordingValidator()
+    handler.attach(engine)
+    engine.run([0, 0], max_epochs=max_epochs)
+    return validator.epochs
+
+
+def test_scheduled_validation_skips_only_epochs_that_decide_nothing(monkeypatch):
+    assert _validated_epochs(1, 5, monkeypatch=monkeypatch) == [1, 2, 3, 4, 5]  # interval 1: ValidationHandler's
+    assert _validated_epochs(3, 7, monkeypatch=monkeypatch) == [3, 6, 7]  # every 3rd and the last
+    # a 10-minute budget stops the run after epoch 6 (see above): the epoch it stops after is validated
+    assert _validated_epochs(4, 20, budget_minutes=10, monkeypatch=monkeypatch) == [4, 6]
+    # with a 6-iteration cool-down the schedule ends at iteration 12: epochs 4-6 ramp the rate down, all validated
+    assert _validated_epochs(5, 20, budget_minutes=10, cooldown_steps=6, monkeypatch=monkeypatch) == [4, 5, 6]
+    assert _validated_epochs(2, 20, budget_minutes=10, cooldown_steps=6, monkeypatch=monkeypatch) == [2, 4, 5, 6]
 
 
 def test_time_limit_never_raises_a_rate_that_is_cooling_down(monkeypatch):

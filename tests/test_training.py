@@ -181,7 +181,7 @@ def test_short_run_learns(resumed_run):
 def test_resize_variant_runs(small_dataset, tmp_path):
     run_dir = tmp_path / "resize_fold0"
     run_training(small_dataset, run_dir, variant_config=RESIZE, max_epochs=2, tta="false",
-                 cooldown_epochs=3, cutout_prob=0.0, validation_size="network")
+                 cooldown_epochs=3, cutout_prob=0.0, validation_size="network", val_interval=5)
     config = json.loads((run_dir / "config.json").read_text())["resolved"]
     assert config["variant"] == "resize" and config["loss_center_crop"] is None and config["val_tiles"] == 8
     assert config["validation_size"] == "network"  # scored at 128 x 128, as the original validated resize
@@ -190,6 +190,8 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     # run: half the Noam rate after epoch 1, 0 at the end of epoch 2
     lr = [v for _, v in scalars(run_dir)["lr"]]
     assert lr == pytest.approx([TINY["learning_rate"] * NoamLambda(4)(4) * 0.5, 0.0])
+    # val_interval 5, but both epochs ramp the rate down (and epoch 2 is the last): both are validated
+    assert [step for step, _ in scalars(run_dir)["val_metric"]] == [1, 2]
     assert torch.load(run_dir / "best_metric.pt", weights_only=True)["variant"] == "resize"
 
 

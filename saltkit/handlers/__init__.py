@@ -19,6 +19,7 @@ from saltkit.handlers.noam import (
 )
 from saltkit.handlers.progress import EpochSummary, TrainingProgress
 from saltkit.handlers.time_limit import EpochTimeBudget
+from saltkit.handlers.validation import ScheduledValidation
 
 __all__ = [
     "BestCheckpoint",
@@ -29,6 +30,7 @@ __all__ = [
     "NoamLambda",
     "ResumeError",
     "ResumeFromCheckpoint",
+    "ScheduledValidation",
     "FailOnNanLoss",
     "EpochTimeBudget",
     "TrainingProgress",

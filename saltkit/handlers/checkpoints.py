@@ -136,7 +136,7 @@ def set_rng_state(state: dict) -> None:
 
 class LastCheckpoint:
     """Write `<run_dir>/last.pt` at the end of every training epoch (after validation: attach it after the
-    ValidationHandler) with everything `ResumeFromCheckpoint` needs to continue exactly there, then the `best`
+    validation handler) with everything `ResumeFromCheckpoint` needs to continue exactly there, then the `best`
     checkpoints that this epoch's validation improved (they wait for last.pt, see the module docstring)."""
 
     def __init__(self, run_dir: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,

@@ -131,7 +131,7 @@ class EpochSummary:
         epoch 3/12  lr 0.00191  train loss 3.066 metric 0.233 accuracy 0.666  val loss 3.052 metric 0.400
         accuracy 0.789  new best: metric  1m36s
 
-    Attach after the ValidationHandler and the checkpoint handlers. `validator`: the evaluator (its figures are
+    Attach after the validation and checkpoint handlers. `validator`: the evaluator (its figures are
     shown for the epochs it ran); `best`: the BestCheckpoint handlers (`.metric`, `.epoch`). Attaching also
     moves the engines' and MONAI's own per-epoch logging to DEBUG (saltkit.logs).
     """

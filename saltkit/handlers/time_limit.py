@@ -15,8 +15,10 @@ class EpochTimeBudget:
     TimeLimit stops mid-epoch once the time is up; this stops at an epoch boundary inside the budget).
 
     The budget counts from the trainer's start (this process; a resumed run gets a fresh budget). The next epoch's
-    length is estimated as the mean of the epochs run so far, validation and checkpoints included. Attach it after
-    the ValidationHandler and LastCheckpoint so the last epoch is validated and saved. `minutes` None: no limit.
+    length is estimated as the mean of the epochs run so far, validation and checkpoints included. Attach it before
+    ScheduledValidation and LastCheckpoint: the handlers after it still run at the epoch it stops after, and its
+    decisions (the stop, the cool-down's end) tell ScheduledValidation which epochs to validate. `minutes` None: no
+    limit.
 
     With `lr_scheduler` (a Noam LambdaLR) whose schedule has a cool-down, the schedule's end follows the last epoch
     expected to fit the budget (re-estimated after every epoch, never past max_epochs), so a fixed-time run ends

@@ -1,0 +1,39 @@
+"""Validation every N epochs, and every epoch that decides the run's checkpoints."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine, Events
+from monai.handlers import ValidationHandler
+
+
+class ScheduledValidation(ValidationHandler):
+    """MONAI's epoch-level ValidationHandler that runs the validator every `interval` epochs and also after every
+    epoch of the learning-rate cool-down and after the run's last epoch (`max_epochs`, or the epoch the trainer was
+    told to stop after, e.g. by EpochTimeBudget), so a short run spends no time validating epochs whose weights
+    the best checkpoints would not keep, and its final weights are always validated.
+
+    `lr_scheduler`: the (Noam) LambdaLR whose cool-down counts; without one, or without a cool-down, only the
+    interval and the last epoch count. Attach after EpochTimeBudget (which moves the cool-down's end and stops
+    the trainer) and before the checkpoint handlers. `interval` 1 validates every epoch, as ValidationHandler does.
+    """
+
+    def __init__(self, validator, interval: int = 1, lr_scheduler=None):
+        super().__init__(interval=interval, validator=validator, epoch_level=True)
+        self.lr_scheduler = lr_scheduler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def in_cooldown(self, iteration: int) -> bool:
+        """Whether some of the iterations up to `iteration` ran in a cool-down (the rate ramping down to 0)."""
+        return any(getattr(fn, "has_cooldown", False) and iteration > fn.total_steps - fn.cooldown_steps
+                   for fn in getattr(self.lr_scheduler, "lr_lambdas", []))
+
+    def due(self, engine: Engine) -> bool:
+        state = engine.state
+        return (state.epoch % self.interval == 0 or state.epoch >= state.max_epochs or bool(engine.should_terminate)
+                or self.in_cooldown(state.iteration))
+
+    def __call__(self, engine: Engine) -> None:
+        if self.due(engine):
+            super().__call__(engine)
