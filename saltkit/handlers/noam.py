@@ -47,6 +47,10 @@ class NoamLambda:
         """Whether a cool-down schedule has brought the rate to 0 by iteration `step` (steps done)."""
         return self.has_cooldown and step >= self.total_steps
 
+    def ramped(self, step: int) -> bool:
+        """Whether some of the first `step` iterations ran in the cool-down (at a rate ramping down to 0)."""
+        return self.has_cooldown and step > self.total_steps - self.cooldown_steps
+
     def end_at(self, total_steps: float, step: int | None = None) -> bool:
         """Make the cool-down end at `total_steps`, never past the configured end; True when the end moved.
 

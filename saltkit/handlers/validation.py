@@ -26,8 +26,8 @@ class ScheduledValidation(ValidationHandler):
 
     def in_cooldown(self, iteration: int) -> bool:
         """Whether some of the iterations up to `iteration` ran in a cool-down (the rate ramping down to 0)."""
-        return any(getattr(fn, "has_cooldown", False) and iteration > fn.total_steps - fn.cooldown_steps
-                   for fn in getattr(self.lr_scheduler, "lr_lambdas", []))
+        return any(fn.ramped(iteration) for fn in getattr(self.lr_scheduler, "lr_lambdas", [])
+                   if hasattr(fn, "ramped"))
 
     def due(self, engine: Engine) -> bool:
         state = engine.state
