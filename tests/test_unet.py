@@ -50,6 +50,15 @@ def test_upsample_input_false_keeps_output_at_input_size():
     assert_heads(out, 1, 128, 128)
 
 
+@pytest.mark.parametrize("size", [96, 160])
+def test_odd_bottleneck_sizes_keep_the_input_size(size):
+    """Without upsample_input a 96 px input reaches a 3 px bottleneck (160 px: 5): the centre pools it up to 2 and
+    crops its x2 output back to 3, so every multiple of 32 from 64 px works, as the input check promises."""
+    net = SaltUNet("resnet18", num_filters=4, upsample_input=False).eval()
+    with torch.no_grad():
+        assert_heads(net(torch.rand(1, 3, size, size)), 1, size, size)
+
+
 def test_cheap_recipe_needs_64_px():
     net = SaltUNet("resnet18", num_filters=4, upsample_input=False).eval()
     with pytest.raises(ValueError, match=r"needs H and W >= 64.*\(1, 3, 32, 32\)"):

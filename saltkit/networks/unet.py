@@ -205,7 +205,10 @@ class SaltUNet(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         e0, e1, e2, e3, e4 = self.encoder(x)
         bottleneck = self.bottleneck(e4)
-        centre = self.centre(F.max_pool2d(bottleneck, 2))
+        # an odd bottleneck (an odd multiple of 32 px without upsample_input: 96 px -> 3 px) pools up and the
+        # centre's x2 output is cropped back to it; even sizes (every 128 px input) are unchanged
+        h, w = bottleneck.shape[-2:]
+        centre = self.centre(F.max_pool2d(bottleneck, 2, ceil_mode=True))[..., :h, :w]
         d5 = self.decoder5(centre, bottleneck)
         d4 = self.decoder4(d5, e3)
         d3 = self.decoder3(d4, e2)
