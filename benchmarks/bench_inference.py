@@ -6,7 +6,7 @@ overridden by configs/cpu.json when it exists (resnet18 with 8 filters when neit
 eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
 
 inference_onnxruntime_vs_torch: the same network exported with `saltkit export --format onnx` and run by
-OnnxRuntimeNetwork vs the torch network, both with 2 threads, on the shared test tiles (reflect-padded to 128 as
+OnnxRuntimeNetwork vs the torch network as the bundles run it on the CPU (channels_last), both with 2 threads, on the shared test tiles (reflect-padded to 128 as
 the pad variant): each round takes the next batch of 32 tiles, and each side predicts it with flip TTA (the tiles
 and their mirror images in one batch, probabilities averaged). tiles/s = 32 / time.
 """
@@ -95,6 +95,7 @@ def runtime_setup() -> dict:
     from saltkit.checkpoints import load_network
     from saltkit.export import export_onnx
     from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
+    from saltkit.inference.runtime import torch_network
     from saltkit.networks import SaltUNet
 
     torch.manual_seed(0)
@@ -103,7 +104,8 @@ def runtime_setup() -> dict:
         ckpt = Path(folder) / "model.pt"
         torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, ckpt)
         model, difference = export_onnx(ckpt, Path(folder) / "model.onnx")
-        runtimes = {"torch": load_network(ckpt), "onnxruntime": OnnxRuntimeNetwork(model, threads=THREADS)}
+        # the torch network as the bundles run it on the CPU (channels_last, `torch_network`)
+        runtimes = {"torch": torch_network(load_network(ckpt), "cpu"), "onnxruntime": OnnxRuntimeNetwork(model, threads=THREADS)}
     tiles, source = test_tiles()
     return {**runtimes, "tiles": tiles, "source": source, "export_difference": difference,
             "cursor": {"torch": 0, "onnxruntime": 0}}

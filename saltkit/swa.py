@@ -22,6 +22,7 @@ from saltkit.checkpoints import (
     read_checkpoint,
     weight_arch,
 )
+from saltkit.inference.runtime import torch_network
 from saltkit.io import atomic_write, check_writable
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
@@ -120,7 +121,7 @@ def run_swa(
                                     "train the run to its end first, or list the files to average with --checkpoints")
     network, arch = average_checkpoints(paths, variant)
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
-    network.to(device)
+    network = torch_network(network, device)
     tiles = recompute_bn(network, (batch[image_key] for batch in loader), device)
     if tiles == 0:
         raise ValueError("SWA: the BN loader yielded no training tiles (check dataset_dir / fold)")

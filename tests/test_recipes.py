@@ -122,7 +122,7 @@ def test_readme_cpu_recipe_figures_are_the_files():
     assert cpu["cutout_prob"] == 0.0 and "no cutout" in row
     train = json.loads(TRAIN.read_text())
     assert cpu["geometric_prob"] == train["geometric_prob"] / 2 and cpu["intensity_prob"] == train["intensity_prob"] / 2
-    assert "half the original's rate" in row and "27-minute" in row and cpu["time_limit_minutes"] == 27
+    assert "half the original's rate" in row and f"{cpu['time_limit_minutes']}-minute" in row
     assert cpu["backbone"] in row and cpu["decoder_dropout"] == 0.0 and "no dropout" in row
 
 

@@ -41,14 +41,22 @@ def weights_fingerprint(network_state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def torch_network(network: torch.nn.Module, device) -> torch.nn.Module:
+    """`network` on `device` for inference; on the CPU in channels_last layout, where its convolutions run about
+    2x faster than in the default layout (same values to 1e-5; the inputs can stay in the default layout)."""
+    device = torch.device(device)
+    layout = torch.channels_last if device.type == "cpu" else torch.preserve_format
+    return network.to(device, memory_format=layout)
+
+
 def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str | Path | None = None,
                       threads: int | None = None):
-    """The network the engine calls: `network` on `device` (torch; its weights are loaded by the bundle's
-    CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export at `onnx_path` (default: `ckpt`
+    """The network the engine calls: `network` on `device` (torch, `torch_network`; its weights are loaded by the
+    bundle's CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export at `onnx_path` (default: `ckpt`
     with suffix .onnx), exported there first when missing, unreadable or from other weights (`threads` intra-op
     threads, None: ONNX Runtime's default)."""
     if not uses_onnxruntime(runtime):
-        return network.to(device)
+        return torch_network(network, device)
     from saltkit.checkpoints import read_checkpoint
     from saltkit.export import export_onnx
     from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
