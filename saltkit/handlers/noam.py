@@ -121,3 +121,8 @@ class NoamHandler(LrScheduleHandler):
     def __call__(self, engine: Engine) -> None:
         super().__call__(engine)
         self.record(engine)
+
+
+def cooldown_lambdas(lr_scheduler) -> list[NoamLambda]:
+    """The NoamLambda objects with a cool-down among `lr_scheduler`'s lr_lambdas (none for None or another schedule)."""
+    return [fn for fn in getattr(lr_scheduler, "lr_lambdas", []) if isinstance(fn, NoamLambda) and fn.has_cooldown]

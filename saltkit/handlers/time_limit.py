@@ -7,6 +7,8 @@ import time
 
 from ignite.engine import Engine, Events
 
+from saltkit.handlers.noam import cooldown_lambdas
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,14 +65,13 @@ class EpochTimeBudget:
             engine.terminate()
 
     def cooled_down(self, iteration: int) -> bool:
-        return any(getattr(fn, "has_cooldown", False) and fn.ended(iteration)
-                   for fn in getattr(self.lr_scheduler, "lr_lambdas", []))
+        return any(fn.ended(iteration) for fn in cooldown_lambdas(self.lr_scheduler))
 
     def end_schedule_at(self, total_steps: int, iteration: int | None = None) -> None:
         """End a cool-down schedule at `total_steps`, or at its configured end if that comes first; a cool-down that
         has begun by `iteration` only gets shorter."""
-        for fn in getattr(self.lr_scheduler, "lr_lambdas", []):
-            if getattr(fn, "has_cooldown", False) and fn.end_at(total_steps, iteration):
+        for fn in cooldown_lambdas(self.lr_scheduler):
+            if fn.end_at(total_steps, iteration):
                 logger.info(f"time limit: the learning-rate cool-down now ends at iteration {int(fn.total_steps)} "
                             f"(the last epoch expected to fit the budget; configured: "
                             f"{int(fn.configured_total_steps)})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from ignite.engine import Engine, Events
 from monai.handlers import ValidationHandler
 
+from saltkit.handlers.noam import cooldown_lambdas
+
 
 class ScheduledValidation(ValidationHandler):
     """MONAI's epoch-level ValidationHandler that runs the validator every `interval` epochs and also after every
@@ -26,8 +28,7 @@ class ScheduledValidation(ValidationHandler):
 
     def in_cooldown(self, iteration: int) -> bool:
         """Whether some of the iterations up to `iteration` ran in a cool-down (the rate ramping down to 0)."""
-        return any(fn.ramped(iteration) for fn in getattr(self.lr_scheduler, "lr_lambdas", [])
-                   if hasattr(fn, "ramped"))
+        return any(fn.ramped(iteration) for fn in cooldown_lambdas(self.lr_scheduler))
 
     def due(self, engine: Engine) -> bool:
         state = engine.state
