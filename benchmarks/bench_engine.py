@@ -3,7 +3,7 @@
 ours: `python -m monai.bundle run inference` as a user runs it (SupervisedEvaluator, FlipTTAInferer, post
 transforms per tile, PredictionWriter). baseline: the previous loop, written out here: a DataLoader, the tile and
 its mirror in one forward pass, probabilities flipped back and averaged, cropped to the tile, thresholded, then
-the same probabilities .npz and submission CSV. Both use the CPU recipe's network (random weights), flip TTA,
+the same probabilities .npz and submission CSV. Both use the CPU recipe's network (random weights; channels_last on the CPU, as the bundle runs it), flip TTA,
 batch 32, the shared 4000 test tiles when present (else the 20 of the shipped sample); SALTKIT_BENCH_TILES=N takes
 the first N of them (a quicker run on a busy machine).
 """
@@ -67,12 +67,13 @@ def loop(inputs):
     from saltkit.inference import Probabilities, save_probabilities
     from saltkit.inference.ensemble import write_prediction
     from saltkit.inference.postprocess import PostProcessingSettings
+    from saltkit.inference.runtime import torch_network
     from saltkit.transforms import LoadTiled, network_input_transform
 
     items = test_items(inputs["data"])
     chain = Compose([LoadTiled(keys="image", channels=3), network_input_transform("pad", "image"),
                      EnsureTyped(keys="image", track_meta=False)])
-    network = load_network(inputs["ckpt"])
+    network = torch_network(load_network(inputs["ckpt"]), "cpu")  # the layout the bundle runs it in
     ids, probs, image_probs = [], [], []
     for batch in DataLoader(Dataset(items, chain), batch_size=BATCH, shuffle=False, num_workers=0):
         x = batch["image"].float()

@@ -3,7 +3,8 @@ vs torch eager.
 
 The network is the CPU recipe's: backbone, num_filters and upsample_input of the training bundle's defaults,
 overridden by configs/cpu.json when it exists (resnet18 with 8 filters when neither says); random weights,
-eval mode, 128 x 128 inputs, batch 16. images/s = batch / time.
+eval mode, in channels_last layout on the CPU as the bundles run it (`torch_network`), 128 x 128 inputs,
+batch 16. images/s = batch / time.
 
 inference_onnxruntime_vs_torch: the same network exported with `saltkit export --format onnx` and run by
 OnnxRuntimeNetwork vs the torch network as the bundles run it on the CPU (channels_last), both with 2 threads, on the shared test tiles (reflect-padded to 128 as
@@ -39,10 +40,11 @@ def recipe_arch() -> dict:
 
 
 def setup():
+    from saltkit.inference.runtime import torch_network
     from saltkit.networks import SaltUNet
 
     torch.manual_seed(0)
-    net = SaltUNet(pretrained=None, **recipe_arch()).eval()
+    net = torch_network(SaltUNet(pretrained=None, **recipe_arch()).eval(), "cpu")  # as the bundles run it
     return net, torch.rand(BATCH, 3, 128, 128)
 
 
