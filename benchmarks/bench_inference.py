@@ -39,13 +39,18 @@ def recipe_arch() -> dict:
     return arch
 
 
-def setup():
+def recipe_network() -> torch.nn.Module:
+    """The CPU recipe's SaltUNet (random weights, seed 0) in eval mode, as the bundles run it on the CPU
+    (`torch_network`: channels_last)."""
     from saltkit.inference.runtime import torch_network
     from saltkit.networks import SaltUNet
 
     torch.manual_seed(0)
-    net = torch_network(SaltUNet(pretrained=None, **recipe_arch()).eval(), "cpu")  # as the bundles run it
-    return net, torch.rand(BATCH, 3, 128, 128)
+    return torch_network(SaltUNet(pretrained=None, **recipe_arch()).eval(), "cpu")
+
+
+def setup():
+    return recipe_network(), torch.rand(BATCH, 3, 128, 128)
 
 
 @torch.no_grad()

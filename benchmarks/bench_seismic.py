@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.bench_inference import recipe_arch
+from benchmarks.bench_inference import recipe_arch, recipe_network
 from benchmarks.run import Case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +63,8 @@ def sample_grid(rows: int, cols: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def section_inputs():
-    from saltkit.inference.runtime import torch_network
-    from saltkit.networks import SaltUNet
-
     image, source = real_section()
-    torch.manual_seed(0)
-    net = torch_network(SaltUNet(pretrained=None, **recipe_arch()).eval(), "cpu")  # as `saltkit predict` runs it
+    net = recipe_network()  # channels_last, as `saltkit predict` runs it on the CPU
     grey = image.astype(np.float32) / 255
     tiles = grey.reshape(10, 101, 10, 101).transpose(0, 2, 1, 3).reshape(100, 101, 101)
     tiles = torch.from_numpy(np.ascontiguousarray(tiles))[:, None].expand(-1, 3, -1, -1).contiguous()
