@@ -249,6 +249,11 @@ class DeepSupervisionLoss(nn.Module):
         self.center_crop = center_crop
         self.reference = reference
 
+    def weights(self) -> dict[str, float]:
+        """The terms' weights, for the run record (a config's `loss#bce_weight` shows up there)."""
+        return {"image_weight": self.image_weight, "pixel_weight": self.pixel_weight,
+                "final_weight": self.final_weight, "bce_weight": self.bce_weight}
+
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.center_crop is None else center_crop(x, self.center_crop)
 

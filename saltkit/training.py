@@ -120,6 +120,12 @@ def resume_checkpoint(resume, run_dir) -> str | None:
     return str(path)
 
 
+def loss_record(loss) -> dict:
+    """The run record's view of the loss: its class and, when it has them (DeepSupervisionLoss), its terms' weights."""
+    weights = getattr(loss, "weights", None)
+    return {"class": type(loss).__name__, **(weights() if callable(weights) else {})}
+
+
 def split_digest(split: tuple[Sequence[dict], Sequence[dict]]) -> str:
     """Hash of a fold split's (train ids, validation ids): equal exactly when both sets of tile ids are equal."""
     train, val = ([str(it["id"]) for it in part] for part in split)

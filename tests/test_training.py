@@ -181,8 +181,12 @@ def test_short_run_learns(resumed_run):
 def test_resize_variant_runs(small_dataset, tmp_path):
     run_dir = tmp_path / "resize_fold0"
     run_training(small_dataset, run_dir, variant_config=RESIZE, max_epochs=2, tta="false",
-                 cooldown_epochs=3, cutout_prob=0.0, validation_size="network", val_interval=5)
+                 cooldown_epochs=3, cutout_prob=0.0, validation_size="network", val_interval=5,
+                 **{"loss#bce_weight": 0.5})
     config = json.loads((run_dir / "config.json").read_text())["resolved"]
+    # the loss's weights are recorded with the run, a `loss#...` override included
+    assert config["loss"] == {"class": "DeepSupervisionLoss", "image_weight": 0.05, "pixel_weight": 0.1,
+                              "final_weight": 1.0, "bce_weight": 0.5}
     assert config["variant"] == "resize" and config["loss_center_crop"] is None and config["val_tiles"] == 8
     assert config["validation_size"] == "network"  # scored at 128 x 128, as the original validated resize
     assert config["cooldown_epochs"] == 3 and config["cutout_prob"] == 0.0 and config["decoder_dropout"] == 0.2
@@ -281,3 +285,15 @@ def test_run_record_holds_absolute_paths(tmp_path, monkeypatch):
     root = tmp_path.resolve()
     assert resolved == {"dataset_dir": str(root / "data/tgs"), "folds_csv": str(root / "runs/folds/tgs-k10.csv"),
                         "run_dir": str(root / "runs/pad_fold0"), "fold": 0}
+
+
+def test_loss_record_names_the_loss_and_its_weights():
+    """The run record's `loss`: a config's own loss (no weights) is recorded by class and does not break the run."""
+    from torch import nn
+
+    from saltkit.losses import DeepSupervisionLoss
+    from saltkit.training import loss_record
+
+    assert loss_record(nn.BCEWithLogitsLoss()) == {"class": "BCEWithLogitsLoss"}
+    assert loss_record(DeepSupervisionLoss(image_weight=0.5, bce_weight=1.0)) == {
+        "class": "DeepSupervisionLoss", "image_weight": 0.5, "pixel_weight": 0.1, "final_weight": 1.0, "bce_weight": 1.0}
