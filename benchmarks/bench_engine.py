@@ -3,9 +3,9 @@
 ours: `python -m monai.bundle run inference` as a user runs it (SupervisedEvaluator, FlipTTAInferer, post
 transforms per tile, PredictionWriter). baseline: the previous loop, written out here: a DataLoader, the tile and
 its mirror in one forward pass, probabilities flipped back and averaged, cropped to the tile, thresholded, then
-the same probabilities .npz and submission CSV. Both use the CPU recipe's network (random weights; channels_last on the CPU, as the bundle runs it), flip TTA,
-batch 32, the shared 4000 test tiles when present (else the 20 of the shipped sample); SALTKIT_BENCH_TILES=N takes
-the first N of them (a quicker run on a busy machine).
+the same probabilities .npz and submission CSV. Both use the CPU recipe's network (random weights; channels_last
+on the CPU, as the bundle runs it), flip TTA, batch 32, the shared 4000 test tiles when present (else the 20 of the
+shipped sample); SALTKIT_BENCH_TILES=N takes the first N of them (a quicker run on a busy machine).
 """
 
 from __future__ import annotations

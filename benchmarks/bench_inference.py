@@ -7,9 +7,10 @@ eval mode, in channels_last layout on the CPU as the bundles run it (`torch_netw
 batch 16. images/s = batch / time.
 
 inference_onnxruntime_vs_torch: the same network exported with `saltkit export --format onnx` and run by
-OnnxRuntimeNetwork vs the torch network as the bundles run it on the CPU (channels_last), both with 2 threads, on the shared test tiles (reflect-padded to 128 as
-the pad variant): each round takes the next batch of 32 tiles, and each side predicts it with flip TTA (the tiles
-and their mirror images in one batch, probabilities averaged). tiles/s = 32 / time.
+OnnxRuntimeNetwork vs the torch network as the bundles run it on the CPU (channels_last), both with 2 threads, on
+the shared test tiles (reflect-padded to 128 as the pad variant): each round takes the next batch of 32 tiles, and
+each side predicts it with flip TTA (the tiles and their mirror images in one batch, probabilities averaged).
+tiles/s = 32 / time.
 """
 
 from __future__ import annotations

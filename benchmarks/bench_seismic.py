@@ -4,7 +4,8 @@ Section cases: one ~1000 x 1000 real section (mosaic_94_2 of ../shared/data/tgs/
 absent cells at mean grey; a 10 x 10 grid of the shipped sample tiles without the shared data), predicted whole by
 the section inferer (sliding 128 px windows, Gaussian blending; TTA on / off, overlap 0.25 / 0.5) vs the tile path on
 the same pixels (its 100 tiles of 101 x 101 through the same inferer, one window each). Network: the CPU recipe's
-SaltUNet with random weights, in channels_last layout as `saltkit predict` runs it on the CPU. samples/s = 1010 * 1010 / time for both sides.
+SaltUNet with random weights, in channels_last layout as `saltkit predict` runs it on the CPU.
+samples/s = 1010 * 1010 / time for both sides.
 
 Volume case: a generated SEG-Y (IEEE float, 500 crosslines x 500 samples per inline, sections made of real tiles)
 of 1000 inlines (1.1 GB) vs 250 inlines (0.28 GB), predicted end to end by `predict_volume` (inline sections, no TTA,

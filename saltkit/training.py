@@ -121,7 +121,8 @@ def resume_checkpoint(resume, run_dir) -> str | None:
 
 
 def loss_record(loss) -> dict:
-    """The run record's view of the loss: its class and, when it has them (DeepSupervisionLoss), its terms' weights."""
+    """The run record's view of the loss: its class and, when it has them (DeepSupervisionLoss), its terms'
+    weights."""
     weights = getattr(loss, "weights", None)
     return {"class": type(loss).__name__, **(weights() if callable(weights) else {})}
 

@@ -288,7 +288,8 @@ def test_run_record_holds_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_loss_record_names_the_loss_and_its_weights():
-    """The run record's `loss`: a config's own loss (no weights) is recorded by class and does not break the run."""
+    """The run record's `loss`: a config's own loss (no weights) is recorded by class and does not break
+    the run."""
     from torch import nn
 
     from saltkit.losses import DeepSupervisionLoss
@@ -296,4 +297,5 @@ def test_loss_record_names_the_loss_and_its_weights():
 
     assert loss_record(nn.BCEWithLogitsLoss()) == {"class": "BCEWithLogitsLoss"}
     assert loss_record(DeepSupervisionLoss(image_weight=0.5, bce_weight=1.0)) == {
-        "class": "DeepSupervisionLoss", "image_weight": 0.5, "pixel_weight": 0.1, "final_weight": 1.0, "bce_weight": 1.0}
+        "class": "DeepSupervisionLoss", "image_weight": 0.5, "pixel_weight": 0.1, "final_weight": 1.0,
+        "bce_weight": 1.0}
