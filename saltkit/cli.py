@@ -8,6 +8,7 @@ imports them plainly and builds one argparse parser.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -156,14 +157,23 @@ def build_parser(registry: dict[str, Subcommand]) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in sorted(registry.values(), key=lambda c: not c.passthrough):  # bundle workflows first
-        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        # `--clip-range -1e4 1e4`: argparse before Python 3.13 reads -1e4 as an option
+        p._negative_number_matcher = NEGATIVE_NUMBER
+        command.add_arguments(p)
     return parser
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def hyphenated_options(args: list[str]) -> list[str]:
-    """`--min_component_size 5` -> `--min-component-size 5` (option names only; values are left alone)."""
+    """`--min_component_size 5` -> `--min-component-size 5` (option names only; values, and every word after a
+    bare `--`, are left alone)."""
     out = []
-    for a in args:
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
         if a.startswith("--"):
             name, eq, value = a.partition("=")
             a = "--" + name[2:].replace("_", "-") + eq + value

@@ -190,12 +190,54 @@ def override_file_typos(files: Sequence[str]) -> dict[str, dict[str, list[str]]]
     return typos
 
 
+def stray_words(tokens: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(word, the option before it or None) for each word of a `--KEY VALUE ...` list that no option takes.
+
+    `--key value` and `--key=value` take one value each; a `--flag` followed by another option takes none.
+    """
+    stray, i, previous = [], 0, None
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            stray.append((tok, previous))
+            i += 1
+            continue
+        takes_value = "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+        previous = f"{tok} {tokens[i + 1]}" if takes_value else tok
+        i += 2 if takes_value else 1
+    return stray
+
+
+def stray_word_message(word: str, previous: str | None) -> str:
+    where = f" after {previous}" if previous else ""
+    if word.lower().endswith((".json", ".yaml", ".yml")):
+        return (f"config file {word} comes{where}, among the --KEY VALUE options: config files go first "
+                "(saltkit train configs/pad.json configs/cpu.json --fold 1), or into --config_file's list")
+    return (f"stray word {word!r}{where} on the command line: each --KEY takes exactly one value (quote a value "
+            "with spaces); nothing has run")
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """Fail on a word of a `python -m monai.bundle run RUN_ID ...` command line that no option takes.
+
+    MONAI's runner reads such a word as its `init_id` and silently skips the bundle's `initialize` checks (the run
+    folder's claim, the fold checks), so each workflow's `run` calls this first too.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or argv[1] != "run":
+        return
+    tokens = argv[3:] if len(argv) > 2 and not argv[2].startswith("-") else argv[2:]
+    for word, previous in stray_words(tokens)[:1]:
+        raise ConfigError(stray_word_message(word, previous))
+
+
 def check_overrides(argv: Sequence[str] | None = None) -> None:
     """Fail on an override of a key that no config file defines: on the command line (`--max_epoch 3` for
     max_epochs) or inside an override file merged after the bundle config (`{"max_epoch": 3}`).
 
     Does nothing when the process is not `python -m monai.bundle run` (e.g. monai.bundle.run called in Python).
     """
+    check_command_line(argv)
     parsed = parse_bundle_argv(sys.argv if argv is None else argv)
     if parsed is None:
         return

@@ -27,7 +27,7 @@ from saltkit.data.layout import load_image, sample_dir, test_items
 from saltkit.geometry import pad_widths
 from saltkit.inference.onnx_runtime import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, require_module
 from saltkit.inference.runtime import weights_fingerprint
-from saltkit.io import atomic_write
+from saltkit.io import atomic_write, check_outputs
 from saltkit.networks import SaltUNet
 
 # Largest allowed difference of probabilities (pixel and image) between ONNX Runtime and the checkpoint.
@@ -77,6 +77,7 @@ def export_torchscript(ckpt: str | Path, out: str | Path, image_size: int = 128,
     With `verify`, the traced module's output is compared with the eager network's (MONAI's converter).
     """
     ckpt = Path(ckpt)
+    check_outputs({"--out": out}, {"checkpoint": ckpt})
     state = read_checkpoint(ckpt)
     network = logit_network_from_arch(state["arch"], ckpt)
     try:
@@ -151,6 +152,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, image_size: int = 128,
     as the checkpoint's variant) and nothing is written when its probabilities differ from the checkpoint's by
     more than ONNX_TOLERANCE; the difference is returned (None without `verify`).
     """
+    check_outputs({"--out": out}, {"checkpoint": ckpt})
     onnx = require_module("onnx", "ONNX export")
     require_module("onnxscript", "ONNX export")
     ort = require_module("onnxruntime", "checking an ONNX export") if verify else None

@@ -25,6 +25,11 @@ class FolderNotWritableError(OSError):
     """An output folder that cannot be created or written; the message names the folder and the config key."""
 
 
+class OutputClashError(ValueError):
+    """An output that would replace one of the command's inputs, another of its outputs, or a file it did not
+    write; raised before any work starts, the message names both and what to pass instead."""
+
+
 def host_name() -> str:
     """This machine's name, reduced to the characters a temporary's name may hold."""
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
@@ -129,3 +134,34 @@ def check_writable(folder: str | os.PathLike, key: str, probe_bytes: int = 1 << 
                                      "choose a writable folder with free space") from None
     remove_stale_temporaries(folder)
     return folder
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when `a` and `b` name one file: the same path once links are resolved, or hard links of one inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, object]) -> None:
+    """Refuse, before any work, an output that names one of the inputs or the same file as another output.
+
+    outputs: {option: path} (None: not written); inputs: {option: path or list of paths}. Paths are compared
+    after resolving symbolic links (and as inodes, for hard links), so `--out ./a.npz` for input `a.npz` is refused.
+    """
+    named = {k: v for k, v in outputs.items() if v not in (None, "")}
+    keys = list(named)
+    for i, key in enumerate(keys):
+        for other in keys[i + 1:]:
+            if same_file(named[key], named[other]):
+                raise OutputClashError(f"{key} {named[key]} and {other} {named[other]} name the same file; one "
+                                       "would replace the other: give them different names")
+        for in_key, value in inputs.items():
+            paths = value if isinstance(value, (list, tuple)) else [value]
+            for path in paths:
+                if path not in (None, "") and same_file(named[key], path):
+                    raise OutputClashError(f"{key} {named[key]} is the input {in_key} {path}: writing it would "
+                                           f"destroy the input; give {key} another file name")

@@ -23,7 +23,7 @@ from saltkit.checkpoints import (
     weight_arch,
 )
 from saltkit.inference.runtime import torch_network
-from saltkit.io import atomic_write, check_writable
+from saltkit.io import atomic_write, check_outputs, check_writable
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
 
@@ -113,8 +113,9 @@ def run_swa(
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
     given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`."""
-    check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
     paths = [Path(p) for p in checkpoints]
+    check_outputs({"output": output}, {"checkpoints": paths})
+    check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
     for p in paths:  # fail before any work, naming the first missing file
         if not p.is_file():
             raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints'); "

@@ -92,8 +92,12 @@ def bundle_argv(workflow: Workflow, args: Sequence[str]) -> list[str]:
     """
     import monai.bundle.__main__ as bundle_main
 
+    from saltkit.config import ConfigError, stray_word_message, stray_words
+
     args = list(args)
     split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    for word, previous in stray_words(args[split:])[:1]:
+        raise ConfigError(stray_word_message(word, previous))
     files = [shown_path(bundle_config(workflow))] + [override_file(f) for f in args[:split]]
     return [bundle_main.__file__, "run", workflow.run_id, "--config_file", repr(files), *workflow.keys, *args[split:]]
 

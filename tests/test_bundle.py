@@ -45,7 +45,7 @@ def test_workflow_files_have_the_keys_their_workflow_needs(name):
             missing.append(key)
     assert not missing, f"{name} lacks {missing}"
     if name != "train.json":
-        assert config["run"] == ["$@evaluator.run()"]
+        assert config["run"] == ["$saltkit.config.check_command_line()", "$@evaluator.run()"]
         targets = [h.get("_target_") for h in config["handlers"]]
         assert "CheckpointLoader" in targets
         assert config["evaluator"]["_target_"] == "SupervisedEvaluator"

@@ -227,3 +227,67 @@ def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SALTKIT_DEBUG", "1")
     with pytest.raises(ValueError, match="t.csv: file not found"):
         main(argv)
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["--fold", "1", "--max_epochs=2"], []),
+    (["--fold", "1", "stray"], [("stray", "--fold 1")]),
+    (["--flag", "--fold", "1", "configs/pad.json"], [("configs/pad.json", "--fold 1")]),
+    (["word"], [("word", None)]),
+])
+def test_stray_words(tokens, expected):
+    from saltkit.config import stray_words
+
+    assert stray_words(tokens) == expected
+
+
+def _finished_run_folder(root: Path) -> dict[Path, bytes]:
+    """A run folder as a finished run leaves it (its files' bytes), for the data-loss checks below."""
+    run = root / "runs" / "A"
+    run.mkdir(parents=True)
+    files = {run / "config.json": b'{"variant": "pad", "fold": 0}', run / "best_metric.pt": b"weights of run A"}
+    for path, data in files.items():
+        path.write_bytes(data)
+    return files
+
+
+def test_stray_word_after_the_options_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    # a stray word reached MONAI as init_id, which skipped the bundle's checks and retrained over run A
+    monkeypatch.chdir(tmp_path)
+    files = _finished_run_folder(tmp_path)
+    assert main(["train", "configs/pad.json", "--max_epochs", "1", "--run_dir", "runs/A", "stray"]) == 2
+    assert "stray word 'stray' after --run_dir runs/A" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in files} == files and sorted(p.name for p in (tmp_path / "runs/A").iterdir()) \
+        == sorted(p.name for p in files)
+
+
+def test_config_file_among_the_options_is_refused(tmp_path, monkeypatch, capsys):
+    # `saltkit tune --ckpt B --fold 0 configs/pad.json` tuned a fold-1 model on its own training tiles
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--ckpt", "runs/B/best_metric.pt", "--fold", "0", "configs/pad.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config file configs/pad.json comes after --fold 0" in err and "config files go first" in err
+
+
+@pytest.mark.slow
+def test_stray_word_on_the_monai_bundle_command_line(tmp_path):
+    # the same word on MONAI's own command line: initialize is skipped, so each workflow's `run` checks first
+    files = _finished_run_folder(tmp_path)
+    configs = [str(REPO / "bundles/saltnet/configs/train.json"), str(REPO / "configs/pad.json")]
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs),
+                           "--max_epochs", "1", "--run_dir", "runs/A", "stray"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "stray word 'stray' after --run_dir runs/A" in done.stderr.strip().splitlines()[-1]
+    assert {p: p.read_bytes() for p in files} == files
+
+
+def test_words_after_a_bare_double_dash_and_negative_numbers_are_values():
+    # `saltkit predict -- --my_file.png` looked for --my-file.png; `--clip-range -1e4 1e4` was read as options
+    from saltkit.cli import all_subcommands, build_parser, parse_command_line
+
+    registry = all_subcommands()
+    args = parse_command_line(build_parser(registry), registry,
+                              ["predict", "--ckpt", "m.pt", "--out", "o", "--clip-range", "-1e4", "1e4",
+                               "--overlap", "-.5", "--", "--my_file.png"])
+    assert args.input == Path("--my_file.png") and args.clip_range == [-1e4, 1e4] and args.overlap == -0.5

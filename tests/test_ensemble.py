@@ -86,3 +86,28 @@ def test_cli_ensemble_writes_beside_its_inputs(tmp_path, monkeypatch, capsys):
     rows = out.read_text().splitlines()
     assert rows[0] == "id,rle_mask" and rows[1] == "t1,"  # the component is smaller than 20000 pixels: removed
     assert not (tmp_path / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--out", "a.npz"], "--out a.npz is the input PROBS.npz a.npz"),
+    (["--out", "sub.csv", "--save-probs", "./a.npz"], "--save-probs a.npz is the input PROBS.npz a.npz"),
+    (["--out", "same.csv", "--save-probs", "same.csv"], "--out same.csv and --save-probs same.csv name the same file"),
+])
+def test_ensemble_never_writes_over_an_input_or_its_other_output(tmp_path, monkeypatch, capsys, options, message):
+    # --out a.npz turned an input into CSV text; --out X --save-probs X kept the npz and lost the submission
+    monkeypatch.chdir(tmp_path)
+    paths = [save_probabilities(Path(name), make(["t1", "t2"], seed)) for seed, name in enumerate(("a.npz", "b.npz"))]
+    before = {p: p.read_bytes() for p in paths}
+    assert main(["ensemble", "a.npz", "b.npz", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in paths} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz"]
+
+
+def test_a_file_given_twice_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for seed, name in enumerate(("a.npz", "b.npz")):
+        save_probabilities(Path(name), make(["t1", "t2"], seed))
+    assert main(["ensemble", "a.npz", "./a.npz", "b.npz", "--out", "sub.csv"]) == 2
+    assert "a.npz and a.npz are the same file: it would count twice" in capsys.readouterr().err
+    assert not Path("sub.csv").exists()

@@ -4,6 +4,7 @@ image logits."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,18 @@ def test_missing_onnx_extra_is_named(checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 2
     assert "pip install 'saltkit[onnx]'" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("spelling", ["same", "dot", "link"])
+def test_export_never_writes_over_its_checkpoint(checkpoint, tmp_path, monkeypatch, capsys, fmt, spelling):
+    # `saltkit export m.pt --out m.pt` replaced the checkpoint with the export
+    monkeypatch.chdir(checkpoint.parent)
+    out = {"same": checkpoint, "dot": f"./{checkpoint.name}", "link": tmp_path / "link.pt"}[spelling]
+    if spelling == "link":
+        out.symlink_to(checkpoint)
+    before = checkpoint.read_bytes()
+    assert main(["export", checkpoint.name, "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {Path(out)} is the input checkpoint {checkpoint.name}" in err and "another file name" in err
+    assert checkpoint.read_bytes() == before

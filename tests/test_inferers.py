@@ -150,6 +150,10 @@ def test_bad_settings_name_the_key():
         TileSlidingWindowInferer("crop")
     with pytest.raises(ValueError, match="'overlap'"):
         TileSlidingWindowInferer("pad", overlap=1.0)
+    # 0.99 was accepted and effectively hung (10000 windows a pixel)
+    with pytest.raises(ValueError, match=r"'overlap' must be in \[0, 0.9\], got 0.99 .*100 at 0.9"):
+        TileSlidingWindowInferer("pad", overlap=0.99)
+    assert TileSlidingWindowInferer("pad", overlap=0.9).sliding.overlap == 0.9
     with pytest.raises(ValueError, match="'sw_batch_size'"):
         TileSlidingWindowInferer("pad", sw_batch_size=0)
     with pytest.raises(ValueError, match="at least 128 px"):

@@ -4,6 +4,7 @@ scale, mosaics of real tiles, the predict workflow's outputs and the `saltkit pr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,59 @@ def test_predict_with_onnxruntime_matches_torch(tiny_ckpt, tile_paths, tmp_path)
     run(run_id="predict", config_file=str(config), input=str(image), output=str(tmp_path / "bundle"),
         ckpt=str(tiny_ckpt), runtime="onnxruntime", progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "bundle" / "section_prob.npy"), expected, atol=1e-4)
+
+
+def test_predict_never_writes_over_the_users_files(tiny_ckpt, tile_paths, tmp_path, capsys):
+    # `saltkit predict DIR --out DIR` wrote its x_mask.png over the user's x_mask.png, then predicted that as a section
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    Image.fromarray(load_image(tile_paths[0])).save(folder / "x.png")
+    Image.fromarray(np.where(load_mask(train_items(sample_dir())[0]["label"]) > 0, 255, 0).astype(np.uint8)).save(
+        folder / "x_mask.png")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", str(folder), "--ckpt", str(tiny_ckpt), "--out", str(folder), "--no-progress"]) == 2
+    assert f"would write {folder / 'x_mask.png'}, which is the input image" in capsys.readouterr().err
+    # the same mask beside a single section (as `saltkit mosaic` writes NAME.png and NAME_mask.png)
+    assert main(["predict", str(folder / "x.png"), "--ckpt", str(tiny_ckpt), "--out", str(folder),
+                 "--no-progress"]) == 2
+    assert f"would replace {folder / 'x_mask.png'}, a file saltkit predict did not write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_predict_reruns_into_its_own_output_folder(tiny_ckpt, tile_paths, tmp_path):
+    out = tmp_path / "pred"
+    images = []
+    for k, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(load_image(tile_paths[k])).save(tmp_path / name)
+        images.append(tmp_path / name)
+    for image in (images[0], images[1], images[0]):  # the files predict wrote are its own to replace
+        assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(out), "--tta", "false",
+                     "--no-progress"]) == 0
+    listed = json.loads((out / "predictions.json").read_text())
+    assert [r["name"] for r in listed] == ["a.png", "b.png"]
+    assert all(Path(p).is_file() for r in listed for p in r["outputs"].values())
+
+
+@pytest.mark.parametrize("row, message", [
+    ("m1,1.5,0,a", "row 3: row must be a non-negative integer, got '1.5'"),  # was truncated to 1
+    ("m1,2,0,../../outside/evil_tile", "row 3: id '../../outside/evil_tile' is not a plain name"),  # read outside
+    ("../../../escaped_mosaic,0,0,b", "row 3: mosaic '../../../escaped_mosaic' is not a plain name"),  # wrote outside
+])
+def test_mosaics_csv_rows_are_integers_and_plain_names(tmp_path, row, message):
+    path = tmp_path / "mosaics.csv"
+    path.write_text(f"mosaic,row,col,id\nm1,0,0,0a1b2c\n{row}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_mosaics(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_that_is_not_there_is_a_one_line_error(tiny_ckpt, tile_paths, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(load_image(tile_paths[0])).save(image)
+    for device, message in (("cuda", "--device cuda: this process sees no CUDA GPU; use --device cpu"),
+                            ("gpu7", "--device 'gpu7' is not a device")):
+        assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "out"),
+                     "--device", device]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+

@@ -259,3 +259,23 @@ def test_swa_bundle_over_a_list_with_last_pt(checkpoints, sample_dir, tmp_path):
     name = next(iter(dict(nets[0].named_parameters())))
     expected = (nets[0].state_dict()[name] + nets[2].state_dict()[name]) / 2
     torch.testing.assert_close(swa["network"][name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swa_never_writes_over_one_of_its_checkpoints(tmp_path):
+    # `saltkit swa ... --output runs/X/best_metric.pt` replaced one of its own inputs with the average
+    from monai.bundle import run as bundle_run
+
+    paths, _ = write_checkpoints(tmp_path, n=3)
+    named = []
+    for path, name in zip(paths, ("best_loss.pt", "best_accuracy.pt", "best_metric.pt"), strict=True):
+        named.append(path.rename(tmp_path / name))
+    before = {p: p.read_bytes() for p in named}
+    with pytest.raises(Exception) as info:
+        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(tmp_path), folds_csv=str(tmp_path / "folds.csv"),
+                   output=str(tmp_path / "best_metric.pt"))
+    text, e = [], info.value
+    while e is not None:
+        text.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert f"output {tmp_path / 'best_metric.pt'} is the input checkpoints" in "\n".join(text)
+    assert {p: p.read_bytes() for p in named} == before

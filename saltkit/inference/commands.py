@@ -39,11 +39,12 @@ def _ensemble_run(args: argparse.Namespace) -> int:
     from saltkit.inference.ensemble import ensemble_files, write_prediction
     from saltkit.inference.postprocess import PostProcessingSettings
     from saltkit.inference.probabilities import write_probabilities
-    from saltkit.io import atomic_write, check_writable
+    from saltkit.io import atomic_write, check_outputs, check_writable
 
     settings = PostProcessingSettings(threshold=args.threshold, min_component_size=args.min_component_size,
                               image_threshold=args.image_threshold, min_area=args.min_area)
     out = args.out or default_ensemble_out(args.probs)
+    check_outputs({"--out": out, "--save-probs": args.save_probs}, {"PROBS.npz": args.probs})
     check_writable(out.parent, "--out")
     if args.save_probs is not None:
         check_writable(args.save_probs.parent, "--save-probs")

@@ -52,7 +52,15 @@ def average_probabilities(preds: Sequence[Probabilities], names: Sequence[str] |
 
 
 def ensemble_files(paths: Sequence[str | Path]) -> Probabilities:
-    """Load and average probability files written by the inference bundle."""
+    """Load and average probability files written by the inference bundle; a file given twice is refused (it
+    would count double)."""
+    from saltkit.io import same_file
+
+    for i, a in enumerate(paths):
+        twice = next((b for b in paths[i + 1:] if same_file(a, b)), None)
+        if twice is not None:
+            raise ValueError(f"{a} and {twice} are the same file: it would count twice in the average; give each "
+                             "file once")
     return average_probabilities([load_probabilities(p) for p in paths], [str(p) for p in paths])
 
 

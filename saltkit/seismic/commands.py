@@ -32,7 +32,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=Path, required=True, help="trained checkpoint (e.g. runs/pad_fold0/swa.pt)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x < 1 (0.5)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x <= 0.9 (0.5)")
     p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
     p.add_argument("--sw-batch-size", type=int, default=16, help="windows per network batch (16)")
     p.add_argument("--threshold", default="auto",
@@ -67,6 +67,7 @@ def _predict_run(args: argparse.Namespace) -> int:
 
     from saltkit.inference.tuned import prediction_threshold
     from saltkit.seismic.predict import (
+        check_prediction_outputs,
         default_device,
         join_torchrun,
         load_predictor,
@@ -79,6 +80,7 @@ def _predict_run(args: argparse.Namespace) -> int:
     try:
         if is_segy_path(args.input):
             read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
+        check_prediction_outputs(args.input, args.out)
         device = default_device(args.device)
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))

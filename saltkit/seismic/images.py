@@ -119,14 +119,21 @@ def write_section_outputs(out_dir: str | Path, stem: str, grey: np.ndarray, prob
     prob (`_prob.npy` float32 and `_prob.png` 8-bit), mask (`_mask.png`, 0 / 255 where prob > threshold),
     overlay (`_overlay.png`, the section with the predicted salt tinted and outlined).
     """
-    out_dir = Path(out_dir)
+    paths = section_output_paths(out_dir, stem)
     mask = prob > threshold
     return {
-        "prob_npy": write_npy(out_dir / f"{stem}_prob.npy", prob.astype(np.float32)),
-        "prob_png": write_png(out_dir / f"{stem}_prob.png", probability_png(prob)),
-        "mask": write_png(out_dir / f"{stem}_mask.png", mask.astype(np.uint8) * 255),
-        "overlay": write_png(out_dir / f"{stem}_overlay.png", outline_overlay(grey, mask)),
+        "prob_npy": write_npy(paths["prob_npy"], prob.astype(np.float32)),
+        "prob_png": write_png(paths["prob_png"], probability_png(prob)),
+        "mask": write_png(paths["mask"], mask.astype(np.uint8) * 255),
+        "overlay": write_png(paths["overlay"], outline_overlay(grey, mask)),
     }
+
+
+def section_output_paths(out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """The files `write_section_outputs` writes for section `stem`, by kind."""
+    out_dir = Path(out_dir)
+    return {"prob_npy": out_dir / f"{stem}_prob.npy", "prob_png": out_dir / f"{stem}_prob.png",
+            "mask": out_dir / f"{stem}_mask.png", "overlay": out_dir / f"{stem}_overlay.png"}
 
 
 def write_index_html(out_dir: str | Path, rows: list[dict]) -> Path:

@@ -16,6 +16,8 @@ import pandas as pd
 from saltkit.data.layout import load_image, load_mask, read_id_csv
 from saltkit.geometry import TILE_SIZE
 
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
 
 @dataclass
 class Mosaic:
@@ -43,10 +45,18 @@ def read_mosaics(path: str | Path) -> pd.DataFrame:
     df = read_id_csv(path, ["mosaic", "row", "col", "id"])
     for col in ("row", "col"):
         bad = pd.to_numeric(df[col], errors="coerce")
-        if bad.isna().any() or (bad < 0).any():
-            i = int(np.flatnonzero(bad.isna() | (bad < 0))[0])
+        wrong = bad.isna() | (bad < 0) | (bad != bad.round())  # 1.5 was truncated to 1
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
             raise ValueError(f"{path}: row {i + 2}: {col} must be a non-negative integer, got {df[col].iloc[i]!r}")
         df[col] = bad.astype(int)
+    for col, use in (("id", "a tile file name"), ("mosaic", "an output file name")):
+        # ids become paths inside the dataset and names files inside --out: `../x` must not leave either folder
+        wrong = ~df[col].astype(str).str.fullmatch(PLAIN_NAME) | df[col].astype(str).str.contains(r"\.\.")
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise ValueError(f"{path}: row {i + 2}: {col} {df[col].iloc[i]!r} is not a plain name (letters, digits, "
+                             f"'_', '-', '.'; no folders): it is used as {use}")
     dup = df.duplicated(["mosaic", "row", "col"], keep=False)
     if dup.any():
         r = df[dup].iloc[0]

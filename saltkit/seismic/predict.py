@@ -15,8 +15,14 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from saltkit.io import atomic_write
-from saltkit.seismic.images import read_section, section_files, write_index_html, write_section_outputs
+from saltkit.io import OutputClashError, atomic_write, same_file
+from saltkit.seismic.images import (
+    read_section,
+    section_files,
+    section_output_paths,
+    write_index_html,
+    write_section_outputs,
+)
 from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.sections import predict_section
 from saltkit.seismic.segy import is_segy_path
@@ -68,6 +74,7 @@ def predict_images(
     if clash:
         raise ValueError(f"section names {clash} occur more than once (with different suffixes); their outputs "
                          "would overwrite each other")
+    earlier = check_section_outputs(inputs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = idist.get_rank(), idist.get_world_size()
     rows = []
@@ -83,11 +90,64 @@ def predict_images(
         torch.distributed.all_gather_object(gathered, rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
     if rank == 0:
+        # sections predicted into this folder by earlier runs stay listed: their files are still ours to replace
+        names = {r["name"] for r in rows}
+        listed = sorted([r for r in earlier if r.get("name") not in names] + rows, key=lambda r: r["name"])
         if index:
-            write_index_html(out_dir, rows)
-        with atomic_write(out_dir / "predictions.json") as f:
-            json.dump([{**r, "outputs": {k: str(v) for k, v in r["outputs"].items()}} for r in rows], f, indent=2)
+            write_index_html(out_dir, listed)
+        with atomic_write(out_dir / PREDICTIONS_JSON) as f:
+            json.dump([{**r, "outputs": {k: str(v) for k, v in r["outputs"].items()}} for r in listed], f, indent=2)
     return rows
+
+
+PREDICTIONS_JSON = "predictions.json"
+
+
+def earlier_predictions(out_dir: Path) -> list[dict]:
+    """The rows of `out_dir/predictions.json` written by an earlier predict ([] when there is none)."""
+    path = out_dir / PREDICTIONS_JSON
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(rows, list) and all(isinstance(r["outputs"], dict) for r in rows)):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        raise OutputClashError(f"{path} exists and is not a saltkit predict listing; pass another --out "
+                               "(predict writes its outputs and predictions.json there)") from None
+    return rows
+
+
+def check_prediction_outputs(input: str | Path, output: str | Path) -> None:
+    """For section images: `check_section_outputs` before the network loads (a SEG-Y output is checked by
+    `predict_volume`)."""
+    if str(input) and str(output) and not is_segy_path(input) and not is_segy_path(output):
+        check_section_outputs(section_files(input), Path(output))
+
+
+def check_section_outputs(inputs: list[Path], out_dir: Path) -> list[dict]:
+    """Refuse, before any work, outputs that would replace an input image or a file predict did not write.
+
+    A file predict wrote earlier is listed in `out_dir/predictions.json` and may be replaced (a rerun);
+    returns that listing's rows. `x.png` predicted into its own folder would write `x_mask.png`, `x_prob.png`:
+    refused when such a file is one of the inputs or exists without being listed.
+    """
+    earlier = earlier_predictions(out_dir)
+    ours = {Path(p).name for r in earlier for p in r["outputs"].values()}  # the listing's folder is out_dir
+    planned = [(p, o) for p in inputs for o in section_output_paths(out_dir, p.stem).values()]
+    for source, output in planned:
+        hit = next((p for p in inputs if same_file(output, p)), None)
+        if hit is not None:
+            raise OutputClashError(f"predicting {source} would write {output}, which is the input image {hit}; "
+                                   "pass an --out folder other than the input folder")
+    for source, output in planned:
+        if output.exists() and output.name not in ours:
+            raise OutputClashError(f"predicting {source} would replace {output}, a file saltkit predict did not "
+                                   f"write (not in {out_dir / PREDICTIONS_JSON}); pass another --out folder")
+    index = out_dir / "index.html"
+    if index.exists() and not earlier:
+        raise OutputClashError(f"{index} exists and was not written by saltkit predict; pass another --out folder")
+    return earlier
 
 
 def join_torchrun() -> bool:
@@ -103,7 +163,13 @@ def join_torchrun() -> bool:
 def default_device(device=None) -> torch.device:
     """`device` if given, else this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
     if device not in (None, "", "auto"):
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this process sees no CUDA GPU; use --device cpu")
+        return chosen
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, also before the group is joined
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
