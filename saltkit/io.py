@@ -8,6 +8,7 @@ output folder before a command starts.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -105,6 +106,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None =
         # mkstemp creates 0600; keep the target's mode when replacing it, else use the usual 0644.
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):  # the OS's message names no file
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}; nothing was written there: free space "
+                                   "(or raise the file-size limit) or choose another folder") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
