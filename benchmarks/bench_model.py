@@ -215,6 +215,37 @@ def cpu_network_forms_setup() -> dict:
             "ours": (net, inputs["optimizer"], inputs["loss"]), "baseline": (recipe, recipe_opt, inputs["loss"])}
 
 
+def cpu_recipe_bf16_setup() -> dict:
+    """The CPU recipe's train step as the bundle builds it, with bf16 autocast (`amp: true`, so bf16 even where
+    `amp: auto` picks float32: the trainer's AutocastInferer, float32 loss, fused AdamW on float32 weights) and in
+    float32 (`amp: false`): the same weights, optimizer state and batch, channels_last on both sides."""
+    from benchmarks.bench_pipeline import setup as pipeline_setup
+    from saltkit.inference import AutocastInferer
+    from saltkit.training import choose_precision
+
+    inputs = pipeline_setup(amp="true")
+    assert inputs["inferer"].dtype == torch.bfloat16, inputs["inferer"].dtype
+    net, opt = copy.deepcopy((inputs["network"], inputs["optimizer"]))  # the copy's optimizer holds net's weights
+    return {"x": inputs["batch"]["image"].to(memory_format=inputs["memory_format"]), "target": inputs["batch"]["label"],
+            "ours": (inputs["network"], inputs["optimizer"], inputs["loss"], inputs["inferer"]),
+            "baseline": (net, opt, inputs["loss"], AutocastInferer(dtype=None)),
+            "auto_here": choose_precision("auto", "cpu").message}
+
+
+def inferer_step_side(side: str):
+    """One train step as MONAI's SupervisedTrainer runs it: loss(inferer(x, network), target), backward, step."""
+    def run(inputs: dict) -> float:
+        net, opt, loss_fn, inferer = inputs[side]
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(inferer(inputs["x"], net), inputs["target"])
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return run
+
+
 ORIGINAL = "the original's algorithm"
 REFERENCE = "reference mode (plain attention, concatenated hypercolumn, per-image Lovasz loop)"
 
@@ -243,6 +274,13 @@ CASES = [
          extra={"recipe": "train.json + configs/cpu.json + configs/pad.json"},
          notes="the CPU recipe's train step with its cheaper network forms (decoder1's attention on the 2x2-pooled map, "
                "deep-supervision heads at their own sizes) vs the recipe's forms, same weights and fast code"),
+    Case("step_cpu_recipe_bf16", cpu_recipe_bf16_setup, inferer_step_side("ours"), inferer_step_side("baseline"),
+         compare=lambda ours, base: {"loss_ours": ours, "loss_baseline": base}, repeat=5,
+         describe=lambda inputs: {"amp_auto_here": inputs["auto_here"]},
+         baseline_name="the same step in float32 (amp false)",
+         extra={"recipe": "train.json + configs/cpu.json + configs/pad.json"},
+         notes="the CPU recipe's train step (fwd, loss, bwd, optimizer) as the bundle builds it with bf16 autocast "
+               "(amp true: the trainer's AutocastInferer, float32 loss and weights) vs float32, same weights"),
     Case("step_senet154_b4_128", lambda: step_setup("senet154"), step_side("ours"), step_side("baseline"),
          compare=with_peaks("step_senet154_b4_128", step_extra(4)), repeat=2, baseline_name=REFERENCE,
          notes="SaltUNet senet154 train step, batch 4 at 128 (input upsampled to 256), fused AdamW vs for-loop "

@@ -24,18 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "bundles/saltnet/configs/train.json", REPO / "configs/cpu.json", REPO / "configs/pad.json"]
 
 
-def bundle_parser() -> ConfigParser:
+def bundle_parser(**overrides) -> ConfigParser:
+    """The CPU recipe's training bundle, parsed (`overrides`: top-level keys set first, e.g. amp="true")."""
     parser = ConfigParser()
     parser.read_config([str(c) for c in CONFIGS])
     # folds of the sample in a temporary folder, so the benchmark leaves nothing behind
     parser["folds_csv"] = str(Path(tempfile.mkdtemp(prefix="saltkit_bench_")) / "folds.csv")
+    for key, value in overrides.items():
+        parser[key] = value
     parser.parse()
     return parser
 
 
-def setup() -> dict:
+def setup(**overrides) -> dict:
     torch.manual_seed(0)
-    parser = bundle_parser()
+    parser = bundle_parser(**overrides)
     dataset = parser.get_parsed_content("train#dataset")  # caches the deterministic prefix (loading)
     batch_size = parser.get_parsed_content("batch_size")
     network = parser.get_parsed_content("network")
@@ -44,6 +47,7 @@ def setup() -> dict:
         "loss": parser.get_parsed_content("loss"), "optimizer": parser.get_parsed_content("optimizer"),
         "batch": list_data_collate([dataset[i] for i in range(batch_size)]),
         "memory_format": parser.get_parsed_content("to_kwargs")["memory_format"],
+        "inferer": parser.get_parsed_content("train#inferer"),  # the trainer's: autocast as `amp` chose
         "recipe": f"{parser['backbone']} f={parser['num_filters']} upsample_input={parser['upsample_input']} "
                   f"batch {batch_size}",
     }

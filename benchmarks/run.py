@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -41,6 +42,9 @@ class Case:
     describe: Callable[[object], dict] | None = None
     repeat: int = 3
     extra: dict = field(default_factory=dict)
+    # optional: more sides {name: inputs -> result}, timed in the same interleaved rounds as ours and the baseline;
+    # each gets its own table row `case[name]` with its ratio to the same baseline
+    others: dict = field(default_factory=dict)
 
 
 def interleaved_times(ours: Callable[[], object], baseline: Callable[[], object], repeat: int):
@@ -58,6 +62,19 @@ def interleaved_times(ours: Callable[[], object], baseline: Callable[[], object]
     return t_ours, t_base, r_ours, r_base
 
 
+def interleaved_sides(sides: dict[str, Callable[[], object]], repeat: int):
+    """`interleaved_times` for any number of sides: one warm-up each, then each round runs every side once, in
+    the order given. Returns {name: time list} and {name: last result}."""
+    results = {name: run() for name, run in sides.items()}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeat):
+        for name, run in sides.items():
+            t0 = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - t0)
+    return times, results
+
+
 def load_cases() -> list[Case]:
     cases: list[Case] = []
     sys.path.insert(0, str(HERE.parent))
@@ -72,7 +89,15 @@ def load_cases() -> list[Case]:
 def run_case(case: Case, repeat: int | None) -> dict:
     inputs = case.setup()
     n = repeat or case.repeat
-    t_ours, t_base, r_ours, r_base = interleaved_times(lambda: case.ours(inputs), lambda: case.baseline(inputs), n)
+    others = []
+    if case.others:
+        sides = {"ours": case.ours, "baseline": case.baseline, **case.others}
+        times, results = interleaved_sides({k: (lambda f=f: f(inputs)) for k, f in sides.items()}, n)
+        t_ours, t_base, r_ours, r_base = times["ours"], times["baseline"], results["ours"], results["baseline"]
+        others = [{"name": k, "best_s": min(times[k]), "median_round_ratio": statistics.median(
+            b / o for o, b in zip(times[k], t_base, strict=True))} for k in case.others]
+    else:
+        t_ours, t_base, r_ours, r_base = interleaved_times(lambda: case.ours(inputs), lambda: case.baseline(inputs), n)
     # reported: the best time of each side, their ratio, and the median of the per-round ratios (robust to drift)
     row = {"case": case.name, "ours_s": min(t_ours), "baseline_s": min(t_base), "ratio": min(t_base) / min(t_ours),
            "median_round_ratio": statistics.median(b / o for o, b in zip(t_ours, t_base, strict=True)),
@@ -82,13 +107,30 @@ def run_case(case: Case, repeat: int | None) -> dict:
     if case.describe is not None:
         row.update(case.describe(inputs))
     row.update(case.extra)
+    if others:
+        row["others"] = others
     row["load_avg_1min"] = os.getloadavg()[0]
     return row
 
 
+def processor_name() -> str:
+    """The processor's model name as /proc/cpuinfo gives it (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def machine_line() -> str:
+    return f"Machine: {processor_name()}, {os.cpu_count()} CPU cores"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The README's benchmark table: case, what ours does, the baseline, the median per-round ratio, best times."""
-    lines = [f"Machine: {os.cpu_count()} CPU cores; ratio = median over rounds of baseline time / our time.", "",
+    lines = [f"{machine_line()}; ratio = median over rounds of baseline time / our time.", "",
              "| case | ours | baseline | ratio | best times (ours / baseline) | load |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -99,6 +141,14 @@ def markdown_table(rows: list[dict]) -> str:
         what = r["notes"].split(";")[0]
         lines.append(f"| `{r['case']}` | {what} | {r['baseline_name'] or '-'} | {r['median_round_ratio']:.2f}x | "
                      f"{times} | {r['load_avg_1min']:.1f} |")
+        for o in r.get("others", []):  # more sides of the same rounds, against the same baseline
+            times = f"{o['best_s']:.3g} s / {r['baseline_s']:.3g} s"
+            if "per_round" in r:
+                times += (f" ({r['per_round'] / o['best_s']:.3g} / {r['per_round'] / r['baseline_s']:.3g} "
+                          f"{r.get('per_round_unit', 'items')}/s)")
+            what = r.get("side_notes", {}).get(o["name"], o["name"])
+            lines.append(f"| `{r['case']}[{o['name']}]` | {what} | {r['baseline_name'] or '-'} | "
+                         f"{o['median_round_ratio']:.2f}x | {times} | {r['load_avg_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         if not cases:
             p.error(f"no case matches {args.names}; see --list")
     rows = []
+    print(machine_line())
     print(f"{'case':38s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}  extra")
     for c in cases:
         row = run_case(c, args.repeat)
         rows.append(row)
-        extra = {k: v for k, v in row.items() if k not in {"case", "ours_s", "baseline_s", "ratio", "notes"}}
+        extra = {k: v for k, v in row.items()
+                 if k not in {"case", "ours_s", "baseline_s", "ratio", "notes", "others", "side_notes"}}
         extra_s = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
         print(f"{c.name:38s} {row['ours_s']:10.4f} {row['baseline_s']:10.4f} {row['ratio']:6.2f}x  {extra_s}", flush=True)
+        for o in row.get("others", []):
+            print(f"{'  [' + o['name'] + ']':38s} {o['best_s']:10.4f} {row['baseline_s']:10.4f} "
+                  f"{o['median_round_ratio']:6.2f}x (median round ratio)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=2))

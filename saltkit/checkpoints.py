@@ -12,6 +12,7 @@ The engine handlers that write them during training are in `saltkit.handlers.che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import zipfile
@@ -44,6 +45,16 @@ def arch_of(network: nn.Module) -> dict:
     return dict(net.arch)
 
 
+def weights_fingerprint(network_state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex, first 16 digits) of a state dict's names, shapes, dtypes and values, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(network_state):
+        t = network_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     """torch.save `ckpt` to `path` atomically (the folder is created); returns the path."""
     path = Path(path)
@@ -62,6 +73,9 @@ RUN_KEYS = ("variant", "fold", "num_folds")
 
 
 SPLIT_KEY = "split"
+# what the run started from (a fine-tuning's init_ckpt: {"path", "weights"}) and the pseudo-labelled set it trains
+# on ({"dir", "fingerprint"}); None for a run from initial weights / on labelled tiles only
+INIT_KEY, PSEUDO_KEY = "init_ckpt", "pseudo"
 
 
 def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -87,8 +101,9 @@ def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
 
 def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
     """ResumeError when last.pt was written by another run than `expected` describes: another variant, fold or
-    number of folds, or another split of the tile ids (other dataset or folds file). Keys a checkpoint does not
-    record are not compared."""
+    number of folds, another split of the tile ids (other dataset or folds file), another starting checkpoint
+    (`init_ckpt`, compared by weight fingerprint) or another pseudo-labelled set (compared by the manifest's
+    fingerprint; none counts as one). Keys a checkpoint does not record are not compared."""
     diff = [f"{k}: checkpoint {ckpt[k]!r} vs config {expected[k]!r}" for k in RUN_KEYS
             if k in ckpt and k in expected and ckpt[k] != expected[k]]
     if diff:
@@ -99,6 +114,34 @@ def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
         raise ResumeError(f"cannot resume from {path}: it was trained on other tiles for fold {ckpt.get('fold')} "
                           f"({data_source(ckpt)}) than this config gives ({data_source(expected)}); resume with the "
                           "run's own dataset_dir and folds_csv, or train into a new run_dir")
+    if INIT_KEY in ckpt and INIT_KEY in expected and _digest(ckpt[INIT_KEY], "weights") != \
+            _digest(expected[INIT_KEY], "weights"):
+        raise ResumeError(f"cannot resume from {path}: that run started from {_init_text(ckpt[INIT_KEY])}, this "
+                          f"config from {_init_text(expected[INIT_KEY])}; resume it without --init_ckpt, or "
+                          "fine-tune into a new run_dir")
+    if PSEUDO_KEY in ckpt and PSEUDO_KEY in expected and _digest(ckpt[PSEUDO_KEY], "fingerprint") != \
+            _digest(expected[PSEUDO_KEY], "fingerprint"):
+        raise ResumeError(f"cannot resume from {path}: it was trained with {_pseudo_text(ckpt[PSEUDO_KEY])}, this "
+                          f"config gives {_pseudo_text(expected[PSEUDO_KEY])}; resume with "
+                          + (f"--pseudo_dir {ckpt[PSEUDO_KEY].get('dir')}" if ckpt[PSEUDO_KEY] else "--pseudo_dir null")
+                          + ", or train into a new run_dir")
+
+
+def _digest(record, key: str):
+    """`record[key]` of a run-identity entry that is a dict or None."""
+    return record.get(key) if isinstance(record, dict) else None
+
+
+def _init_text(record) -> str:
+    if not isinstance(record, dict):
+        return "the encoder's initial weights"
+    return f"init_ckpt {record.get('path')} (weights {record.get('weights')})"
+
+
+def _pseudo_text(record) -> str:
+    if not isinstance(record, dict):
+        return "no pseudo-labelled tiles"
+    return f"the pseudo-labelled set {record.get('dir')} (fingerprint {record.get('fingerprint')})"
 
 
 def data_source(record: dict) -> str:

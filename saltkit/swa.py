@@ -8,6 +8,7 @@ tiles with the averaged network (`saltkit.inference.tuned`), and stored in the s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from saltkit.checkpoints import (
 )
 from saltkit.inference.runtime import torch_network
 from saltkit.io import atomic_write, check_outputs, check_writable
+from saltkit.training import choose_precision
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
 
@@ -64,10 +66,12 @@ def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None)
     return averaged.module.eval(), arch
 
 
-def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
+def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str | torch.device = "cpu",
+                 autocast: torch.dtype | None = None) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them from `(B, 3, H, W)` batches.
 
     Cumulative average over the batches (momentum None), as `update_bn` does; returns the number of tiles seen.
+    `autocast`: the network runs under `torch.autocast` in that dtype (the statistics stay float32).
     The network is left in eval mode.
     """
     seen = 0
@@ -78,7 +82,9 @@ def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str
             seen += x.shape[0]
             yield x
 
-    update_bn(counted(), network, device=torch.device(device))
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        update_bn(counted(), network, device=device)
     network.eval()
     return seen
 
@@ -109,10 +115,12 @@ def run_swa(
     image_key: str = "image",
     tune_loader: Iterable[dict] | None = None,
     tuned_on: dict | None = None,
+    amp=False,
 ) -> Path:
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
-    given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`."""
+    given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`. `amp`: config
+    key `amp` for both passes (`saltkit.training.choose_precision`); the checkpoint is float32 either way."""
     paths = [Path(p) for p in checkpoints]
     check_outputs({"output": output}, {"checkpoints": paths})
     check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
@@ -122,8 +130,11 @@ def run_swa(
                                     "train the run to its end first, or list the files to average with --checkpoints")
     network, arch = average_checkpoints(paths, variant)
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
+    precision = choose_precision(amp, device)
+    if precision.level > logging.DEBUG:
+        print(f"SWA: {precision.message}", flush=True)
     network = torch_network(network, device)
-    tiles = recompute_bn(network, (batch[image_key] for batch in loader), device)
+    tiles = recompute_bn(network, (batch[image_key] for batch in loader), device, precision.dtype)
     if tiles == 0:
         raise ValueError("SWA: the BN loader yielded no training tiles (check dataset_dir / fold)")
     print(f"SWA: recomputed BatchNorm statistics over {tiles} training tiles", flush=True)
@@ -134,7 +145,7 @@ def run_swa(
         if variant is None:
             raise ValueError("SWA: tuning the post-processing needs config key 'variant' (pad or resize)")
         start = time.perf_counter()
-        predicted = predict_labelled_tiles(network, tune_loader, variant, device)
+        predicted = predict_labelled_tiles(network, tune_loader, variant, device, precision.dtype)
         _, entry = tune(predicted["prob"], predicted["image_prob"], predicted["label"], dict(tuned_on or {}))
         print(f"SWA: post-processing tuned in {time.perf_counter() - start:.0f} s: {tuning_summary(entry)}",
               flush=True)

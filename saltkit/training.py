@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -148,6 +150,82 @@ def check_resume(resume_path: str | None, expected: Mapping | None = None) -> No
         raise ConfigError(f"config key 'resume': {e}") from None
 
 
+# ---------------------------------------------------------------- fine-tuning: starting from a trained model
+
+
+def init_checkpoint(init_ckpt) -> str | None:
+    """Config key 'init_ckpt' as a path, or None (null: start from the encoder's initial weights)."""
+    from saltkit.config import none_if_null
+
+    value = none_if_null(init_ckpt)
+    return None if value is None or value is False else str(value)
+
+
+def read_init_checkpoint(init_ckpt) -> dict | None:
+    """The checkpoint config key 'init_ckpt' names (tensors mapped, not read), None for null; ConfigError naming
+    the key when it is missing or not a saltkit checkpoint."""
+    from saltkit.checkpoints import read_checkpoint
+
+    path = init_checkpoint(init_ckpt)
+    if path is None:
+        return None
+    try:
+        return read_checkpoint(path, "init_ckpt", mmap=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'init_ckpt': {e}") from None
+
+
+def check_init_ckpt(init_ckpt, network, variant: str, resume_path: str | None = None) -> None:
+    """The checkpoint to fine-tune from builds the config's network (same weight-bearing `arch`) and was trained
+    with the config's variant; a one-line ConfigError naming what differs otherwise. Logs where a new run starts."""
+    from saltkit.checkpoints import arch_of, weight_arch
+
+    ckpt = read_init_checkpoint(init_ckpt)
+    if ckpt is None:
+        return
+    path = init_checkpoint(init_ckpt)
+    trained = ckpt.get("variant")
+    if trained is not None and trained != variant:
+        raise ConfigError(f"config key 'init_ckpt': {path} was trained with variant {trained!r}, the config trains "
+                          f"{variant!r}; merge configs/{trained}.json, or start from a {variant} checkpoint")
+    saved, built = weight_arch(dict(ckpt["arch"])), weight_arch(arch_of(network))
+    keys = [k for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k)]
+    if keys:
+        import inspect
+
+        from saltkit.networks import SaltUNet
+
+        defaults = {k: p.default for k, p in inspect.signature(SaltUNet).parameters.items()}
+
+        def shown(arch):  # a key an arch leaves out has the network's default value
+            return ", ".join(f"{k} {arch.get(k, defaults.get(k))}" for k in keys)
+
+        flags = " ".join(f"--{k} {saved[k]}" for k in keys if k in saved)
+        raise ConfigError(f"config key 'init_ckpt': {path} was trained with {shown(saved)}, the config builds "
+                          f"{shown(built)}; use the keys it was trained with ({flags}) or another init_ckpt")
+    if resume_path is None:
+        kept = f", its {ckpt['metric']} {ckpt['score']:.4f} at epoch {ckpt.get('epoch')}" \
+            if isinstance(ckpt.get("score"), float) and ckpt.get("metric") else ""
+        logger.info(f"fine-tuning from the weights of {path}{kept}; fresh optimizer and schedule")
+
+
+def init_identity(init_ckpt, resume_path: str | None = None) -> dict | None:
+    """What a run records about its starting point: {"path", "weights"} of `init_ckpt` (weights: fingerprint of
+    its network), or None. A resume without init_ckpt carries on the record of the run it continues."""
+    from saltkit.checkpoints import INIT_KEY, ResumeError, read_resume_checkpoint, weights_fingerprint
+
+    ckpt = read_init_checkpoint(init_ckpt)
+    if ckpt is not None:
+        return {"path": str(Path(init_checkpoint(init_ckpt)).resolve()),
+                "weights": weights_fingerprint(ckpt["network"])}
+    if resume_path is None:
+        return None
+    try:
+        return read_resume_checkpoint(resume_path, mmap=True).get(INIT_KEY)
+    except ResumeError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
+
+
 RECORDED_PATHS = ("dataset_dir", "folds_csv", "run_dir")
 
 
@@ -194,26 +272,115 @@ def seed_everything(seed: int, deterministic=True) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_settings(amp, device) -> dict:
-    """{"amp": bool, "amp_kwargs": {"dtype": ...}} for MONAI engines from config key `amp`.
+# Config key `amp`: the words naming an autocast dtype (true means bf16, false float32, auto: see choose_precision)
+AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "half": torch.float16}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of bf16 arithmetic (without them oneDNN emulates it)
 
-    `amp`: false, "bf16" (true means bf16) or "fp16". Autocast runs on CUDA only: elsewhere it is switched off
-    with a warning, so a GPU recipe still runs (slowly) on a CPU machine.
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags as /proc/cpuinfo lists them (Linux); empty where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 / ARM
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def native_cpu_bf16() -> tuple[bool, str]:
+    """(whether this processor runs bf16 natively, why): oneDNN must have bf16 kernels for it
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`; without them torch runs bf16 convolutions through a slow
+    generic path) and, on x86, the processor must list avx512_bf16 or amx_bf16 (oneDNN emulates bf16 on other
+    AVX-512 processors). Emulated bf16 is slower than float32, so `amp: auto` takes bf16 only when this is true."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False, "no native bf16: oneDNN has no bf16 kernels for this processor"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True, "oneDNN reports native bf16"
+    found = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+    if found:
+        return True, f"oneDNN reports bf16 and the processor has {' and '.join(found)}"
+    return False, "no native bf16: the processor has neither avx512_bf16 nor amx_bf16, so oneDNN would emulate it"
+
+
+def amp_off(amp, key: str = "amp") -> bool:
+    """Whether config key `amp` says false (float32 everywhere); a value the key does not take is a ConfigError."""
+    word = amp.strip().lower() if isinstance(amp, str) else amp
+    if word == "auto" or (isinstance(word, str) and word in AMP_DTYPES):
+        return False
+    try:
+        return not as_bool(amp, key)
+    except ConfigError:
+        raise ConfigError(f"config key '{key}' must be auto, true, false, 'bf16' or 'fp16', got {amp!r}") from None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What config key `amp` chose on a device: the autocast `dtype` (None: float32), the log line saying why,
+    and its level (DEBUG for a plain `false`, WARNING where the choice is not what the key asked for or is slow)."""
+
+    dtype: torch.dtype | None
+    message: str
+    level: int = logging.INFO
+
+
+def choose_precision(amp, device, key: str = "amp") -> Precision:
+    """The precision config key `amp` asks for on `device`.
+
+    `auto`: bf16 autocast where the device runs bf16 natively (a CPU: `native_cpu_bf16`; CUDA:
+    `torch.cuda.is_bf16_supported()`), float32 elsewhere. `true` / `bf16`: bf16 autocast (on a CPU without native
+    bf16 too, with a warning: it is emulated, slower than float32). `fp16`: float16 autocast on CUDA only (float32
+    with a warning elsewhere). `false`: float32. Anything else is a ConfigError naming `key`.
     """
-    if isinstance(amp, str) and amp.strip().lower() in ("bf16", "bfloat16", "fp16", "float16", "half"):
-        dtype = torch.bfloat16 if amp.strip().lower() in ("bf16", "bfloat16") else torch.float16
-    else:
-        try:
-            on = as_bool(amp, "amp")
-        except ConfigError:
-            raise ConfigError(f"config key 'amp' must be false, true (bf16), 'bf16' or 'fp16', got {amp!r}") from None
-        if not on:
-            return {"amp": False, "amp_kwargs": {}}
-        dtype = torch.bfloat16
-    if torch.device(device).type != "cuda":
-        logger.warning(f"config key 'amp' = {amp!r}: mixed precision runs on CUDA only; training in float32 on {device}")
-        return {"amp": False, "amp_kwargs": {}}
-    return {"amp": True, "amp_kwargs": {"dtype": dtype}}
+    device = torch.device(device)
+    word = amp.strip().lower() if isinstance(amp, str) else amp
+    shown = f"{key} {str(amp).strip().lower()}"
+    where = "the CPU" if device.type == "cpu" else str(device)
+    if word == "auto":
+        if device.type == "cpu":
+            native, why = native_cpu_bf16()
+        elif device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+            why = "the GPU supports bf16" if native else "the GPU has no bf16 support"
+        else:
+            native, why = False, "autocast is used on the CPU and CUDA only"
+        return Precision(torch.bfloat16 if native else None,
+                         f"{shown}: {'bf16 autocast' if native else 'float32'} on {where} ({why})")
+    if amp_off(amp, key):
+        return Precision(None, f"{shown}: float32 on {where}", logging.DEBUG)
+    dtype = AMP_DTYPES.get(word, torch.bfloat16)
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if device.type == "cuda":
+        return Precision(dtype, f"{shown}: {name} autocast on {where}")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        native, why = native_cpu_bf16()
+        if native:
+            return Precision(dtype, f"{shown}: bf16 autocast on the CPU ({why})")
+        return Precision(dtype, f"{shown}: bf16 autocast on the CPU, emulated ({why}): slower than float32, which "
+                                f"`{key}: auto` picks here", logging.WARNING)
+    return Precision(None, f"{shown}: float32 on {where} ({name} autocast runs on "
+                           f"{'CUDA only' if name == 'fp16' else 'the CPU and CUDA only'}; "
+                           f"`{key}: auto` picks the fastest precision)", logging.WARNING)
+
+
+def amp_dtype(amp, device, key: str = "amp") -> torch.dtype | None:
+    """`choose_precision`'s autocast dtype (None: float32), its line logged."""
+    precision = choose_precision(amp, device, key)
+    logger.log(precision.level, precision.message)
+    return precision.dtype
+
+
+def amp_settings(amp, device) -> dict:
+    """MONAI engine and inferer settings from config key `amp` (`choose_precision`; its line is logged):
+    {"amp": bool, "amp_kwargs": {"dtype": ...}} for the engines, which autocast on CUDA only, and "autocast": the
+    dtype the bundles' `AutocastInferer` runs the network in elsewhere (None: float32, or CUDA, where MONAI does it).
+    """
+    dtype = amp_dtype(amp, device)
+    if dtype is not None and torch.device(device).type == "cuda":
+        return {"amp": True, "amp_kwargs": {"dtype": dtype}, "autocast": None}
+    return {"amp": False, "amp_kwargs": {}, "autocast": dtype}
 
 
 def memory_format(channels_last) -> torch.memory_format:

@@ -111,3 +111,108 @@ def test_export_never_writes_over_its_checkpoint(checkpoint, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert f"--out {Path(out)} is the input checkpoint {checkpoint.name}" in err and "another file name" in err
     assert checkpoint.read_bytes() == before
+
+
+# ---------------------------------------------------------------- INT8
+
+# INT8 probabilities against the checkpoint's on real tiles: mean difference within INT8_MEAN, at least 99% of the
+# pixels within INT8_PIXEL, the same mask at 0.5 on at least 98%, image probabilities within INT8_IMAGE. Stated for
+# the tiny random network below, whose scaled-up final block magnifies quantization noise (measured: 0.008, 99.9%,
+# 99.0%, 0.001); the trained CPU recipe's network agrees closer (mean 0.005 on 320 validation tiles).
+INT8_MEAN, INT8_PIXEL, INT8_MASK, INT8_IMAGE = 0.015, 0.05, 0.98, 0.01
+
+
+def onnx_extra():
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+
+
+@pytest.fixture(scope="module")
+def varied_checkpoint(tmp_path_factory):
+    """A tiny pad checkpoint (random weights, the final block's scaled up so its masks are neither empty nor full:
+    unscaled, every probability sits near 0.62) in a folder without a run record."""
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False)
+    state = {k: v * 6 if k.startswith("final") and k.endswith("weight") else v
+             for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp("int8") / "swa.pt"
+    torch.save({"network": state, "arch": net.arch, "variant": "pad"}, path)
+    return path
+
+
+def int8_arguments(ckpt: Path, *extra: str) -> list[str]:
+    """`saltkit export CKPT --format onnx --quantize int8` on fold 0 of the shipped sample, 16 calibration tiles."""
+    from saltkit.data import sample_dir
+
+    return ["export", str(ckpt), "--format", "onnx", "--quantize", "int8", "--dataset-dir", str(sample_dir()),
+            "--fold", "0", "--folds-csv", str(ckpt.parent / "folds.csv"), "--calibration-tiles", "16",
+            "--threads", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def int8_export(varied_checkpoint):
+    """The checkpoint's INT8 export beside it (the default name), and what the command printed."""
+    import contextlib
+    import io
+
+    onnx_extra()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(int8_arguments(varied_checkpoint)) == 0
+    return varied_checkpoint.with_suffix(".int8.onnx"), printed.getvalue()
+
+
+def test_int8_export_agrees_with_float32_on_real_tiles(int8_export, varied_checkpoint):
+    import onnx
+
+    from saltkit.checkpoints import weights_fingerprint
+    from saltkit.export import verification_tiles
+    from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
+
+    path, printed = int8_export
+    assert path == varied_checkpoint.parent / "swa.int8.onnx" and path.is_file()
+    assert f"wrote {path}" in printed and "float32 0." in printed and "INT8 0." in printed
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized (QDQ)
+    int8 = OnnxRuntimeNetwork(path, threads=2)
+    meta, quant = int8.metadata, int8.metadata["quantization"]
+    state = torch.load(varied_checkpoint, weights_only=True)
+    assert meta["weights"] == weights_fingerprint(state["network"]) and meta["variant"] == "pad"
+    assert quant["calibration_tiles"] == 16 and quant["validation_tiles"] == 10 and quant["fold"]["fold"] == 0
+    assert f"float32 {quant['metric_float32']:.4f}, INT8 {quant['metric_int8']:.4f}" in printed
+    tiles = verification_tiles("pad")  # 16 test tiles of the shipped sample
+    got = int8(tiles)
+    with torch.no_grad():
+        want = load_network(varied_checkpoint)(tiles)  # what the float32 export gives, to 1e-4
+    probs = [torch.sigmoid(t) for t in (got.logit, want.logit)]
+    assert 0.05 < (probs[1] > 0.5).float().mean() < 0.95  # the float32 masks are neither empty nor full
+    diff = (probs[0] - probs[1]).abs()
+    assert diff.mean() <= INT8_MEAN and (diff <= INT8_PIXEL).float().mean() >= 0.99, (diff.mean(), diff.max())
+    assert ((probs[0] > 0.5) == (probs[1] > 0.5)).float().mean() >= INT8_MASK
+    assert (torch.sigmoid(got.image_logit) - torch.sigmoid(want.image_logit)).abs().max() <= INT8_IMAGE
+
+
+def test_int8_export_refuses_a_model_that_loses_metric(varied_checkpoint, tmp_path, capsys):
+    import re
+
+    onnx_extra()
+    out = tmp_path / "refused.int8.onnx"
+    assert main(int8_arguments(varied_checkpoint, "--max-metric-loss", "-1", "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    found = re.search(r"the INT8 model scores (\d\.\d{4}) against (\d\.\d{4}) for float32 on the 10 validation "
+                      r"tiles of fold 0 .* more than the limit -1 \(--max-metric-loss\); .* not written", err[-1])
+    assert found, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_int8_export_needs_the_fold_of_a_checkpoint_without_run_record(varied_checkpoint, tmp_path, capsys):
+    onnx_extra()
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", str(varied_checkpoint), "--format", "onnx", "--quantize", "int8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no run record" in err[0] and "--dataset-dir DIR --fold K" in err[0], err
+    assert main(["export", str(varied_checkpoint), "--quantize", "int8", "--out", str(out)]) == 2  # torchscript
+    assert "--quantize int8 quantizes the ONNX export: add --format onnx" in capsys.readouterr().err
+    assert not out.exists()

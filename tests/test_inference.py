@@ -381,3 +381,76 @@ def test_unknown_runtime_is_named(run_dir, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "config key 'runtime' must be one of torch, onnxruntime" in last, proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- runtime onnxruntime-int8
+
+
+@pytest.fixture(scope="module")
+def int8_run(run_dir, sample_dir, tmp_path_factory):
+    """The tiny checkpoint in a run folder whose run record (config.json) names fold 0 of the shipped sample."""
+    folder = tmp_path_factory.mktemp("int8_run")
+    shutil.copy(run_dir / "best_metric.pt", folder / "best_metric.pt")
+    record = {"dataset_dir": str(sample_dir), "fold": 0, "num_folds": 10, "folds_csv": str(folder / "folds.csv"),
+              "variant": "pad"}
+    (folder / "config.json").write_text(json.dumps({"resolved": record}))
+    return folder / "best_metric.pt"
+
+
+def test_int8_runtime_exports_once_for_inference_then_predict_reuses_it(int8_run, pad_inference, tmp_path):
+    """`--runtime onnxruntime-int8`: the inference bundle quantizes the checkpoint beside itself on first use
+    (calibrated and checked on the fold of its run record), predicting what torch predicts within INT8's tolerance
+    (tests/test_export.py); `saltkit predict` then reuses the model."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    out = tmp_path / "int8"
+    cmd = [sys.executable, "-m", "saltkit.cli", "inference", "--ckpt", str(int8_run), "--runtime",
+           "onnxruntime-int8", "--threads", "2", "--output_dir", str(out), "--progress", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = int8_run.with_suffix(".int8.onnx")
+    assert model.is_file() and "INT8 export: competition metric" in proc.stdout + proc.stderr
+    written = model.stat().st_mtime_ns
+    torch_probs = load_probabilities(pad_inference[0] / "probabilities.npz")
+    int8_probs = load_probabilities(out / "probabilities.npz")
+    assert int8_probs.ids.tolist() == torch_probs.ids.tolist()
+    assert np.abs(int8_probs.probs - torch_probs.probs).max() <= 0.05
+    assert np.abs(int8_probs.image_probs - torch_probs.image_probs).max() <= 0.05
+    validate_submission(read_submission(out / "submission.csv"), torch_probs.ids.tolist())
+
+    image = tmp_path / "section.npy"
+    np.save(image, np.tile(load_image(list_test_items(REPO / "saltkit" / "sample_data" / "tgs")[0]["image"]), (2, 2)))
+    for runtime in ("torch", "onnxruntime-int8"):
+        assert saltkit_main(["predict", str(image), "--ckpt", str(int8_run), "--out", str(tmp_path / runtime),
+                             "--runtime", runtime, "--threads", "2", "--no-progress"]) == 0
+    assert model.stat().st_mtime_ns == written  # reused, not exported again
+    section = [np.load(tmp_path / runtime / "section_prob.npy") for runtime in ("torch", "onnxruntime-int8")]
+    assert section[0].shape == (202, 202) and np.abs(section[1] - section[0]).max() <= 0.05
+
+
+def test_int8_runtime_refuses_a_model_that_fails_its_check(int8_run, tmp_path, monkeypatch):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from saltkit.inference import inference_network, quantize
+
+    ckpt = tmp_path / "swa.pt"
+    shutil.copy(int8_run, ckpt)
+    shutil.copy(int8_run.parent / "config.json", tmp_path / "config.json")
+    monkeypatch.setattr(quantize, "DEFAULT_MAX_METRIC_LOSS", -1.0)  # no model can pass: force the refusal
+    with pytest.raises(quantize.QuantizationRefused) as info:
+        inference_network("onnxruntime-int8", None, ckpt, "cpu", threads=2)
+    message = str(info.value)
+    assert "\n" not in message and "the INT8 model scores" in message and "for float32 on the 10 validation" in message
+    assert "more than the limit -1" in message and not (tmp_path / "swa.int8.onnx").exists()
+
+
+def test_int8_runtime_needs_a_run_record(run_dir, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(run_dir / "best_metric.pt", ckpt)
+    cmd = [sys.executable, "-m", "saltkit.cli", "inference", "--ckpt", str(ckpt), "--runtime", "onnxruntime-int8",
+           "--output_dir", str(tmp_path / "x"), "--progress", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and f"{ckpt} has no run record" in last and "--dataset-dir DIR --fold K" in last, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "model.int8.onnx").exists()

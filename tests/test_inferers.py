@@ -10,6 +10,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from saltkit.data import load_image, train_items
 from saltkit.inference import (
+    AutocastInferer,
     FlipTTAInferer,
     SectionInferer,
     TileSlidingWindowInferer,
@@ -118,6 +119,79 @@ def test_flip_tta_averages_image_and_mirror_and_keeps_the_plain_view(network, ti
     with torch.no_grad():
         flipped = inferer(x.flip(-1), network)
     torch.testing.assert_close(flipped["prob"], out["prob"].flip(-1), rtol=0, atol=1e-6)
+
+
+def test_autocast_inferer_runs_the_network_in_bf16_and_returns_float32():
+    """The trainer's inferer under `amp`: convolutions in bf16, every output (the deep-supervision logits and the
+    image logit too) back in float32 for the loss, and float32 gradients on the float32 weights."""
+    from tiny_networks import TinyConv
+
+    net = TinyConv().to(memory_format=torch.channels_last)
+    seen = []
+    net.conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = AutocastInferer(SimpleInferer(), torch.bfloat16)(x, net)
+    assert seen == [torch.bfloat16]
+    assert [t.dtype for t in (out.logit, *out.pixel_logits, out.image_logit)] == [torch.float32] * 3
+    out.logit.mean().backward()
+    assert net.conv.weight.grad.dtype == torch.float32 and net.conv.weight.dtype == torch.float32
+    assert AutocastInferer(dtype=None)(x, net).logit.dtype == torch.float32 and seen[-1] == torch.float32
+    with pytest.raises(ValueError, match="config key 'amp'"):
+        AutocastInferer(dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_network(sample_dir):
+    """The CPU recipe's network (resnet10_w32; 4 filters) trained for 16 steps on 4 real tiles of partial salt
+    cover, its BatchNorm statistics then re-estimated on them (as SWA does), channels_last as the bundles run it on
+    the CPU; and those tiles (101 x 101) with their masks. Trained, its probabilities are mostly confident and
+    follow the salt, so the precision of the uncertain pixels is what a mask comparison measures."""
+    from saltkit.data import load_mask
+    from saltkit.losses import DeepSupervisionLoss
+    from saltkit.swa import recompute_bn
+
+    items = [it for it in train_items(sample_dir) if 0.2 < (load_mask(it["label"]) > 0).mean() < 0.8][:4]
+    grey = torch.stack([torch.from_numpy(load_image(it["image"])).float() / 255 for it in items])
+    masks = torch.stack([torch.from_numpy(load_mask(it["label"]) > 0).float() for it in items])[:, None]
+    tiles = grey[:, None].expand(-1, 3, -1, -1).contiguous()
+    x, y = (F.pad(t, (13, 14, 13, 14), mode="reflect") for t in (tiles, masks))
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet10_w32", pretrained=None, num_filters=4, fine_context_scale=2,
+                   deep_supervision="native", head_dropout=0.0, decoder_dropout=0.0)
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.01)
+    loss_fn = DeepSupervisionLoss(center_crop=101, bce_weight=1)
+    for step in range(16):
+        xs, ys = (x, y) if step % 2 == 0 else (x.flip(-1), y.flip(-1))
+        optimizer.zero_grad()
+        loss_fn(net(xs), ys).backward()
+        optimizer.step()
+    recompute_bn(net, [x, x.flip(-1)])
+    return net, tiles, masks
+
+
+def test_bf16_probabilities_match_float32_on_real_tiles(trained_tiny_network):
+    """Flip-TTA probabilities of real tiles under bf16 autocast, through the tile path and the section path: within
+    2e-2 of float32, the same mask on at least 99% of the pixels."""
+    net, tiles, masks = trained_tiny_network
+    to_net, to_tile = network_input_transform("pad", "image"), tile_output_transform("pad", "prob")
+    x = torch.stack([to_net({"image": t})["image"] for t in tiles])
+    probs = {}
+    with torch.no_grad():
+        for dtype in (None, torch.bfloat16):
+            out = FlipTTAInferer(AutocastInferer(dtype=dtype), tta=True)(x, net)["prob"]
+            probs[dtype] = torch.stack([to_tile({"prob": p})["prob"] for p in out])
+            probs["section", dtype] = section_inferer("pad", tta=True, autocast=dtype)(tiles, net)["prob"]
+    f32 = probs[None]
+    # the comparison means something: the float32 masks follow the salt, and a good share of pixels is uncertain
+    assert ((f32 > 0.5) == (masks > 0.5)).float().mean() > 0.8
+    assert 0.2 < (f32 > 0.5).float().mean() < 0.8 and ((f32 - 0.5).abs() < 0.05).float().mean() > 0.02
+    for key in (torch.bfloat16, ("section", torch.bfloat16)):
+        bf16, reference = probs[key], probs["section", None] if isinstance(key, tuple) else f32
+        assert bf16.dtype == torch.float32 and bf16.shape == (len(tiles), 1, 101, 101)
+        assert (bf16 - reference).abs().max() <= 2e-2, key
+        assert ((bf16 > 0.5) == (reference > 0.5)).float().mean() >= 0.99, key
+    torch.testing.assert_close(probs["section", None], f32, rtol=0, atol=1e-6)
 
 
 def test_tta_switch_accepts_command_line_spellings():

@@ -28,7 +28,8 @@ from saltkit.seismic import (
     read_mosaics,
     read_section,
 )
-from saltkit.seismic.images import outline_overlay, section_files
+from saltkit.seismic.images import outline_overlay, read_section_with_alpha, section_files
+from saltkit.seismic.validity import fill_no_data
 from saltkit.transforms import LoadTiled
 
 
@@ -158,13 +159,12 @@ def test_predict_folder_writes_outputs_and_index(tile_paths, tmp_path):
         prob = np.load(row["outputs"]["prob_npy"])
         assert prob.dtype == np.float32 and prob.shape == grey.shape
         np.testing.assert_array_equal(prob, predict_section(net, inferer, grey))
-        prob_png = np.asarray(Image.open(row["outputs"]["prob_png"]))
-        assert prob_png.dtype == np.uint8 and np.abs(prob_png / 255 - prob).max() <= 1 / 510 + 1e-6
         mask = np.asarray(Image.open(row["outputs"]["mask"]))
         np.testing.assert_array_equal(mask, np.where(prob > 0.5, 255, 0))
-        overlay = np.asarray(Image.open(row["outputs"]["overlay"]))
-        np.testing.assert_array_equal(overlay, outline_overlay(grey, prob > 0.5))
-        assert row["salt_share"] == pytest.approx((prob > 0.5).mean())
+        for kind in ("prob_png", "overlay"):  # pictures for people: the section scaled up, axes, legend, caption
+            with Image.open(row["outputs"][kind]) as picture:
+                assert picture.width >= 640 and picture.height > max(prob.shape), kind
+        assert row["salt_share"] == pytest.approx((prob > 0.5).mean()) and row["valid_share"] == 1
     page = (out / "index.html").read_text()
     assert all(f'src="{name}_overlay.png"' in page for name in ("tile", "wide16", "amplitudes"))
     assert json.loads((out / "predictions.json").read_text())[0]["normalization"]["method"] == "percentile"
@@ -199,13 +199,31 @@ def test_predict_command_on_images(tiny_ckpt, tile_paths, tmp_path, capsys):
     assert "is not a SEG-Y volume" in capsys.readouterr().err
 
 
+def test_predict_command_amp(tiny_ckpt, tile_paths, tmp_path, capsys):
+    """`saltkit predict --amp true`: the network in bf16 autocast (said on the console), float32 probabilities within
+    2e-2 of the float32 prediction; `--amp` takes auto / true / false (bf16 / fp16), nothing else."""
+    image = Path(tile_paths[0])
+    args = ["predict", str(image), "--ckpt", str(tiny_ckpt), "--tta", "false", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "f32")]) == 0
+    assert "predict: amp" not in capsys.readouterr().out  # the default, false: float32 without a word
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--amp", "true"]) == 0
+    assert "predict: amp true: bf16 autocast on the CPU" in capsys.readouterr().out
+    f32, bf16 = (np.load(tmp_path / side / f"{image.stem}_prob.npy") for side in ("f32", "bf16"))
+    assert bf16.dtype == np.float32 and not np.array_equal(f32, bf16)  # it ran in another precision
+    assert np.abs(f32 - bf16).max() <= 2e-2
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "x"), "--amp", "maybe"])
+    assert "--amp: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
 def test_mosaic_command(tgs_dir, tmp_path, capsys):
     assert main(["mosaic", str(tgs_dir)]) == 0
     assert "mosaic_90_5" in capsys.readouterr().out
     assert main(["mosaic", str(tgs_dir), "mosaic_94_2", "--out", str(tmp_path)]) == 0
-    image = np.asarray(Image.open(tmp_path / "mosaic_94_2.png"))
+    image = np.asarray(Image.open(tmp_path / "mosaic_94_2.png"))  # grey + alpha: absent cells transparent
     mask = np.asarray(Image.open(tmp_path / "mosaic_94_2_mask.png"))
-    assert image.shape == mask.shape == (1010, 1010) and set(np.unique(mask)) <= {0, 128, 255}
+    assert image.shape == (1010, 1010, 2) and mask.shape == (1010, 1010) and set(np.unique(mask)) <= {0, 128, 255}
+    assert (image[..., 1] == 255).sum() == 32 * 101 * 101 and set(np.unique(image[..., 1])) == {0, 255}
 
 
 def test_predict_bundle_matches_command(tiny_ckpt, tile_paths, tmp_path):
@@ -288,6 +306,161 @@ def test_mosaics_csv_rows_are_integers_and_plain_names(tmp_path, row, message):
         read_mosaics(path)
 
 
+def _section_of_tiles(tile_paths) -> np.ndarray:
+    """A 101 x 202 uint8 section: two real tiles side by side."""
+    return np.concatenate([load_image(tile_paths[0]), load_image(tile_paths[1])], axis=1)
+
+
+def _expected_prob(net, inferer, raw, valid):
+    """What predict makes of `raw` with no data outside `valid`: the valid pixels set the intensity mapping, the
+    others are fed as the valid pixels' mean grey, and their probability is NaN."""
+    grey, _ = normalize_section(raw, Normalization(), "section", valid)
+    prob = predict_section(net, inferer, grey)
+    prob[~valid] = np.nan
+    return prob
+
+
+def test_no_data_pixels_are_not_predicted(tile_paths, tmp_path):
+    """Four ways to say 'no data' (NaN in a .npy, a fill value, a valid-data mask image, a transparent alpha
+    channel): those pixels are NaN in `_prob.npy`, left out of the salt share and of the intensity mapping."""
+    raw = _section_of_tiles(tile_paths)
+    valid = np.ones(raw.shape, bool)
+    valid[:, 150:] = False  # the right half of the second tile
+    valid[:30, :40] = False
+    sections = tmp_path / "sections"
+    sections.mkdir()
+    amplitudes = (raw.astype(np.float32) - 128) * 40  # raw amplitudes, mapped by percentiles
+    np.save(sections / "nan.npy", np.where(valid, amplitudes, np.nan).astype(np.float32))
+    np.save(sections / "fill.npy", np.where(valid, amplitudes, -999.25).astype(np.float32))
+    Image.fromarray(np.dstack([raw, np.where(valid, 255, 0).astype(np.uint8)])).save(sections / "alpha.png")
+    net, inferer = TinyConv().eval(), section_inferer("pad", tta=False)
+    rows = predict_images(sorted(sections.iterdir()), tmp_path / "out", net, inferer, fill_value=-999.25,
+                          progress=False, index=True)
+    assert [r["name"] for r in rows] == ["alpha.png", "fill.npy", "nan.npy"]
+    for row, values in zip(rows, (raw, amplitudes, amplitudes), strict=True):
+        prob = np.load(row["outputs"]["prob_npy"])
+        np.testing.assert_array_equal(np.isnan(prob), ~valid, err_msg=row["name"])
+        np.testing.assert_allclose(prob, _expected_prob(net, inferer, values, valid), atol=1e-6,
+                                   err_msg=row["name"])
+        assert row["salt_share"] == pytest.approx((prob[valid] > 0.5).mean())
+        assert row["valid_share"] == pytest.approx(valid.mean())
+        mask = np.asarray(Image.open(row["outputs"]["mask"]))
+        assert not mask[~valid].any()  # no salt where there is no data
+    assert "with data" in (tmp_path / "out" / "index.html").read_text()
+    # a percentile mapping of the valid amplitudes only: the fill value does not stretch it
+    _, info = normalize_section(amplitudes, Normalization(), "fill", valid)
+    assert info["range"] == pytest.approx(list(np.percentile(amplitudes[valid].astype(np.float64), [1, 99])))
+
+
+def test_valid_mask_image_and_fill_value_options(tiny_ckpt, tile_paths, tmp_path, capsys):
+    """`saltkit predict --valid-mask MASK.png` (non-zero = data) and `--fill-value`; one-line errors for a mask
+    of another size and a section without data."""
+    raw = _section_of_tiles(tile_paths)
+    Image.fromarray(raw).save(tmp_path / "section.png")
+    mask = np.full(raw.shape, 255, np.uint8)
+    mask[60:, :] = 0
+    Image.fromarray(mask).save(tmp_path / "valid.png")
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path / "section.png"), "--ckpt", str(tiny_ckpt), "--out", str(out), "--tta",
+                 "false", "--valid-mask", str(tmp_path / "valid.png"), "--no-progress"]) == 0
+    prob = np.load(out / "section_prob.npy")
+    assert np.isnan(prob[60:]).all() and np.isfinite(prob[:60]).all()
+    listed = json.loads((out / "predictions.json").read_text())[0]
+    assert listed["salt_share"] == pytest.approx((prob[:60] > 0.5).mean())
+    # the fill value of an 8-bit picture (black borders, say)
+    edged = raw.copy()
+    edged[:, :20] = 0
+    Image.fromarray(edged).save(tmp_path / "edged.png")
+    assert main(["predict", str(tmp_path / "edged.png"), "--ckpt", str(tiny_ckpt), "--out", str(out), "--tta",
+                 "false", "--fill-value", "0", "--no-progress"]) == 0
+    prob = np.load(out / "edged_prob.npy")
+    np.testing.assert_array_equal(np.isnan(prob), edged == 0)
+    capsys.readouterr()
+    Image.fromarray(mask[:50]).save(tmp_path / "small.png")
+    assert main(["predict", str(tmp_path / "section.png"), "--ckpt", str(tiny_ckpt), "--out", str(out),
+                 "--valid-mask", str(tmp_path / "small.png"), "--no-progress"]) == 2
+    assert "the valid-data mask is 50x202 pixels but the section is 101x202" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "section.png"), "--ckpt", str(tiny_ckpt), "--out", str(out),
+                 "--valid-mask", str(tmp_path / "none.png"), "--no-progress"]) == 2
+    assert "valid-data mask not found" in capsys.readouterr().err
+    Image.fromarray(np.zeros(raw.shape, np.uint8)).save(tmp_path / "empty.png")
+    assert main(["predict", str(tmp_path / "section.png"), "--ckpt", str(tiny_ckpt), "--out", str(out),
+                 "--valid-mask", str(tmp_path / "empty.png"), "--no-progress"]) == 2
+    assert "no pixel holds data" in capsys.readouterr().err
+
+
+def test_mosaic_absent_cells_are_not_predicted(tgs_dir, tiny_ckpt, tmp_path):
+    """`saltkit mosaic` writes absent cells transparent; predicting its picture with no extra option leaves
+    them out: NaN in the .npy, not in the salt share."""
+    assert main(["mosaic", str(tgs_dir), "mosaic_14_102", "--out", str(tmp_path / "mosaics")]) == 0
+    m = assemble_mosaic(tgs_dir, "mosaic_14_102", read_mosaics(tgs_dir / "mosaics.csv"))
+    assert 0 < m.present.mean() < 1
+    raw, alpha = read_section_with_alpha(tmp_path / "mosaics" / "mosaic_14_102.png")
+    np.testing.assert_array_equal(raw, m.image)
+    np.testing.assert_array_equal(alpha > 0, m.present)
+    assert main(["predict", str(tmp_path / "mosaics" / "mosaic_14_102.png"), "--ckpt", str(tiny_ckpt), "--out",
+                 str(tmp_path / "pred"), "--tta", "false", "--no-progress"]) == 0
+    prob = np.load(tmp_path / "pred" / "mosaic_14_102_prob.npy")
+    np.testing.assert_array_equal(np.isnan(prob), ~m.present)
+    row = json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]
+    assert row["salt_share"] == pytest.approx((prob[m.present] > 0.5).mean())
+    assert row["valid_share"] == pytest.approx(m.present.mean())
+
+
+def _run_folder_checkpoint(folder, record: dict | None):
+    """A checkpoint in a run folder whose config.json records `record` (none: no config.json)."""
+    folder.mkdir(parents=True)
+    net = TinyConv()
+    torch.save({"network": net.state_dict(), "arch": {}, "variant": "pad"}, folder / "swa.pt")
+    if record is not None:
+        (folder / "config.json").write_text(json.dumps({"resolved": record, "command": []}))
+    return folder / "swa.pt"
+
+
+def test_toy_model_warns(tmp_path, caplog):
+    """A model trained on the embedded sample, or on a few hundred tiles, says so when it predicts; a model of
+    the full data set and one with no record do not."""
+    from saltkit.seismic import model_provenance
+
+    toy = _run_folder_checkpoint(tmp_path / "toy", {"dataset_dir": str(sample_dir()), "train_tiles": 90})
+    few = _run_folder_checkpoint(tmp_path / "few", {"dataset_dir": "/data/tgs", "train_tiles": 400})
+    real = _run_folder_checkpoint(tmp_path / "real", {"dataset_dir": "/data/tgs", "train_tiles": 2880})
+    bare = _run_folder_checkpoint(tmp_path / "bare", None)
+    with caplog.at_level("WARNING", logger="saltkit.seismic.provenance"):
+        info = model_provenance(toy)
+    assert info["toy"] and info["sample"] and info["train_tiles"] == 90 and len(info["weights"]) == 16
+    message = caplog.records[-1].getMessage()
+    assert f"{toy} was trained on 90 tiles of the embedded sample" in message
+    assert "saltkit train configs/pad.json configs/cpu.json" in message and "README" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="saltkit.seismic.provenance"):
+        assert model_provenance(few)["toy"]
+        assert "trained on 400 tiles of /data/tgs" in caplog.records[-1].getMessage()
+        caplog.clear()
+        assert not model_provenance(real)["toy"] and not model_provenance(bare)["toy"]
+    assert not caplog.records
+    assert model_provenance(bare)["train_tiles"] is None
+
+
+def test_toy_model_warning_when_predicting(tile_paths, tmp_path, caplog):
+    """`saltkit predict` with a checkpoint of the quick start's sample run: the warning, and the pictures' caption
+    and predictions name the model."""
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False)
+    run = tmp_path / "runs" / "pad_fold0"
+    run.mkdir(parents=True)
+    torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, run / "swa.pt")
+    (run / "config.json").write_text(json.dumps({"resolved": {"dataset_dir": "saltkit/sample_data/tgs",
+                                                              "train_tiles": 90}}))
+    Image.fromarray(load_image(tile_paths[0])).save(tmp_path / "tile.png")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(tmp_path / "tile.png"), "--ckpt", str(run / "swa.pt"), "--out",
+                     str(tmp_path / "pred"), "--tta", "false", "--no-progress"]) == 0
+    assert any("a toy model" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_device_that_is_not_there_is_a_one_line_error(tiny_ckpt, tile_paths, tmp_path, capsys):
     image = tmp_path / "a.png"
@@ -299,3 +472,14 @@ def test_a_device_that_is_not_there_is_a_one_line_error(tiny_ckpt, tile_paths, t
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
 
+
+def test_no_data_is_filled_by_reflection():
+    """The network sees no-data pixels as the data mirrored across the nearest edge (as training pads tiles), or
+    the mean grey where the mirror has no data either; the data pixels are unchanged."""
+    grey = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    valid = np.zeros(grey.shape, bool)
+    valid[:, :10] = True
+    filled = fill_no_data(grey, valid)
+    np.testing.assert_array_equal(filled[:, :10], grey[:, :10])
+    np.testing.assert_array_equal(filled[:, 10:19], grey[:, 8::-1])
+    np.testing.assert_allclose(filled[:, 19:], grey[:, :10].mean(), rtol=1e-6)

@@ -19,6 +19,7 @@ from tiny_networks import TinyConv
 from saltkit.cli import main
 from saltkit.data.layout import load_image, sample_dir, train_items
 from saltkit.inference import section_inferer
+from saltkit.io import OutputClashError
 from saltkit.seismic import Normalization, normalize_section, predict_images, predict_section, predict_volume
 from saltkit.seismic.segy import (
     FORMAT_OFFSET,
@@ -28,6 +29,7 @@ from saltkit.seismic.segy import (
     annotate_text_header,
     read_layout,
 )
+from saltkit.seismic.validity import fill_no_data
 from saltkit.seismic.volume import sidecar_path
 
 segyio = pytest.importorskip("segyio")
@@ -79,13 +81,15 @@ def f3_inline(segy_dir, net, inferer, tmp_path_factory):
 @pytest.mark.parametrize("name,dtype", [("f3.sgy", "float32"), ("f3-lsb.sgy", "float32"), ("f3.sgy", "uint8")])
 def test_headers_kept_byte_for_byte(segy_dir, net, inferer, tmp_path, name, dtype):
     src, out = segy_dir / name, tmp_path / "prob.sgy"
-    predict_volume(src, out, net, inferer, dtype=dtype, save_npy=True, progress=False)
+    predict_volume(src, out, net, inferer, dtype=dtype, save_npy=True, progress=False, qc=0)
     text_in, bin_in, ext_in, rows_in = traces_of(src)
     text_out, bin_out, ext_out, rows_out = traces_of(out)
     changed = [n + 1 for n in range(40) if text_in[n * 80:(n + 1) * 80] != text_out[n * 80:(n + 1) * 80]]
-    assert changed == [38, 39]  # F3's last blank cards before C40
+    assert changed == [37, 38, 39]  # F3's last blank cards before C40
     cards = segyio.tools.wrap(text_out.decode("cp037"))
-    assert "C38 SALTKIT SALT PROBABILITY 0-1" in cards and "C39 SALTKIT AMPLITUDE CLIP" in cards
+    assert "C37 SALTKIT SALT PROBABILITY 0-1" in cards and "C38 SALTKIT AMPLITUDE CLIP" in cards
+    assert f"C39 SALTKIT NO DATA (DEAD OR MISSING TRACE, FILL OR NAN SAMPLE) = {'NAN' if dtype == 'float32' else 0}" \
+        in cards
     at = FORMAT_OFFSET - TEXT_BYTES
     assert bin_out[:at] == bin_in[:at] and bin_out[at + 2:] == bin_in[at + 2:]
     order = ">" if name == "f3.sgy" else "<"
@@ -138,7 +142,7 @@ def test_volume_of_real_tiles_matches_image_path(tiles, net, inferer, tmp_path):
         Image.fromarray(tile).save(folder / f"tile{k}.png")
     predict_images(sorted(folder.iterdir()), tmp_path / "images", net, inferer, progress=False)
     out = tmp_path / "inline.sgy"
-    predict_volume(src, out, net, inferer, normalization=Normalization(value_range=(0.0, 255.0)), progress=False)
+    predict_volume(src, out, net, inferer, normalization=Normalization(value_range=(0.0, 255.0)), progress=False, qc=0)
     with segyio.open(out) as f:
         cube = segyio.tools.cube(f)  # (inline, crossline, sample)
     for k in range(len(tiles)):
@@ -154,7 +158,7 @@ def test_crossline_and_both_directions(tiles, net, inferer, tmp_path):
     for direction in ("inline", "crossline", "both"):
         out = tmp_path / f"{direction}.sgy"
         predict_volume(src, out, net, inferer, direction=direction, normalization=Normalization(value_range=(0, 255)),
-                       progress=False)
+                       progress=False, qc=0)
         with segyio.open(out) as f:
             cubes[direction] = segyio.tools.cube(f)
     for j in range(12):
@@ -201,7 +205,7 @@ def test_unsorted_traces(segy_dir, net, inferer, f3_inline, tmp_path):
     order = np.random.default_rng(0).permutation(414)
     src = rewrite(segy_dir / "f3.sgy", tmp_path / "shuffled.sgy", order)
     out = tmp_path / "out.sgy"
-    predict_volume(src, out, net, inferer, progress=False)
+    predict_volume(src, out, net, inferer, progress=False, qc=0)
     _, _, _, rows = traces_of(out)
     _, _, _, sorted_rows = traces_of(f3_inline[0])
     for pos, i in enumerate(order):  # trace headers travel with their samples
@@ -211,7 +215,7 @@ def test_unsorted_traces(segy_dir, net, inferer, f3_inline, tmp_path):
 def test_missing_trace(segy_dir, net, inferer, tmp_path):
     src = rewrite(segy_dir / "f3.sgy", tmp_path / "holed.sgy", [i for i in range(414) if i != 50])
     out = tmp_path / "out.sgy"
-    summary = predict_volume(src, out, net, inferer, save_npy=True, progress=False)
+    summary = predict_volume(src, out, net, inferer, save_npy=True, progress=False, qc=0)
     assert summary["missing_traces"] == 1
     prob = np.load(out.with_suffix(".npy"))
     assert np.isnan(prob[50 // 18, 50 % 18]).all() and np.isnan(prob).sum() == 75
@@ -232,7 +236,7 @@ def test_inline_crossline_at_other_header_bytes(segy_dir, net, inferer, f3_inlin
         predict_volume(src, out, net, inferer, progress=False)
     with pytest.raises(SegyError, match="byte 190 .* is not the first byte of a SEG-Y trace header word"):
         predict_volume(src, out, net, inferer, iline_byte=190, progress=False)
-    predict_volume(src, out, net, inferer, iline_byte=9, xline_byte=21, progress=False)
+    predict_volume(src, out, net, inferer, iline_byte=9, xline_byte=21, progress=False, qc=0)
     samples = [s for _, s in traces_of(out)[3]]
     assert samples == [s for _, s in traces_of(f3_inline[0])[3]]
 
@@ -241,7 +245,7 @@ def test_2d_line(segy_dir, net, inferer, tmp_path):
     src = rewrite(segy_dir / "f3.sgy", tmp_path / "line.sgy", range(18))  # inline 111 only
     with pytest.raises(SegyError, match="2-D line \\(one inline, 111\\).*pass --direction inline"):
         predict_volume(src, tmp_path / "out.sgy", net, inferer, direction="both", progress=False)
-    predict_volume(src, tmp_path / "out.sgy", net, inferer, progress=False)
+    predict_volume(src, tmp_path / "out.sgy", net, inferer, progress=False, qc=0)
     with segyio.open(tmp_path / "out.sgy", ignore_geometry=True) as f:
         section = np.stack([f.trace[i] for i in range(18)])
     with segyio.open(src, ignore_geometry=True) as f:
@@ -293,4 +297,108 @@ def test_torchrun_two_processes_equal_one(segy_dir, tmp_path):
     assert np.array_equal(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"))
     assert json.loads((tmp_path / "two.json").read_text())["processes"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["model.pt", "small.sgy", "one.sgy", "one.json", "one.npy", "two.sgy", "two.json", "two.npy"])
+        ["model.pt", "small.sgy", "one.sgy", "one.json", "one.npy", "one_qc", "two.sgy", "two.json", "two.npy",
+         "two_qc"])
+    assert sorted(p.name for p in (tmp_path / "two_qc").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one_qc").iterdir())
+
+
+@pytest.mark.parametrize("dtype,direction", [("float32", "inline"), ("uint8", "both")])
+def test_dead_traces_and_fill_values_are_no_data(tiles, net, inferer, tmp_path, dtype, direction):
+    """Dead traces (all zero) and fill-value samples are not predicted: NaN in OUT.npy, the no-data value in the
+    output SEG-Y (NaN for float32, 0 for uint8), left out of the salt share and of the amplitude clip."""
+    cube = np.ascontiguousarray(tiles.transpose(0, 2, 1), dtype=np.float32) - 128  # (inline, crossline, sample)
+    cube[1, 40:60] = 0  # 20 dead traces
+    cube[2, :, 90:] = -999.25  # padding at the bottom of inline 3
+    src = tmp_path / "dead.sgy"
+    segyio.tools.from_array(str(src), cube)
+    no_data = np.zeros(cube.shape, bool)
+    no_data[1, 40:60] = True
+    no_data[2, :, 90:] = True
+    out = tmp_path / "out.sgy"
+    summary = predict_volume(src, out, net, inferer, dtype=dtype, direction=direction, fill_value=-999.25,
+                             save_npy=True, progress=False, qc=0)
+    prob = np.load(out.with_suffix(".npy"))
+    np.testing.assert_array_equal(np.isnan(prob), no_data)
+    with segyio.open(out) as f:
+        stored = segyio.tools.cube(f)
+    if dtype == "float32":
+        np.testing.assert_array_equal(np.isnan(stored), no_data)
+    else:
+        assert (stored[no_data] == 0).all()
+    assert summary["dead_traces"] == 20 and summary["no_data"] == {"value": "NaN" if dtype == "float32" else 0,
+                                                                  "samples": int(no_data.sum())}
+    assert summary["salt_share"] == pytest.approx((prob[~no_data] > 0.5).mean())
+    lo, hi = np.percentile(cube[~no_data].astype(np.float64), [1, 99])
+    assert summary["clip"]["range"] == [pytest.approx(lo), pytest.approx(hi)]
+    if direction == "inline":  # inline 2's live traces, predicted with the dead ones filled from their neighbours
+        grey, _ = normalize_section(cube[1].T.copy(), Normalization(value_range=(lo, hi)))
+        expected = predict_section(net, inferer, fill_no_data(grey, ~no_data[1].T))
+        expected[:, 40:60] = np.nan
+        np.testing.assert_allclose(prob[1].T, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiles_volume(tmp_path_factory):
+    """A volume of six real tiles, one per inline (samples down, crosslines across): (6, 101, 101)."""
+    tiles6 = np.stack([load_image(it["image"]) for it in train_items(sample_dir())[:6]])
+    src = tmp_path_factory.mktemp("volume") / "tiles.sgy"
+    segyio.tools.from_array(str(src), np.ascontiguousarray(tiles6.transpose(0, 2, 1), dtype=np.float32))
+    return src
+
+
+def test_qc_pictures_of_a_volume_of_real_tiles(tiles_volume, net, inferer, tmp_path):
+    """predict_volume writes OUT_qc/ beside OUT.sgy: evenly spaced inlines and crosslines, a map, index.html and
+    qc.json; --qc-inlines / --qc-crosslines pick sections; a rerun replaces its own pictures and nothing else."""
+    out = tmp_path / "salt.sgy"
+    summary = predict_volume(tiles_volume, out, net, inferer, progress=False)  # 3 of each by default
+    qc = tmp_path / "salt_qc"
+    assert summary["qc"] == str(qc / "index.html")
+    pictures = ["inline_2.png", "inline_3.png", "inline_5.png", "crossline_26.png", "crossline_51.png",
+                "crossline_76.png", "map.png"]
+    assert sorted(p.name for p in qc.iterdir()) == sorted([*pictures, "index.html", "qc.json"])
+    listing = json.loads((qc / "qc.json").read_text())
+    assert [p["file"] for p in listing["pictures"]] == pictures
+    page = (qc / "index.html").read_text()
+    assert all(f'src="{name}"' in page for name in pictures) and "saltkit 0." in page
+    for name in pictures:
+        with Image.open(qc / name) as im:
+            assert im.format == "PNG" and im.width >= 640
+    with segyio.open(out) as f:
+        cube = segyio.tools.cube(f)
+    share = [p["salt_share"] for p in listing["pictures"] if p["file"] == "inline_3.png"][0]
+    assert share == pytest.approx((cube[2] > 0.5).mean())
+    # chosen sections; the earlier pictures are predict's own, so the rerun may replace them
+    summary = predict_volume(tiles_volume, out, net, inferer, progress=False, qc_inlines="2,6", qc_crosslines=[10])
+    listing = json.loads((qc / "qc.json").read_text())
+    assert [p["file"] for p in listing["pictures"]] == ["inline_2.png", "inline_6.png", "crossline_10.png",
+                                                        "map.png"]
+    with pytest.raises(SegyError, match="--qc-inlines 7: no such inline \\(the volume has inlines 1 to 6\\)"):
+        predict_volume(tiles_volume, out, net, inferer, progress=False, qc_inlines="7")
+    (qc / "notes.txt").write_text("mine")
+    with pytest.raises(OutputClashError, match="salt_qc holds notes.txt .* did not write; pass another --out, "
+                                                 "or --qc 0"):
+        predict_volume(tiles_volume, out, net, inferer, progress=False)
+    predict_volume(tiles_volume, out, net, inferer, progress=False, qc=0)  # no pictures: the folder is left alone
+    assert (qc / "notes.txt").read_text() == "mine"
+
+
+def test_qc_pictures_of_f3(segy_dir, tmp_path, capsys):
+    """`saltkit predict f3.sgy --qc-inlines 120,125 --qc-crosslines 880`: those sections and the map, with an
+    index page; OUT.json names the model by its weights."""
+    from saltkit.networks import SaltUNet
+
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, ckpt)
+    out = tmp_path / "f3_salt.sgy"
+    assert main(["predict", str(segy_dir / "f3.sgy"), "--ckpt", str(ckpt), "--out", str(out), "--tta", "false",
+                 "--qc-inlines", "120,125", "--qc-crosslines", "880", "--no-progress"]) == 0
+    assert f"QC pictures: {tmp_path / 'f3_salt_qc' / 'index.html'}" in capsys.readouterr().out
+    qc = tmp_path / "f3_salt_qc"
+    assert sorted(p.name for p in qc.iterdir()) == ["crossline_880.png", "index.html", "inline_120.png",
+                                                    "inline_125.png", "map.png", "qc.json"]
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["model"]["name"] == "model.pt" and len(summary["model"]["weights"]) == 16
+    assert summary["sample_axis"] == [4.0, 300.0]

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -187,6 +188,38 @@ def test_swa_bundle(checkpoints, sample_dir, tmp_path, capsys):
     table = pd.read_csv(tmp_path / "evaluate" / "tiles.csv", dtype={"id": str})
     assert sorted(table["id"]) == sorted(folds.loc[folds["fold"] == 1, "id"])
     assert table["metric_tta"].mean() == pytest.approx(entry["metric_after"], abs=1e-9)
+
+
+def test_swa_and_evaluate_under_bf16_autocast(checkpoints, sample_dir, tmp_path, capsys):
+    """`--amp true`: SWA's BatchNorm pass and tuning and the evaluate workflow run the network in bf16 autocast
+    (so on any processor); swa.pt stays float32, with statistics and scores close to the float32 run's."""
+    from monai.bundle import run as bundle_run
+
+    data = mini_dataset(sample_dir, tmp_path / "data")
+    record = {"dataset_dir": str(data), "folds_csv": str(tmp_path / "folds.csv"), "num_folds": 3, "fold": 1,
+              "variant": "pad"}
+    evaluate = str(REPO / "bundles" / "saltnet" / "configs" / "evaluate.json")
+    swa, tiles = {}, {}
+    for amp in ("false", "true"):
+        run_dir = tmp_path / amp / "pad_fold1"
+        run_dir.mkdir(parents=True)
+        for p, name in zip(checkpoints[0], ("best_loss.pt", "best_accuracy.pt", "best_metric.pt"), strict=True):
+            shutil.copy(p, run_dir / name)
+        (run_dir / "config.json").write_text(json.dumps({"resolved": record}))
+        bundle_run("swa", config_file=SWA_CONFIGS, run_dir=str(run_dir), batch_size=4, amp=amp)
+        bundle_run("evaluate", config_file=evaluate, ckpt=str(run_dir / "swa.pt"), progress=False, worst_tiles=0,
+                   output_dir=str(run_dir / "evaluate"), amp=amp)
+        swa[amp] = torch.load(run_dir / "swa.pt", weights_only=True)
+        tiles[amp] = pd.read_csv(run_dir / "evaluate" / "tiles.csv", dtype={"id": str})
+    said = [line for line in capsys.readouterr().out.splitlines() if "amp true: bf16 autocast on the CPU" in line]
+    assert len(said) == 2 and said[0].startswith("SWA: amp true")  # SWA's line, then evaluate's log line
+    assert {v.dtype for v in swa["true"]["network"].values() if v.is_floating_point()} == {torch.float32}
+    stats = [k for k in swa["true"]["network"] if k.endswith(("running_mean", "running_var"))]
+    for name in stats:  # re-estimated from bf16 activations: close to the float32 pass, not equal
+        torch.testing.assert_close(swa["true"]["network"][name], swa["false"]["network"][name], rtol=0.05, atol=0.02)
+    assert any(not torch.equal(swa["true"]["network"][k], swa["false"]["network"][k]) for k in stats)
+    assert list(tiles["true"]["id"]) == list(tiles["false"]["id"])
+    np.testing.assert_allclose(tiles["true"]["iou_tta"], tiles["false"]["iou_tta"], atol=0.05)
 
 
 def test_swa_bundle_missing_checkpoint(tmp_path):

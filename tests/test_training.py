@@ -4,6 +4,7 @@ an interrupted run resumed from last.pt, the resize variant, bad configs, the CL
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import saltkit.handlers.nan as nan_mod
 from saltkit.checkpoints import load_network
 from saltkit.config import ConfigError, check_overrides, parse_bundle_argv, unknown_keys
+from saltkit.data.layout import train_items
 from saltkit.handlers import NoamLambda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +214,7 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     ({"fine_context_scale": 0}, r"'fine_context_scale' must be an integer >= 1, got 0"),
     ({"deep_supervision": "coarse"}, r"'deep_supervision' must be one of \['hypercolumn', 'native'\], got 'coarse'"),
     ({"validation_size": "128"}, r"'validation_size' must be one of tile, network, got '128'"),
+    ({"amp": "maybe"}, r"^config key 'amp' must be auto, true, false, 'bf16' or 'fp16', got 'maybe'$"),
 ])
 def test_bad_config_fails_before_training(small_dataset, tmp_path, overrides, message):
     with pytest.raises(RuntimeError) as info:
@@ -299,3 +302,292 @@ def test_loss_record_names_the_loss_and_its_weights():
     assert loss_record(DeepSupervisionLoss(image_weight=0.5, bce_weight=1.0)) == {
         "class": "DeepSupervisionLoss", "image_weight": 0.5, "pixel_weight": 0.1, "final_weight": 1.0,
         "bce_weight": 1.0}
+
+
+# ---------------------------------------------------------------- mixed precision (config key `amp`)
+
+
+def test_amp_auto_takes_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, caplog):
+    import saltkit.training as training
+
+    monkeypatch.setattr(training, "native_cpu_bf16", lambda: (False, "no native bf16: a test processor"))
+    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
+        assert training.amp_settings("auto", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": None}
+    assert caplog.messages == ["amp auto: float32 on the CPU (no native bf16: a test processor)"]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
+        # `true` asks for bf16 whatever the processor: it gets it, with a warning that it is emulated
+        assert training.amp_settings("true", "cpu")["autocast"] == torch.bfloat16
+    assert caplog.records[0].levelno == logging.WARNING and "emulated" in caplog.messages[0]
+
+    monkeypatch.setattr(training, "native_cpu_bf16", lambda: (True, "oneDNN reports native bf16"))
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
+        # MONAI's engines autocast on CUDA only: on the CPU the bundles' AutocastInferer does it
+        assert training.amp_settings("AUTO", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": torch.bfloat16}
+        assert training.amp_settings(False, "cpu")["autocast"] is None
+        assert training.amp_settings("fp16", "cpu")["autocast"] is None  # fp16 autocast is CUDA-only here
+    assert caplog.messages[0] == "amp auto: bf16 autocast on the CPU (oneDNN reports native bf16)"
+    assert caplog.records[1].levelno == logging.DEBUG and caplog.records[2].levelno == logging.WARNING
+
+
+def test_native_cpu_bf16_asks_onednn_and_the_processor_flags(monkeypatch):
+    import saltkit.training as training
+
+    monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert training.native_cpu_bf16()[0] is False  # no oneDNN bf16 kernels: torch's generic path, slow
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert training.native_cpu_bf16() == (True, "oneDNN reports bf16 and the processor has avx512_bf16")
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512bw", "amx_tile", "amx_bf16"})
+    assert training.native_cpu_bf16()[0] is True
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"})
+    native, why = training.native_cpu_bf16()  # AVX-512 without bf16 instructions: oneDNN would emulate it
+    assert native is False and "emulate" in why
+    monkeypatch.setattr(training.platform, "machine", lambda: "aarch64")
+    assert training.native_cpu_bf16() == (True, "oneDNN reports native bf16")
+
+
+def test_bf16_trained_checkpoint_loads_and_predicts_in_float32(sample_dir, tmp_path):
+    """A real run under bf16 autocast (forced with `amp: true`, so it runs in bf16 on any processor): training and
+    validation ran their convolutions in bf16, the checkpoints hold float32 weights, and the checkpoint predicts
+    in float32 through the inference path."""
+    from saltkit.data.layout import copy_subset, train_items
+    from saltkit.inference import tile_inferer
+    from saltkit.inference.runtime import torch_network
+
+    ids = [it["id"] for it in train_items(sample_dir)][:20]  # 16 training tiles (2 iterations), 4 validation
+    dataset = copy_subset(sample_dir, tmp_path / "tgs", ids)
+    run_dir = tmp_path / "pad_fold0"
+    seen = {True: set(), False: set()}  # conv output dtypes in training / in validation
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen[module.training].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_training(dataset, run_dir, max_epochs=1, amp="true", backbone="resnet10_w32", channels_last="true",
+                     tta="false")
+    finally:
+        hook.remove()
+    assert seen == {True: {torch.bfloat16}, False: {torch.bfloat16}}
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["amp"] == "true"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    for state in (last["network"], *last["optimizer"]["state"].values()):
+        assert {t.dtype for t in state.values() if t.is_floating_point() and t.ndim} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in last["network"].values())
+
+    net = torch_network(load_network(run_dir / "best_metric.pt"), "cpu")
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = tile_inferer(tta=True)(x, net)
+        plain, mirror = net(x), net(x.flip(-1))
+    assert out["prob"].dtype == torch.float32 and plain.logit.dtype == torch.float32
+    torch.testing.assert_close(out["prob"], (torch.sigmoid(plain.logit) + torch.sigmoid(mirror.logit).flip(-1)) / 2)
+
+
+# ---------------------------------------------------------------- fine-tuning from a trained model (init_ckpt)
+
+
+def training_workflow(dataset: Path, run_dir: Path, variant_config=PAD, **overrides):
+    """The training bundle as a MONAI ConfigWorkflow, initialized: its engines can be watched before it runs."""
+    from monai.bundle import ConfigWorkflow
+
+    args = {**TINY, "dataset_dir": str(dataset), "run_dir": str(run_dir), "folds_csv": str(dataset / "folds.csv"),
+            **overrides}
+    workflow = ConfigWorkflow(config_file=[str(TRAIN), str(variant_config)], workflow_type="train",
+                              logging_file=False, **args)
+    workflow.initialize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(interrupted_run, tmp_path_factory) -> Path:
+    """A trained model to fine-tune from: the interrupted run's best_metric.pt, copied."""
+    path = tmp_path_factory.mktemp("init") / "start.pt"
+    shutil.copy(interrupted_run / "best_metric.pt", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(start_checkpoint, small_dataset, tmp_path_factory):
+    """One epoch fine-tuned from `start_checkpoint`, validated once more before its first step."""
+    from ignite.engine import Events
+
+    run_dir = tmp_path_factory.mktemp("runs") / "fine"
+    workflow = training_workflow(small_dataset, run_dir, init_ckpt=str(start_checkpoint), max_epochs=1)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    at_step_0 = {}
+
+    def validate_before_the_first_step(engine):
+        at_step_0["weights"] = {k: v.clone() for k, v in engine.network.state_dict().items()}
+        evaluator.run()
+        at_step_0["val_metric"] = evaluator.state.metrics["val_metric"]
+        for best in workflow.parser.get_parsed_content("validate#best_checkpoints"):
+            best.score = best.epoch = None  # this extra validation is not the run's own
+            best.pending = False
+
+    trainer.add_event_handler(Events.STARTED, validate_before_the_first_step)
+    workflow.run()
+    workflow.finalize()
+    return run_dir, at_step_0
+
+
+def test_init_ckpt_starts_from_the_checkpoints_weights(fine_tuned, start_checkpoint):
+    from saltkit.checkpoints import weights_fingerprint
+
+    run_dir, at_step_0 = fine_tuned
+    start = torch.load(start_checkpoint, weights_only=True)
+    # at step 0 the network is the checkpoint's, so it scores what the checkpoint scored on the same fold
+    assert set(at_step_0["weights"]) == set(start["network"])
+    for name, value in start["network"].items():
+        assert torch.equal(at_step_0["weights"][name], value), name
+    assert at_step_0["val_metric"] == pytest.approx(start["score"], abs=1e-6)
+    # then it trained on, with a fresh optimizer and schedule (not the source run's)
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["trainer"]["epoch"] == 1 and last["trainer"]["iteration"] == 4
+    assert {int(s["step"]) for s in last["optimizer"]["state"].values()} == {4}
+    assert last["scheduler"]["last_epoch"] == 4
+    assert not torch.equal(last["network"]["final.2.weight"], start["network"]["final.2.weight"])
+    # the run records where it started: the checkpoint and its weight fingerprint
+    record = {"path": str(start_checkpoint.resolve()), "weights": weights_fingerprint(start["network"])}
+    assert last["init_ckpt"] == record
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["init_ckpt"] == record
+
+
+def test_init_ckpt_of_another_architecture_or_variant_fails(start_checkpoint, small_dataset, tmp_path):
+    for overrides, variant, message in (
+            ({"num_filters": 8}, PAD, f"config key 'init_ckpt': {start_checkpoint} was trained with num_filters 4, "
+                                      "the config builds num_filters 8; use the keys it was trained with "
+                                      "(--num_filters 4) or another init_ckpt"),
+            ({"backbone": "resnet34"}, PAD, f"{start_checkpoint} was trained with backbone resnet18, the config "
+                                            "builds backbone resnet34"),
+            ({}, RESIZE, f"{start_checkpoint} was trained with variant 'pad', the config trains 'resize'; merge "
+                         "configs/pad.json"),
+            ({"init_ckpt": str(tmp_path / "none.pt")}, PAD, "config key 'init_ckpt': checkpoint not found")):
+        with pytest.raises(RuntimeError) as info:
+            run_training(small_dataset, tmp_path / "run", variant_config=variant,
+                         **{"init_ckpt": str(start_checkpoint), **overrides})
+        cause = info.value.__cause__
+        assert isinstance(cause, ConfigError) and message in str(cause), str(cause)
+        assert "\n" not in str(cause)
+        assert not (tmp_path / "run").exists()
+
+
+def test_init_ckpt_with_resume_only_continues_the_same_fine_tuning(fine_tuned, start_checkpoint, interrupted_run,
+                                                                   small_dataset, tmp_path):
+    run_dir, _ = fine_tuned
+    other = torch.load(start_checkpoint, weights_only=True)
+    other["network"]["final.2.bias"] += 1
+    torch.save(other, tmp_path / "other.pt")
+    refusals = ((run_dir, tmp_path / "other.pt", f"that run started from init_ckpt {start_checkpoint.resolve()}"),
+                (interrupted_run, start_checkpoint, "that run started from the encoder's initial weights"))
+    for resumed, init, message in refusals:
+        with pytest.raises(RuntimeError) as info:
+            run_training(small_dataset, resumed, max_epochs=4, resume=True, init_ckpt=str(init))
+        assert isinstance(info.value.__cause__, ConfigError) and message in str(info.value.__cause__)
+        assert "resume it without --init_ckpt, or fine-tune into a new run_dir" in str(info.value.__cause__)
+    # the same fine-tuning run resumes, with or without init_ckpt, and keeps its record
+    run_training(small_dataset, run_dir, max_epochs=2, resume=True, init_ckpt=str(start_checkpoint))
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["trainer"]["epoch"] == 2 and last["init_ckpt"]["path"] == str(start_checkpoint.resolve())
+    assert {int(s["step"]) for s in last["optimizer"]["state"].values()} == {8}  # continued, not restarted
+
+
+# ---------------------------------------------------------------- training on labelled and pseudo-labelled tiles
+
+
+@pytest.fixture(scope="module")
+def pseudo_set(start_checkpoint, small_dataset, sample_dir, tmp_path_factory) -> Path:
+    """The sample's 20 test tiles pseudo-labelled by the interrupted run's model (a pad teacher)."""
+    from saltkit.inference.pseudo_labels import pseudo_label
+
+    out = tmp_path_factory.mktemp("pseudo") / "set"
+    pseudo_label(sample_dir / "test" / "images", [start_checkpoint], out, min_confidence=0.0,
+                 exclude_dataset=small_dataset)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pseudo_run(pseudo_set, small_dataset, tmp_path_factory):
+    """One epoch on the 32 labelled training tiles of fold 0 and the pseudo-labelled set, half of each batch;
+    returns the run folder, the ids of every training batch, and the workflow's validation items."""
+    from ignite.engine import Events
+
+    run_dir = tmp_path_factory.mktemp("runs") / "student"
+    workflow = training_workflow(small_dataset, run_dir, pseudo_dir=str(pseudo_set), pseudo_share=0.5, max_epochs=1)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    batches = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(list(e.state.batch["id"])))
+    parsed = {key: workflow.parser.get_parsed_content(key)
+              for key in ("train#items", "train#pseudo_items", "train#dataset", "validate#items")}
+    workflow.run()
+    workflow.finalize()
+    return run_dir, batches, parsed
+
+
+def test_pseudo_labelled_tiles_make_half_of_every_batch(pseudo_run, pseudo_set):
+    run_dir, batches, parsed = pseudo_run
+    pseudo_ids = {it["id"] for it in train_items(pseudo_set)}
+    labelled_ids = {it["id"] for it in parsed["train#items"]}
+    assert len(pseudo_ids) == 20 and len(labelled_ids) == 32
+    assert len(batches) == 8  # an epoch passes once over the 32 labelled tiles, 4 in each batch of 8
+    for ids in batches:
+        assert len(ids) == 8 and sum(i in pseudo_ids for i in ids) == 4 and sum(i in labelled_ids for i in ids) == 4
+    assert {i for ids in batches for i in ids if i in labelled_ids} == labelled_ids
+    # one dataset, one transform chain: pseudo-labelled tiles get the labelled tiles' augmentation
+    assert {it["id"] for it in parsed["train#dataset"].data} == labelled_ids | pseudo_ids
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    fingerprint = json.loads((pseudo_set / "manifest.json").read_text())["fingerprint"]
+    assert last["pseudo"] == {"dir": str(pseudo_set.resolve()), "fingerprint": fingerprint}
+    record = json.loads((run_dir / "config.json").read_text())["resolved"]
+    assert record["pseudo"]["fingerprint"] == fingerprint and record["pseudo"]["tiles"] == 20
+    assert record["pseudo"]["per_batch"] == 4 and record["pseudo_share"] == 0.5
+    assert record["train_tiles"] == 32 and record["val_tiles"] == 8
+
+
+def test_validation_and_swa_use_labelled_tiles_only(pseudo_run, pseudo_set, small_dataset):
+    from saltkit.data.folds import read_folds
+
+    run_dir, _, parsed = pseudo_run
+    folds = read_folds(small_dataset / "folds.csv")
+    assert sorted(it["id"] for it in parsed["validate#items"]) == sorted(folds["id"][folds["fold"] == 0])
+    assert not {it["id"] for it in parsed["validate#items"]} & {it["id"] for it in parsed["train#pseudo_items"]}
+    # SWA's BatchNorm pass reads the run's labelled training tiles, not the pseudo-labelled ones
+    bundle_run("swa", config_file=[str(CONFIGS / "swa.json"), str(PAD)], run_dir=str(run_dir),
+               tune_postprocessing=False, logging_file=False)
+    assert torch.load(run_dir / "swa.pt", weights_only=True)["bn_tiles"] == 32
+
+
+def test_resume_with_another_pseudo_set_is_refused(pseudo_run, pseudo_set, small_dataset, sample_dir, tmp_path):
+    from saltkit.inference.pseudo_labels import pseudo_label
+
+    run_dir, _, _ = pseudo_run
+    tiles = tmp_path / "tiles"  # 15 of the 20 tiles: another set
+    tiles.mkdir()
+    for path in sorted((sample_dir / "test" / "images").iterdir())[:15]:
+        shutil.copy(path, tiles)
+    other = tmp_path / "other"
+    teacher = json.loads((pseudo_set / "manifest.json").read_text())["teachers"][0]["ckpt"]
+    pseudo_label(tiles, [teacher], other, min_confidence=0.0, exclude_dataset=small_dataset)
+    for pseudo_dir, message in ((str(other), f"this config gives the pseudo-labelled set {other.resolve()}"),
+                                (None, "this config gives no pseudo-labelled tiles")):
+        with pytest.raises(RuntimeError) as info:
+            run_training(small_dataset, run_dir, max_epochs=2, resume=True, pseudo_dir=pseudo_dir)
+        cause = str(info.value.__cause__)
+        assert isinstance(info.value.__cause__, ConfigError) and message in cause, cause
+        assert f"it was trained with the pseudo-labelled set {pseudo_set.resolve()}" in cause
+        assert f"resume with --pseudo_dir {pseudo_set.resolve()}" in cause
+
+
+def test_a_pseudo_set_of_another_variant_is_refused(pseudo_set, small_dataset, tmp_path):
+    with pytest.raises(RuntimeError) as info:
+        run_training(small_dataset, tmp_path / "run", variant_config=RESIZE, pseudo_dir=str(pseudo_set))
+    cause = info.value.__cause__
+    assert isinstance(cause, ConfigError) and str(cause) == (
+        f"config key 'pseudo_dir': {pseudo_set / 'manifest.json'} was made by a teacher of variant 'pad', this "
+        "config trains 'resize'; pseudo-label with a resize teacher, or merge configs/pad.json")
+    assert not (tmp_path / "run").exists()

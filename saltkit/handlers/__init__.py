@@ -2,6 +2,7 @@
 
 from saltkit.handlers.checkpoints import (
     BestCheckpoint,
+    InitFromCheckpoint,
     LastCheckpoint,
     ResumeError,
     ResumeFromCheckpoint,
@@ -32,6 +33,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "ScheduledValidation",
     "FailOnNanLoss",
+    "InitFromCheckpoint",
     "EpochTimeBudget",
     "TrainingProgress",
     "WorstTilesImages",

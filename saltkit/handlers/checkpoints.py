@@ -27,6 +27,7 @@ from saltkit.checkpoints import (
     arch_of,
     check_same_arch,
     check_same_run,
+    read_checkpoint,
     read_resume_checkpoint,
     save_checkpoint,
     unwrap,
@@ -250,3 +251,20 @@ class ResumeFromCheckpoint:
             engine.state.lr = self.lr_scheduler.get_last_lr()[0]
         logger.info(f"resumed from {self.path} at epoch {trainer['epoch']} (iteration {trainer['iteration']}); "
                     f"training to epoch {engine.state.max_epochs}")
+
+
+class InitFromCheckpoint:
+    """On the trainer's STARTED event, load the network weights of a trained checkpoint (config key 'init_ckpt'):
+    fine-tuning starts from them with the config's fresh optimizer and schedule. The architecture was checked
+    before the run (`saltkit.training.check_init_ckpt`); a resumed run takes its weights from last.pt instead."""
+
+    def __init__(self, path: str | Path, network: nn.Module):
+        self.path = Path(path)
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        unwrap(self.network).load_state_dict(read_checkpoint(self.path, "init_ckpt")["network"])
+        logger.info(f"fine-tuning from {self.path} (its network weights; fresh optimizer and schedule)")

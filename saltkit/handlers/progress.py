@@ -149,8 +149,10 @@ class EpochSummary:
 
     def announce(self, engine: Engine) -> None:
         loader = engine.state.dataloader
-        known = [f"{len(loader.dataset)} training tiles" if hasattr(loader, "dataset") else "",
-                 f"batch {loader.batch_size}" if getattr(loader, "batch_size", None) else ""]
+        mixed = getattr(getattr(loader, "sampler", None), "summary", None)  # labelled and pseudo-labelled tiles
+        known = [mixed() if callable(mixed) else
+                 f"{len(loader.dataset)} training tiles" if hasattr(loader, "dataset") else "",
+                 f"batch {loader.batch_size}" if getattr(loader, "batch_size", None) and not callable(mixed) else ""]
         details = ", ".join(k for k in known if k)
         val = getattr(self.validator, "data_loader", None)  # MONAI engines keep their loader before they run
         first = engine.state.epoch + 1

@@ -12,6 +12,7 @@ from saltkit.geometry import restore_tiles
 from saltkit.inference.ensemble import average_probabilities, ensemble_files
 from saltkit.inference.handlers import EvaluationReport, PredictionWriter
 from saltkit.inference.inferers import (
+    AutocastInferer,
     FlipTTAInferer,
     SectionInferer,
     TileSlidingWindowInferer,
@@ -27,7 +28,7 @@ from saltkit.inference.postprocess import (
     remove_small_components,
 )
 from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
-from saltkit.inference.runtime import check_runtime, inference_network, uses_onnxruntime
+from saltkit.inference.runtime import check_runtime, inference_network, runtime_amp, uses_onnxruntime
 from saltkit.inference.tuned import (
     ChosenPostProcessing,
     choose_postprocessing,
@@ -38,6 +39,7 @@ from saltkit.inference.tuned import (
 from saltkit.inference.tuning import TuningGrid, TuningResult, search_postprocessing
 
 __all__ = [
+    "AutocastInferer",
     "ChosenPostProcessing",
     "EmptyTilesd",
     "EvaluationReport",
@@ -62,6 +64,7 @@ __all__ = [
     "read_tuned_postprocessing",
     "remove_small_components",
     "restore_tiles",
+    "runtime_amp",
     "save_probabilities",
     "search_postprocessing",
     "section_inferer",

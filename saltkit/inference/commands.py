@@ -1,4 +1,4 @@
-"""`saltkit ensemble` and `saltkit export` (listed by saltkit.cli through `register`)."""
+"""`saltkit ensemble`, `saltkit export` and `saltkit pseudo-label` (listed by saltkit.cli through `register`)."""
 
 from __future__ import annotations
 
@@ -71,12 +71,30 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts / swa.onnx)")
     p.add_argument("--image-size", type=int, default=128, help="network input size of the export (128)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the export's output with the checkpoint's")
+    q = p.add_argument_group("INT8 (with --format onnx --quantize int8)")
+    q.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: statically quantized with ONNX Runtime (QDQ, per-channel int8 weights, uint8 "
+                        "activations) on training tiles of the checkpoint's fold; written only when it loses at most "
+                        "--max-metric-loss of the competition metric on the fold's validation tiles "
+                        "(default out: swa.pt -> swa.int8.onnx)")
+    q.add_argument("--calibration-tiles", type=int, default=256,
+                   help="training tiles the ranges are calibrated on (256)")
+    q.add_argument("--max-metric-loss", type=float, default=0.005,
+                   help="largest allowed drop of the validation metric, float32 -> INT8 (0.005)")
+    q.add_argument("--dataset-dir", default=None, help="dataset of the fold (default: the checkpoint's run record)")
+    q.add_argument("--fold", type=int, default=None,
+                   help="the checkpoint's validation fold (default: its run record)")
+    q.add_argument("--folds-csv", default=None, help="fold file (default: the run record's, else runs/folds/...)")
+    q.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads while scoring (default: one per core)")
 
 
 def _export_run(args: argparse.Namespace) -> int:
     from saltkit.export import ONNX_TOLERANCE, export_onnx, export_torchscript
 
     size = args.image_size
+    if args.quantize is not None:
+        return _export_int8(args)
     if args.format == "onnx":
         try:
             out, difference = export_onnx(args.ckpt, args.out or args.ckpt.with_suffix(".onnx"), image_size=size,
@@ -95,11 +113,93 @@ def _export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_int8(args: argparse.Namespace) -> int:
+    from saltkit.inference.quantize import export_int8
+
+    if args.format != "onnx":
+        print("saltkit export: error: --quantize int8 quantizes the ONNX export: add --format onnx", file=sys.stderr)
+        return 2
+    try:
+        result = export_int8(args.ckpt, args.out, calibration_tiles=args.calibration_tiles,
+                             max_metric_loss=args.max_metric_loss, dataset_dir=args.dataset_dir, fold=args.fold,
+                             folds_csv=args.folds_csv, threads=args.threads, image_size=args.image_size)
+    except ImportError as e:
+        print(f"saltkit export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: ONNX INT8 (QDQ), same inputs and outputs as the float32 export; {result}")
+    return 0
+
+
+def _auto_or_number(text: str):
+    """A post-processing option: `auto` (the teacher's tuned value) or `null` as they are, else a number."""
+    if text.strip().lower() in ("auto", "null", "none"):
+        return text
+    return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+
+
+MIN_CONFIDENCE = 0.5  # saltkit.inference.pseudo_labels.DEFAULT_MIN_CONFIDENCE (not imported: it loads torch)
+
+
+def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", type=Path,
+                   help="folder of unlabelled 101x101 tiles (e.g. DATASET/test/images; a dataset folder means its "
+                        "test/images)")
+    p.add_argument("--ckpt", type=Path, nargs="+", required=True, metavar="CKPT",
+                   help="teacher checkpoint(s) of one variant; several are averaged (e.g. runs/pad_fold*/swa.pt)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="new folder for the set: train/images, train/masks, train.csv, manifest.json")
+    p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
+                   help=f"keep tiles whose confidence (certain pixels x image-head certainty) is at least this "
+                        f"({MIN_CONFIDENCE})")
+    p.add_argument("--exclude-dataset", type=Path, default=None, metavar="DIR",
+                   help="labelled dataset whose train ids are never pseudo-labelled (skipped when among the tiles)")
+    for key, default in (("threshold", "auto"), ("min-component-size", "auto"), ("image-threshold", "auto"),
+                         ("min-area", "auto")):
+        p.add_argument(f"--{key}", type=_auto_or_number, default=default,
+                       help="post-processing (auto: the teacher's tuned value, else the plain default)")
+    p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
+    p.add_argument("--link", action="store_true", help="link the tiles into train/images instead of copying them")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per network batch (32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+
+
+def _bool(text: str) -> bool:
+    from saltkit.config import as_bool
+
+    try:
+        return as_bool(text, "--tta")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pseudo_label_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from saltkit.inference.pseudo_labels import pseudo_label, table_text
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = pseudo_label(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
+                           exclude_dataset=args.exclude_dataset, tta=args.tta, batch_size=args.batch_size,
+                           device=device, link=args.link, progress=True, command=["saltkit", *sys.argv[1:]],
+                           threshold=args.threshold, min_component_size=args.min_component_size,
+                           image_threshold=args.image_threshold, min_area=args.min_area)
+    print(summary["settings"])
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} labelled tile(s) of {args.exclude_dataset}")
+    print(table_text(summary["table"]))
+    print(f"kept {summary['kept']} of {summary['predicted']} tiles (confidence >= {args.min_confidence}); wrote "
+          f"{summary['out']} (fingerprint {summary['fingerprint']})")
+    return 0
+
+
 def register(registry: dict[str, Subcommand]) -> None:
     """Add the inference subcommands to the saltkit CLI registry."""
     register_subcommand(registry, Subcommand(
         "ensemble", "average saved probabilities of several runs into one validated submission",
         _ensemble_arguments, _ensemble_run))
+    register_subcommand(registry, Subcommand(
+        "pseudo-label", "predict unlabelled tiles with a teacher and write the confident ones as a training set",
+        _pseudo_label_arguments, _pseudo_label_run))
     register_subcommand(registry, Subcommand(
         "export", "export a checkpoint's network to TorchScript (the default) or ONNX",
         _export_arguments, _export_run))

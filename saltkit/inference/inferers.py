@@ -9,6 +9,8 @@ window is the tile the network was trained on, so one network predicts a 101 x 1
   resize variant, 101 px windows each resized to 128 and the output resized back; Gaussian blending (MONAI's
   `SlidingWindowInferer`). `SectionInferer` around the whole takes images of any size at their own resolution,
   reflect-padded by 13 / 14 px as a tile is in training, and crops the prediction back.
+- `AutocastInferer(inner, dtype)`: `inner` with the network run under `torch.autocast` (bf16 on the CPU, config key
+  `amp`), its outputs back in float32; MONAI's engines autocast on CUDA only.
 """
 
 from __future__ import annotations
@@ -57,6 +59,54 @@ def reflect_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -
         x = F.pad(x, (l_, r, t, b), mode="reflect")
         top, bottom, left, right = top - t, bottom - b, left - l_, right - r
     return x
+
+
+def float32_outputs(output):
+    """A network output (tensor, SaltOutput, tuple, list or dict) with every floating tensor in float32."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() and output.dtype != torch.float32 else output
+    if hasattr(output, "_fields"):
+        return type(output)(*(float32_outputs(o) for o in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(float32_outputs(o) for o in output)
+    if isinstance(output, dict):
+        return {k: float32_outputs(v) for k, v in output.items()}
+    return output
+
+
+def autocast_network(network, dtype: torch.dtype | None):
+    """`network` as a callable that runs under `torch.autocast(device of its input, dtype)` and returns its outputs
+    in float32 (so losses, TTA averages and sliding-window blends stay float32); `network` itself for None."""
+    if dtype is None:
+        return network
+
+    def run(x, *args, **kwargs):
+        with torch.autocast(x.device.type, dtype=dtype):
+            output = network(x, *args, **kwargs)
+        return float32_outputs(output)
+
+    return run
+
+
+class AutocastInferer(Inferer):
+    """`inferer` (default `SimpleInferer`) with the network under `torch.autocast` in `dtype` (None: float32, the
+    network as it is), its outputs cast back to float32 (`autocast_network`).
+
+    The bundles' `amp` on the CPU: MONAI's engines autocast on CUDA only, and call `engine.inferer(inputs, network)`
+    in training, validation, evaluate and inference alike, so the network, its weights (float32) and the checkpoint
+    format stay as they are. The trainer's loss then sees float32 logits.
+    """
+
+    def __init__(self, inferer: Inferer | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"config key 'amp': autocast dtype must be torch.bfloat16, torch.float16 or None, "
+                             f"got {dtype!r}")
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+        self.dtype = dtype
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        return self.inferer(inputs, autocast_network(network, self.dtype), *args, **kwargs)
 
 
 MAX_OVERLAP = 0.9  # 100 windows a pixel; more costs hours on a large section for no measurable gain
@@ -208,8 +258,9 @@ def tile_inferer(tta: bool = True, keep_plain: bool = False) -> FlipTTAInferer:
 
 
 def section_inferer(variant: str, tta: bool = True, overlap: float = 0.5, sw_batch_size: int = 16,
-                    progress: bool = False) -> SectionInferer:
-    """`SectionInferer(FlipTTAInferer(TileSlidingWindowInferer))`: `(B, 3, H, W)` images in [0, 1] of any size ->
-    {"prob": `(B, 1, H, W)`} salt probabilities."""
+                    progress: bool = False, autocast: torch.dtype | None = None) -> SectionInferer:
+    """`SectionInferer(FlipTTAInferer(AutocastInferer(TileSlidingWindowInferer)))`: `(B, 3, H, W)` images in [0, 1]
+    of any size -> {"prob": `(B, 1, H, W)`} salt probabilities; `autocast` the network's autocast dtype (None:
+    float32; the windows are blended in float32 either way)."""
     windows = TileSlidingWindowInferer(variant, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress)
-    return SectionInferer(variant, FlipTTAInferer(windows, tta=tta))
+    return SectionInferer(variant, FlipTTAInferer(AutocastInferer(windows, autocast), tta=tta))

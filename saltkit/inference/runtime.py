@@ -1,22 +1,25 @@
-"""Which runtime runs the network at inference: torch (the default) or ONNX Runtime (CPU, `runtime: onnxruntime`).
+"""Which runtime runs the network at inference: torch (the default) or ONNX Runtime (CPU, `runtime: onnxruntime`,
+or `onnxruntime-int8` for the statically quantized model of `saltkit.inference.quantize`).
 
-With ONNX Runtime the bundles run the ONNX model beside the checkpoint (`swa.pt` -> `swa.onnx`, or `onnx_path`),
-exporting it first when it is missing or was exported from other weights (the export records a fingerprint of the
-checkpoint's network weights, so a checkpoint rewritten with new post-processing settings keeps its model).
+With ONNX Runtime the bundles run the ONNX model beside the checkpoint (`swa.pt` -> `swa.onnx`, `swa.int8.onnx`
+with INT8, or `onnx_path`), exporting it first when it is missing or was exported from other weights (the export
+records a fingerprint of the checkpoint's network weights, so a checkpoint rewritten with new post-processing
+settings keeps its model).
 Everything around the network (TTA, sliding windows, post-processing, writers) is the same code for both runtimes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
+from saltkit.checkpoints import weights_fingerprint
+
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
 
 
 def check_runtime(runtime) -> str:
@@ -28,17 +31,19 @@ def check_runtime(runtime) -> str:
 
 
 def uses_onnxruntime(runtime) -> bool:
-    return check_runtime(runtime) == "onnxruntime"
+    """True for the ONNX Runtime runtimes (float32 or INT8): the network is an ONNX model, not torch weights."""
+    return check_runtime(runtime) in ("onnxruntime", "onnxruntime-int8")
 
 
-def weights_fingerprint(network_state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex, first 16 digits) of a state dict's names, shapes, dtypes and values, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(network_state):
-        t = network_state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
+def runtime_amp(runtime, amp):
+    """Config key `amp` as `runtime` honours it: ONNX Runtime runs the float32 export, so there any value but false
+    becomes false, with a log line saying so (a value `amp` does not take is still an error naming the key)."""
+    from saltkit.training import amp_off
+
+    if amp_off(amp) or not uses_onnxruntime(runtime):
+        return amp
+    logger.info(f"amp {str(amp).strip().lower()}: off (runtime {check_runtime(runtime)} runs its ONNX export)")
+    return False
 
 
 def torch_network(network: torch.nn.Module, device) -> torch.nn.Module:
@@ -53,27 +58,34 @@ def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str
                       threads: int | None = None):
     """The network the engine calls: `network` on `device` (torch, `torch_network`; its weights are loaded by the
     bundle's CheckpointLoader), or an OnnxRuntimeNetwork of the checkpoint's ONNX export at `onnx_path` (default: `ckpt`
-    with suffix .onnx), exported there first when missing, unreadable or from other weights (`threads` intra-op
-    threads, None: ONNX Runtime's default)."""
+    with suffix .onnx, or .int8.onnx with "onnxruntime-int8"), exported there first when missing, unreadable or from
+    other weights (`threads` intra-op threads, None: ONNX Runtime's default). The INT8 export calibrates and checks
+    itself on the checkpoint's fold (its run record) and raises QuantizationRefused, writing nothing, when it loses
+    more of the metric than allowed."""
     if not uses_onnxruntime(runtime):
         return torch_network(network, device)
     from saltkit.checkpoints import read_checkpoint
     from saltkit.export import export_onnx
     from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
+    from saltkit.inference.quantize import export_int8, int8_path, is_int8_metadata
 
     ckpt = Path(ckpt)
-    path = Path(onnx_path) if onnx_path else ckpt.with_suffix(".onnx")
+    int8 = check_runtime(runtime) == "onnxruntime-int8"
+    path = Path(onnx_path) if onnx_path else (int8_path(ckpt) if int8 else ckpt.with_suffix(".onnx"))
     expected = weights_fingerprint(read_checkpoint(ckpt)["network"])
     if path.is_file():
         try:
             model = OnnxRuntimeNetwork(path, threads=threads)
-            found = model.metadata.get("weights")
+            found = model.metadata.get("weights") if is_int8_metadata(model.metadata) == int8 else None
         except ValueError:  # not a saltkit export ONNX Runtime can load: exported again
             model, found = None, None
         if found == expected:
             return model
         logger.info(f"{path} was exported from other weights than {ckpt} ({found} != {expected}): exporting again")
     else:
-        logger.info(f"exporting {ckpt} to {path} for ONNX Runtime (once; later runs reuse it)")
-    export_onnx(ckpt, path)
+        logger.info(f"exporting {ckpt} to {path} for ONNX Runtime{' INT8' if int8 else ''} (once; later runs reuse it)")
+    if int8:
+        logger.info(f"INT8 export: {export_int8(ckpt, path, threads=threads)}")
+    else:
+        export_onnx(ckpt, path)
     return OnnxRuntimeNetwork(path, threads=threads)

@@ -144,14 +144,16 @@ def tuning_summary(entry: dict) -> str:
 
 
 def predict_labelled_tiles(network: torch.nn.Module, loader: Iterable[dict], variant: str,
-                           device: str | torch.device = "cpu") -> dict[str, np.ndarray | None]:
+                           device: str | torch.device = "cpu",
+                           autocast: torch.dtype | None = None) -> dict[str, np.ndarray | None]:
     """Flip-TTA probabilities of labelled batches ("image" at network size, "label" `(B, 1, 101, 101)`, "id"),
     back on the tile grid: {"prob": `(N, 101, 101)`, "image_prob": `(N,)` or None, "label": `(N, 101, 101)`
-    uint8, "id": `(N,)`}, as the evaluate workflow computes them."""
+    uint8, "id": `(N,)`}, as the evaluate workflow computes them (the network in `autocast`'s dtype, None:
+    float32)."""
     from saltkit.geometry import restore_tiles
-    from saltkit.inference.inferers import IMAGE_PROB, PROB, FlipTTAInferer
+    from saltkit.inference.inferers import IMAGE_PROB, PROB, AutocastInferer, FlipTTAInferer
 
-    inferer = FlipTTAInferer()
+    inferer = FlipTTAInferer(AutocastInferer(dtype=autocast))
     network.eval()
     probs, image_probs, labels, ids = [], [], [], []
     with torch.no_grad():

@@ -52,13 +52,27 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xline-byte", type=int, default=193, help="trace header byte of the crossline number (193)")
     p.add_argument("--clip-traces", type=int, default=2000, help="SEG-Y traces sampled for the clip percentiles")
     p.add_argument("--npy", action="store_true", help="SEG-Y: also write OUT.npy, (inlines, crosslines, samples)")
+    p.add_argument("--valid-mask", type=Path, default=None,
+                   help="images: a mask image of the section's size, non-zero where there is data (no-data pixels "
+                        "are not predicted: NaN probability); transparent pixels of the input count as no data too")
+    p.add_argument("--fill-value", type=float, default=None,
+                   help="input value that marks no data (NaN always does; SEG-Y: dead and missing traces too)")
+    p.add_argument("--qc", type=int, default=3,
+                   help="SEG-Y: QC pictures of this many evenly spaced inlines and crosslines, and a map, in the "
+                        "folder OUT_qc beside OUT.sgy (3; 0: none)")
+    p.add_argument("--qc-inlines", default=None, metavar="N,N", help="SEG-Y: picture these inlines (e.g. 120,125)")
+    p.add_argument("--qc-crosslines", default=None, metavar="N,N", help="SEG-Y: picture these crosslines")
     p.add_argument("--variant", choices=("pad", "resize"), default=None,
                    help="only for checkpoints that do not record their variant")
-    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+    p.add_argument("--runtime", choices=("torch", "onnxruntime", "onnxruntime-int8"), default="torch",
                    help="torch, or onnxruntime on the CPU (the checkpoint is exported beside itself as .onnx once; "
-                        "pip install 'saltkit[onnx]')")
+                        "pip install 'saltkit[onnx]'), or onnxruntime-int8 (its INT8 export, .int8.onnx, checked on "
+                        "the checkpoint's fold)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
+    p.add_argument("--amp", choices=("auto", "true", "false", "bf16", "fp16"), default="false",
+                   help="network precision: auto (bf16 where the processor runs it natively, else float32), true "
+                        "(bf16), false (float32; the default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,6 +88,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         normalization_for,
         run_predict,
     )
+    from saltkit.seismic.provenance import model_provenance
     from saltkit.seismic.segy import is_segy_path, read_layout
 
     joined = join_torchrun()
@@ -85,12 +100,15 @@ def _predict_run(args: argparse.Namespace) -> int:
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))
         network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant,
-                                          runtime=args.runtime, threads=args.threads)
-        provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap, "runtime": args.runtime}
+                                          runtime=args.runtime, threads=args.threads, amp=args.amp)
+        provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap, "runtime": args.runtime,
+                      "model": model_provenance(args.ckpt)}
         summary = run_predict(args.input, args.out, network, inferer, threshold=threshold, normalization=norm,
                               direction=args.direction, dtype=args.dtype, iline_byte=args.iline_byte,
                               xline_byte=args.xline_byte, clip_traces=args.clip_traces, save_npy=args.npy,
-                              device=device, progress=not args.no_progress, provenance=provenance)
+                              device=device, progress=not args.no_progress, provenance=provenance,
+                              valid_mask=args.valid_mask, fill_value=args.fill_value, qc=args.qc,
+                              qc_inlines=args.qc_inlines, qc_crosslines=args.qc_crosslines)
     except ImportError as e:  # the optional SEG-Y extra
         print(f"saltkit predict: error: {e}", file=sys.stderr)
         return 2
@@ -106,7 +124,11 @@ def _predict_run(args: argparse.Namespace) -> int:
         print(f"predicted {summary['input']} ({il['count']} inlines x {xl['count']} crosslines x "
               f"{summary['samples']} samples, {summary['direction']}): wrote {summary['output']}"
               + (f" and {summary['npy']}" if summary["npy"] else "")
-              + f"; amplitude clip {summary['clip']['range'][0]:.6g} .. {summary['clip']['range'][1]:.6g}")
+              + f"; amplitude clip {summary['clip']['range'][0]:.6g} .. {summary['clip']['range'][1]:.6g}"
+              + f"; salt in {summary['salt_share']:.1%} of the samples with data"
+              + (f" ({summary['dead_traces']} dead and {summary['missing_traces']} missing traces left out)"
+                 if summary["dead_traces"] or summary["missing_traces"] else "")
+              + (f"; QC pictures: {summary['qc']}" if summary["qc"] else ""))
     return 0
 
 
@@ -130,7 +152,8 @@ def _mosaic_run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         m = assemble_mosaic(args.dataset_dir, name, table)
-        write_png(args.out / f"{name}.png", m.image)
+        # grey + alpha: absent cells are transparent, so predicting the picture leaves them out (no data)
+        write_png(args.out / f"{name}.png", np.dstack([m.image, np.where(m.present, 255, 0).astype(np.uint8)]))
         # 0 background, 255 salt, 128 not labelled (test tile or absent cell)
         write_png(args.out / f"{name}_mask.png", np.where(m.labelled, m.mask * 255, 128).astype(np.uint8))
         print(f"wrote {args.out / name}.png ({m.shape[0]}x{m.shape[1]}, {len(m.cells)} tiles, "

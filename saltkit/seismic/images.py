@@ -60,6 +60,12 @@ def _grey_of(arr: np.ndarray, path: Path) -> np.ndarray:
 
 def read_section(path: str | Path) -> np.ndarray:
     """Section values as stored: `(H, W)` uint8 / uint16 grey, or float / int from `.npy` and float TIFF."""
+    return read_section_with_alpha(path)[0]
+
+
+def read_section_with_alpha(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(`read_section`'s values, the image's `(H, W)` alpha channel or None when it has none); alpha 0 marks
+    pixels without data (`saltkit mosaic` writes its absent cells so)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"section not found: {path}")
@@ -78,10 +84,11 @@ def read_section(path: str | Path) -> np.ndarray:
             arr = arr.astype(np.uint16)
     if arr.dtype.kind not in "uif" and arr.dtype != bool:
         raise ValueError(f"{path}: section values are {arr.dtype}; expected numbers")
+    alpha = arr[..., -1] if path.suffix.lower() != ".npy" and arr.ndim == 3 and arr.shape[2] in (2, 4) else None
     arr = _grey_of(arr, path)
     if arr.size == 0:
         raise ValueError(f"{path}: empty section ({arr.shape[0]}x{arr.shape[1]} pixels)")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), None if alpha is None else np.ascontiguousarray(alpha)
 
 
 def outline_overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -95,7 +102,7 @@ def outline_overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str | Path, arr: np.ndarray) -> Path:
-    """Write a uint8 `(H, W)` grey or `(H, W, 3)` RGB array as PNG, atomically."""
+    """Write a uint8 `(H, W)` grey, `(H, W, 2)` grey + alpha or `(H, W, 3)` RGB array as PNG, atomically."""
     with atomic_write(path, "wb") as f:
         Image.fromarray(arr).save(f, format="PNG")
     return Path(path)
@@ -107,25 +114,25 @@ def write_npy(path: str | Path, arr: np.ndarray) -> Path:
     return Path(path)
 
 
-def probability_png(prob: np.ndarray) -> np.ndarray:
-    """`(H, W)` [0, 1] probability -> uint8 grey 0..255 (value / 255 is the probability to 1/510)."""
-    return np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
-
-
 def write_section_outputs(out_dir: str | Path, stem: str, grey: np.ndarray, prob: np.ndarray,
-                          threshold: float = 0.5) -> dict[str, Path]:
+                          threshold: float = 0.5, caption: str | None = None) -> dict[str, Path]:
     """Write `stem`'s outputs into `out_dir`; returns their paths by kind.
 
-    prob (`_prob.npy` float32 and `_prob.png` 8-bit), mask (`_mask.png`, 0 / 255 where prob > threshold),
-    overlay (`_overlay.png`, the section with the predicted salt tinted and outlined).
+    prob (`_prob.npy` float32, NaN where there is no data), mask (`_mask.png`, 0 / 255 where prob > threshold),
+    probability picture (`_prob.png`: a colour map with its scale) and overlay (`_overlay.png`: the section with
+    the predicted salt tinted and outlined, and a legend), both with axes and `caption` (threshold, model, version).
     """
+    from saltkit.seismic.figures import caption_text, section_overlay_figure, section_probability_figure
+
     paths = section_output_paths(out_dir, stem)
     mask = prob > threshold
+    caption = caption or caption_text(threshold, None)
     return {
         "prob_npy": write_npy(paths["prob_npy"], prob.astype(np.float32)),
-        "prob_png": write_png(paths["prob_png"], probability_png(prob)),
+        "prob_png": section_probability_figure(paths["prob_png"], prob, threshold, caption,
+                                               f"{stem}: salt probability"),
         "mask": write_png(paths["mask"], mask.astype(np.uint8) * 255),
-        "overlay": write_png(paths["overlay"], outline_overlay(grey, mask)),
+        "overlay": section_overlay_figure(paths["overlay"], grey, prob, threshold, caption, f"{stem}: salt"),
     }
 
 
@@ -148,8 +155,10 @@ def write_index_html(out_dir: str | Path, rows: list[dict]) -> Path:
                          for kind, p in row["outputs"].items())
         overlay = html.escape(os.path.relpath(row["outputs"]["overlay"], out_dir))
         h, w = row["shape"]
+        data = row.get("valid_share", 1.0)
+        share = f"salt {row['salt_share']:.1%}" + (f" of the {data:.0%} with data" if data < 1 else "")
         figures.append(f'<figure><a href="{overlay}"><img src="{overlay}" loading="lazy"></a><figcaption>'
-                       f'<b>{html.escape(row["name"])}</b> {h}&times;{w}, salt {row["salt_share"]:.1%}<br>{links}'
+                       f'<b>{html.escape(row["name"])}</b> {h}&times;{w}, {share}<br>{links}'
                        "</figcaption></figure>")
     page = ("<!doctype html><meta charset=utf-8><title>saltkit predictions</title><style>"
             "body{font-family:sans-serif} figure{display:inline-block;margin:8px;vertical-align:top}"

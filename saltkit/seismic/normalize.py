@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saltkit.seismic.validity import fill_no_data
+
 MODES = ("auto", "dtype", "percentile")
 
 
@@ -86,7 +88,18 @@ def unit_range(arr: np.ndarray, norm: Normalization, source: str = "input") -> t
     return "percentile", lo, hi
 
 
-def normalize_section(arr: np.ndarray, norm: Normalization = Normalization(), source: str = "input"):
-    """`(H, W)` section values -> (`(H, W)` float32 in [0, 1], {"method", "range"} describing the mapping)."""
-    method, lo, hi = unit_range(arr, norm, source)
-    return scale_to_unit(arr, lo, hi), {"method": method, "range": [lo, hi]}
+def normalize_section(arr: np.ndarray, norm: Normalization = Normalization(), source: str = "input",
+                      valid: np.ndarray | None = None):
+    """`(H, W)` section values -> (`(H, W)` float32 in [0, 1], {"method", "range"} describing the mapping).
+
+    valid: (H, W) bool, False where there is no data: the mapping is taken from the valid pixels only, and
+    no-data pixels are filled from the data around them (`saltkit.seismic.validity.fill_no_data`).
+    """
+    if valid is None or valid.all():
+        method, lo, hi = unit_range(arr, norm, source)
+        return scale_to_unit(arr, lo, hi), {"method": method, "range": [lo, hi]}
+    if not valid.any():
+        raise ValueError(f"{source}: no pixel holds data (every pixel is NaN, the fill value, transparent or outside "
+                         "the valid-data mask); check --fill-value and --valid-mask")
+    method, lo, hi = unit_range(arr[valid], norm, source)
+    return fill_no_data(scale_to_unit(arr, lo, hi), valid), {"method": method, "range": [lo, hi]}

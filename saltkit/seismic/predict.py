@@ -5,6 +5,7 @@ probability volume. One entry point, `run_predict`, shared by `saltkit predict` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from saltkit.io import OutputClashError, atomic_write, same_file
 from saltkit.seismic.images import (
-    read_section,
+    read_section_with_alpha,
     section_files,
     section_output_paths,
     write_index_html,
@@ -26,20 +27,28 @@ from saltkit.seismic.images import (
 from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.sections import predict_section
 from saltkit.seismic.segy import is_segy_path
-from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, predict_volume
+from saltkit.seismic.validity import read_valid_mask, salt_share, section_valid
+from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, DEFAULT_QC, predict_volume
 
 
 def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
                    variant: str | None = None, runtime: str = "torch",
-                   threads: int | None = None) -> tuple[nn.Module, Inferer]:
+                   threads: int | None = None, amp=False) -> tuple[nn.Module, Inferer]:
     """The checkpoint's network (eval mode, on `device`; or its ONNX export run by ONNX Runtime with `runtime`
-    "onnxruntime") and the section inferer of the variant it was trained with."""
+    "onnxruntime") and the section inferer of the variant it was trained with, running the network in the
+    precision `amp` chooses (config key `amp`: `saltkit.training.choose_precision`; prints which, unless false)."""
     from saltkit.checkpoints import checkpoint_variant, load_network
     from saltkit.inference import inference_network, section_inferer
+    from saltkit.inference.runtime import runtime_amp
+    from saltkit.training import choose_precision
 
     variant = checkpoint_variant(ckpt, variant)
+    precision = choose_precision(runtime_amp(runtime, amp), device)
+    if precision.level > logging.DEBUG:
+        print(f"predict: {precision.message}", flush=True)
     network = inference_network(runtime, load_network(ckpt, device), ckpt, device, threads=threads)
-    return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size)
+    return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
+                                    autocast=precision.dtype)
 
 
 def normalization_for(input: str | Path, normalize: str | None = None, clip_percentiles=(1.0, 99.0),
@@ -62,12 +71,20 @@ def predict_images(
     device="cpu",
     progress: bool = True,
     index: bool = False,
+    valid_mask: str | Path | None = None,
+    fill_value: float | None = None,
+    model: dict | None = None,
 ) -> list[dict]:
     """Predict each section image and write its outputs into `out_dir` (created); `index`: also index.html.
 
     Names must be unique by stem (a.png and a.npy would write the same files). Returns one row per image:
-    name, shape, salt_share, normalisation, outputs. Under torchrun the images are dealt out to the ranks.
+    name, shape, salt_share (of the pixels with data), valid_share, normalisation, outputs. Pixels without data
+    (`saltkit.seismic.validity`: NaN, `fill_value`, transparent, zero in the `valid_mask` image) are not
+    predicted: NaN in `_prob.npy`. model: `model_provenance`'s dict, for the pictures' caption. Under torchrun
+    the images are dealt out to the ranks.
     """
+    from saltkit.seismic.figures import caption_text
+
     out_dir = Path(out_dir)
     stems = [p.stem for p in inputs]
     clash = sorted({s for s in stems if stems.count(s) > 1})
@@ -75,16 +92,21 @@ def predict_images(
         raise ValueError(f"section names {clash} occur more than once (with different suffixes); their outputs "
                          "would overwrite each other")
     earlier = check_section_outputs(inputs, out_dir)
+    mask = None if valid_mask in (None, "") else read_valid_mask(valid_mask)
+    caption = caption_text(threshold, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = idist.get_rank(), idist.get_world_size()
     rows = []
     for path in tqdm(inputs[rank::world], unit="section", desc="predict", disable=not progress or rank != 0,
                      leave=False):
-        grey, norm = normalize_section(read_section(path), normalization, str(path))
+        raw, alpha = read_section_with_alpha(path)
+        valid = section_valid(raw, fill_value, alpha, mask, str(path))
+        grey, norm = normalize_section(raw, normalization, str(path), valid)
         prob = predict_section(network, inferer, grey, device)
-        outputs = write_section_outputs(out_dir, path.stem, grey, prob, threshold)
-        rows.append({"name": path.name, "shape": list(prob.shape), "salt_share": float((prob > threshold).mean()),
-                     "normalization": norm, "outputs": outputs})
+        prob[~valid] = np.nan
+        outputs = write_section_outputs(out_dir, path.stem, grey, prob, threshold, caption)
+        rows.append({"name": path.name, "shape": list(prob.shape), "salt_share": salt_share(prob, threshold),
+                     "valid_share": float(valid.mean()), "normalization": norm, "outputs": outputs})
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, rows)
@@ -190,26 +212,42 @@ def run_predict(
     device="cpu",
     progress: bool = True,
     provenance: dict | None = None,
+    valid_mask: str | Path | None = None,
+    fill_value: float | None = None,
+    qc: int = DEFAULT_QC,
+    qc_inlines=None,
+    qc_crosslines=None,
 ) -> dict:
     """Predict `input`: a SEG-Y volume into the SEG-Y `output`, or a section image / folder of them into the folder
-    `output`. normalization: None = percentile clip for SEG-Y, "auto" for images. Returns a summary dict."""
+    `output`. normalization: None = percentile clip for SEG-Y, "auto" for images. Returns a summary dict.
+
+    valid_mask (images), fill_value: no-data areas (`saltkit.seismic.validity`); qc, qc_inlines, qc_crosslines
+    (SEG-Y): the QC pictures written beside the output (`saltkit.seismic.qc`); provenance["model"] (from
+    `model_provenance`) names the model in the pictures' captions."""
     if not str(input):
         raise ValueError("config key 'input' is empty; pass --input IMAGE|FOLDER|VOLUME.sgy")
     if not str(output):
         raise ValueError("config key 'output' is empty; pass --output DIR (images) or --output OUT.sgy (SEG-Y)")
     input, output = Path(input), Path(output)
+    fill_value = None if fill_value in (None, "", "null") else float(fill_value)
+    model = (provenance or {}).get("model")
     if is_segy_path(input):
+        if valid_mask not in (None, "", "null"):
+            raise ValueError(f"--valid-mask {valid_mask}: a mask image applies to section images; in the SEG-Y "
+                             f"{input} dead or missing traces and --fill-value samples are the no-data areas")
         norm = normalization or Normalization(mode="percentile")
         return predict_volume(input, output, network, inferer, direction=direction, dtype=dtype,
                               iline_byte=iline_byte, xline_byte=xline_byte, normalization=norm,
                               clip_traces=clip_traces, save_npy=save_npy, device=device, progress=progress,
-                              provenance=provenance)
+                              provenance=provenance, fill_value=fill_value, threshold=threshold, qc=qc,
+                              qc_inlines=qc_inlines, qc_crosslines=qc_crosslines)
     if is_segy_path(output):
         raise ValueError(f"output {output} is a SEG-Y name but input {input} is not a SEG-Y volume (.sgy, .segy); "
                          "section images are predicted into a folder")
     files = section_files(input)
     rows = predict_images(files, output, network, inferer, threshold, normalization or Normalization(), device,
-                          progress, index=input.is_dir())
+                          progress, index=input.is_dir(), valid_mask=None if valid_mask in ("", "null") else valid_mask,
+                          fill_value=fill_value, model=model)
     salt = [r["salt_share"] for r in rows]
     return {"input": str(input), "output": str(output), "sections": len(rows),
             "salt_share": float(np.mean(salt)) if salt else 0.0,

@@ -25,6 +25,9 @@ FORMAT_OFFSET = 3224  # sample format code, bytes 3225-3226 of the file (2-byte 
 SAMPLE_BYTES = {1: 4, 2: 4, 3: 2, 5: 4, 6: 8, 8: 1, 9: 8, 10: 4, 11: 2, 12: 8, 16: 1}
 # Output sample type -> (SEG-Y format code, numpy kind): 5 = IEEE float, 16 = 1-byte unsigned (probability * 255).
 OUTPUT_FORMATS = {"float32": (5, "f4"), "uint8": (16, "u1")}
+# The sample value written where there is no data (dead or missing trace, fill-value or NaN sample): NaN for
+# float; 0 for uint8, which has no spare value (the OUT.json sidecar counts the no-data samples).
+NO_DATA = {"float32": float("nan"), "uint8": 0}
 DIRECTIONS = ("inline", "crossline", "both")
 SEGYIO_HINT = "pip install 'saltkit[segy]' (or pip install segyio)"
 
@@ -322,9 +325,11 @@ class ProbabilityVolumeFile:
         self._file = None
 
     def encode(self, prob: np.ndarray) -> np.ndarray:
-        """`(..., samples)` probabilities -> sample values of the output type (uint8: rounded probability * 255)."""
+        """`(..., samples)` probabilities -> sample values of the output type (uint8: rounded probability * 255);
+        NaN (no data) -> `NO_DATA`."""
         if self.dtype == "uint8":
-            return np.rint(np.clip(prob, 0, 1) * 255).astype(self.sample_dtype)
+            scaled = np.rint(np.clip(np.nan_to_num(prob, nan=NO_DATA["uint8"]), 0, 1) * 255)
+            return scaled.astype(self.sample_dtype)
         return prob.astype(self.sample_dtype)
 
     def write(self, traces: np.ndarray, prob: np.ndarray) -> None:

@@ -1,5 +1,9 @@
 """Predict a whole SEG-Y volume section by section, streaming, into a SEG-Y of the same shape and headers.
 
+Samples without data (dead or missing traces, NaN or `fill_value` samples: `saltkit.seismic.validity`) are not
+predicted: they hold `NO_DATA` in the output (NaN for float32, 0 for uint8) and NaN in OUT.npy, and are left out of
+the salt share and the amplitude clip. QC pictures go to the folder beside the output (`saltkit.seismic.qc`).
+
 Memory holds a few sections (the one being predicted, its 3-channel input and the sliding window's output maps)
 whatever the number of inlines: traces are read per section and written in place into the output, which is
 created under a temporary name beside it and renamed at the end. Under torchrun the sections are dealt out to the
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import ignite.distributed as idist
 import numpy as np
+import torch
 from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,8 +28,10 @@ from tqdm.auto import tqdm
 from saltkit.io import atomic_write
 from saltkit.seismic.normalize import Normalization, percentile_range
 from saltkit.seismic.normalize import scale_to_unit as to_unit
+from saltkit.seismic.qc import DEFAULT_QC, check_qc_outputs, plan_qc, qc_dir, trace_peaks, write_volume_qc
 from saltkit.seismic.sections import predict_section
 from saltkit.seismic.segy import (
+    NO_DATA,
     Geometry,
     ProbabilityVolumeFile,
     SegyError,
@@ -38,6 +45,7 @@ from saltkit.seismic.segy import (
     read_traces,
     sample_trace_indices,
 )
+from saltkit.seismic.validity import dead_traces, fill_no_data, trace_valid
 
 DEFAULT_CLIP_TRACES = 2000
 
@@ -63,12 +71,15 @@ class AmplitudeClip:
                 "percentiles": None if self.percentiles is None else list(self.percentiles), "traces": self.traces}
 
 
-def amplitude_clip(f, layout: SegyLayout, normalization: Normalization, clip_traces: int) -> AmplitudeClip:
-    """The clip of `normalization` for this volume: its fixed range, else percentiles of evenly spread traces."""
+def amplitude_clip(f, layout: SegyLayout, normalization: Normalization, clip_traces: int,
+                   fill_value: float | None = None) -> AmplitudeClip:
+    """The clip of `normalization` for this volume: its fixed range, else percentiles of evenly spread traces
+    (their samples with data: dead traces and fill values left out)."""
     if normalization.value_range is not None:
         return AmplitudeClip(float(normalization.value_range[0]), float(normalization.value_range[1]), "range")
     idx = sample_trace_indices(layout.tracecount, clip_traces)
     amplitudes = read_traces(f, idx, layout.samples)
+    amplitudes[~trace_valid(amplitudes, fill_value)] = np.nan
     lo, hi = percentile_range(amplitudes, normalization.percentiles, str(layout.path))
     return AmplitudeClip(lo, hi, "percentile", tuple(normalization.percentiles), len(idx))
 
@@ -134,7 +145,9 @@ def _partial(path: Path) -> Path:
 def _header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
     what = "IEEE FLOAT" if dtype == "float32" else "1-BYTE UNSIGNED = P * 255"
     how = {"inline": "INLINE SECTIONS", "crossline": "CROSSLINE SECTIONS", "both": "MEAN OF INLINE+CROSSLINE"}
-    return [f"SALTKIT SALT PROBABILITY 0-1 ({what}), {how[direction]}", f"SALTKIT {clip.describe()}"]
+    no_data = "NAN" if dtype == "float32" else NO_DATA[dtype]
+    return [f"SALTKIT SALT PROBABILITY 0-1 ({what}), {how[direction]}", f"SALTKIT {clip.describe()}",
+            f"SALTKIT NO DATA (DEAD OR MISSING TRACE, FILL OR NAN SAMPLE) = {no_data}"]
 
 
 def check_output_path(src: Path, out: Path) -> None:
@@ -161,14 +174,25 @@ def predict_volume(
     device="cpu",
     progress: bool = True,
     provenance: dict | None = None,
+    fill_value: float | None = None,
+    threshold: float = 0.5,
+    qc: int = DEFAULT_QC,
+    qc_inlines=None,
+    qc_crosslines=None,
 ) -> dict:
-    """Salt probability of every sample of the SEG-Y `src`, written to `out` (plus `OUT.json`, and `OUT.npy` when
-    `save_npy`). Returns the summary stored in `OUT.json`.
+    """Salt probability of every sample of the SEG-Y `src`, written to `out` (plus `OUT.json`, `OUT.npy` when
+    `save_npy`, and the QC pictures in `OUT_qc/`: `qc` evenly spaced inlines and crosslines, or the numbers listed
+    in `qc_inlines` / `qc_crosslines`; `qc` 0 and no list: none). Returns the summary stored in `OUT.json`.
+
+    fill_value: amplitude that marks samples without data (as do dead traces, missing traces and NaN);
+    threshold: the salt boundary drawn in the QC pictures and the salt share's cut; provenance["model"] is named in
+    the pictures' caption.
 
     direction: "inline", "crossline" or "both" (the mean of the two; with dtype "uint8" the inline half is
     stored as 8 bits in between). Sections are `(samples, traces)` images: time / depth down, traces across in
-    increasing crossline (inline) number; holes in the grid read as zero amplitude. Every check runs before
-    anything is written; on an error the temporary files are removed and `out` is left as it was.
+    increasing crossline (inline) number; no-data samples are filled from the data around them for the network
+    (`fill_no_data`) and written as no data. Every check runs before anything is written; on an error the
+    temporary files are removed and `out` is left as it was.
     """
     src, out = Path(src), Path(out)
     check_output_path(src, out)
@@ -177,12 +201,18 @@ def predict_volume(
     with open_segy(layout) as f:
         geometry = read_geometry(f, layout, iline_byte, xline_byte)
         check_direction(geometry, direction, src)
-        clip = amplitude_clip(f, layout, normalization, clip_traces)
+        plan = plan_qc(geometry, qc, qc_inlines, qc_crosslines, src)
+        check_qc_outputs(src, out, plan)
+        clip = amplitude_clip(f, layout, normalization, clip_traces, fill_value)
         text, cards = annotate_text_header(read_text_header(layout), _header_lines(dtype, direction, clip))
         volume = ProbabilityVolumeFile(_partial(out), layout, dtype)
         npy = NpyVolumeFile(_partial(npy_path(out)), geometry, layout.samples) if save_npy else None
         passes = ["inline", "crossline"] if direction == "both" else [direction]
         mine = {d: range(rank, geometry.count(d), world) for d in passes}  # section k goes to rank k mod world
+        # per trace of the final pass: maximum probability (-1: not this rank's, -0.5: no data), for the map;
+        # salt, data samples and dead traces counted for the summary
+        peaks = np.full(geometry.traces.shape, -1.0, np.float32)
+        counts = np.zeros(3, np.float64)
         try:
             if rank == 0:
                 volume.create(text)
@@ -195,16 +225,36 @@ def predict_volume(
                 for p, d in enumerate(passes):
                     for k in mine[d]:
                         traces = geometry.section_traces(d, k)
-                        grey = to_unit(read_traces(f, traces, layout.samples).T, clip.low, clip.high)
-                        prob = predict_section(network, inferer, grey, device).T
+                        amplitudes = read_traces(f, traces, layout.samples)
+                        valid = trace_valid(amplitudes, fill_value)
+                        if valid.any():
+                            grey = fill_no_data(to_unit(np.where(valid, amplitudes, 0).T, clip.low, clip.high),
+                                                valid.T)
+                            prob = predict_section(network, inferer, grey, device).T
+                        else:
+                            prob = np.full(amplitudes.shape, np.nan, np.float32)
                         if p == 1:  # "both": average with the inline pass stored in the output
                             prob = (volume.read(traces) + prob) / 2
+                        prob[~valid] = np.nan
                         volume.write(traces, prob)
-                        if npy is not None and p == len(passes) - 1:
-                            npy.write(d, k, prob)
+                        if p == len(passes) - 1:
+                            if npy is not None:
+                                npy.write(d, k, prob)
+                            peak = np.nan_to_num(trace_peaks(prob), nan=-0.5)
+                            if d == "inline":
+                                peaks[k] = peak
+                            else:
+                                peaks[:, k] = peak
+                            counts += [(prob > threshold).sum(), valid.sum(),
+                                       (dead_traces(amplitudes) & (traces >= 0)).sum()]
                         bar.update()
                     idist.barrier()  # the crossline pass reads what every rank wrote in the inline pass
             bar.close()
+            if world > 1:  # every trace's peak comes from one rank; the counts add up
+                peaks = idist.all_reduce(torch.from_numpy(peaks), op="MAX").cpu().numpy()
+                counts = idist.all_reduce(torch.from_numpy(counts), op="SUM").cpu().numpy()
+            peaks = np.where(peaks < 0, np.nan, peaks)
+            salt, data, dead = (int(v) for v in counts)
             summary = {
                 "input": str(src), "output": str(out), "npy": str(npy_path(out)) if save_npy else None,
                 "direction": direction, "dtype": dtype, "format_code": volume.format,
@@ -212,11 +262,24 @@ def predict_volume(
                 "sample_axis": [layout.sample_axis[0], layout.sample_axis[-1]],
                 "ilines": _axis(geometry.ilines), "xlines": _axis(geometry.xlines),
                 "iline_byte": iline_byte, "xline_byte": xline_byte, "traces": layout.tracecount,
-                "missing_traces": geometry.missing, "clip": clip.as_dict(), "text_header_cards": cards,
+                "missing_traces": geometry.missing, "dead_traces": dead, "fill_value": fill_value,
+                "no_data": {"value": "NaN" if dtype == "float32" else NO_DATA[dtype],
+                            "samples": geometry.traces.size * layout.samples - data},
+                "threshold": threshold, "salt_share": salt / data if data else 0.0,
+                "clip": clip.as_dict(), "text_header_cards": cards,
+                "qc": None if plan.empty else str(qc_dir(out) / "index.html"),
                 "processes": world, **(provenance or {}),
             }
             if rank == 0:
                 volume.sync()
+                if not plan.empty:
+                    from saltkit.seismic.figures import caption_text
+
+                    caption = caption_text(threshold, (provenance or {}).get("model"),
+                                           f"grey: amplitude clipped at {clip.low:.4g} .. {clip.high:.4g}")
+                    with volume:
+                        write_volume_qc(qc_dir(out), src, out, f, layout, geometry, volume, plan, peaks,
+                                        (clip.low, clip.high), threshold, caption, fill_value)
                 with atomic_write(sidecar_path(out)) as fj:
                     json.dump(summary, fj, indent=2)
                 if npy is not None:
