@@ -402,3 +402,38 @@ def test_qc_pictures_of_f3(segy_dir, tmp_path, capsys):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["model"]["name"] == "model.pt" and len(summary["model"]["weights"]) == 16
     assert summary["sample_axis"] == [4.0, 300.0]
+
+
+def test_two_runs_into_one_output_never_share_a_temporary(tiles, net, inferer, tmp_path, caplog):
+    # both runs wrote `.OUT.sgy.partial`: a float32 run and a uint8 one gave a file of the wrong size and format
+    src = tmp_path / "tiles.sgy"
+    segyio.tools.from_array(str(src), np.ascontiguousarray(tiles.transpose(0, 2, 1), dtype=np.float32))
+    out = tmp_path / "out.sgy"
+    calls = []
+
+    def with_a_second_run(x, network):
+        calls.append(1)
+        if len(calls) == 2:  # a second predict into the same output starts and ends while the first one runs
+            predict_volume(src, out, net, inferer, dtype="uint8", progress=False, qc=0)
+        return inferer(x, network)
+
+    with caplog.at_level("WARNING", logger="saltkit.seismic.volume"):
+        predict_volume(src, out, net, with_a_second_run, dtype="float32", progress=False, qc=0)
+    assert f"{out} was written by another run while this one ran" in caplog.text
+    with segyio.open(out) as f:  # the first run's float32 file, whole
+        assert int(f.bin[segyio.BinField.Format]) == 5 and f.tracecount == tiles.shape[0] * tiles.shape[2]
+        assert np.isfinite(segyio.tools.cube(f)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.sgy", "tiles.sgy"]
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_run(tiles, net, inferer, tmp_path):
+    from saltkit.io import TEMPORARY, host_name, process_alive
+
+    src = tmp_path / "tiles.sgy"
+    segyio.tools.from_array(str(src), np.ascontiguousarray(tiles.transpose(0, 2, 1), dtype=np.float32))
+    dead = next(pid for pid in range(999_999, 900_000, -1) if not process_alive(pid))
+    stale = tmp_path / f".out.sgy.{dead}@{host_name()}.0a1b2c3d-partial.tmp"  # left by kill -9 (17 MB before)
+    stale.write_bytes(b"\0" * 1000)
+    assert TEMPORARY.match(stale.name)
+    predict_volume(src, tmp_path / "out.sgy", net, inferer, progress=False, qc=0)
+    assert not stale.exists() and (tmp_path / "out.sgy").is_file()

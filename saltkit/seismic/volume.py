@@ -14,6 +14,10 @@ ranks (section k to rank k mod world size); every rank writes its own traces, th
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from saltkit.io import atomic_write
+from saltkit.io import atomic_write, host_name, remove_stale_temporaries
 from saltkit.seismic.normalize import Normalization, percentile_range
 from saltkit.seismic.normalize import scale_to_unit as to_unit
 from saltkit.seismic.qc import DEFAULT_QC, check_qc_outputs, plan_qc, qc_dir, trace_peaks, write_volume_qc
@@ -48,6 +52,8 @@ from saltkit.seismic.segy import (
 from saltkit.seismic.validity import dead_traces, fill_no_data, trace_valid
 
 DEFAULT_CLIP_TRACES = 2000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,17 @@ def npy_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".npy")
 
 
-def _partial(path: Path) -> Path:
-    """The temporary name an output is written under (same folder, so the final rename stays on one disk)."""
-    return path.parent / f".{path.name}.partial"
+def _partial(path: Path, token: str) -> Path:
+    """The temporary an output is written under: in its folder (the final rename stays on one disk) and named as
+    atomic_write names its temporaries (`.NAME.<pid>@<host>.<random>-partial.tmp`), so two runs never share one
+    and the next write into the folder removes those of a killed run."""
+    return path.parent / f".{path.name}.{token}.tmp"
+
+
+def _partial_token() -> str:
+    """`<pid>@<host>.<random>-partial` of rank 0, the same in every process of a torchrun."""
+    token = f"{os.getpid()}@{host_name()}.{secrets.token_hex(4)}-partial" if idist.get_rank() == 0 else None
+    return idist.broadcast(token, src=0, safe_mode=True) if idist.get_world_size() > 1 else token
 
 
 def _header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
@@ -205,8 +219,12 @@ def predict_volume(
         check_qc_outputs(src, out, plan)
         clip = amplitude_clip(f, layout, normalization, clip_traces, fill_value)
         text, cards = annotate_text_header(read_text_header(layout), _header_lines(dtype, direction, clip))
-        volume = ProbabilityVolumeFile(_partial(out), layout, dtype)
-        npy = NpyVolumeFile(_partial(npy_path(out)), geometry, layout.samples) if save_npy else None
+        token, started = _partial_token(), time.time()
+        if rank == 0:
+            remove_stale_temporaries(out.parent, out.name)
+            remove_stale_temporaries(out.parent, npy_path(out).name)
+        volume = ProbabilityVolumeFile(_partial(out, token), layout, dtype)
+        npy = NpyVolumeFile(_partial(npy_path(out), token), geometry, layout.samples) if save_npy else None
         passes = ["inline", "crossline"] if direction == "both" else [direction]
         mine = {d: range(rank, geometry.count(d), world) for d in passes}  # section k goes to rank k mod world
         # per trace of the final pass: maximum probability (-1: not this rank's, -0.5: no data), for the map;
@@ -282,6 +300,9 @@ def predict_volume(
                                         (clip.low, clip.high), threshold, caption, fill_value)
                 with atomic_write(sidecar_path(out)) as fj:
                     json.dump(summary, fj, indent=2)
+                if out.exists() and out.stat().st_mtime > started:
+                    logger.warning(f"{out} was written by another run while this one ran; replacing it with this "
+                                   "run's result")
                 if npy is not None:
                     npy.path.replace(npy_path(out))
                 volume.path.replace(out)
