@@ -212,18 +212,23 @@ def section_probability_figure(path: str | Path, prob: np.ndarray, threshold: fl
     axes and the caption. prob: (H, W) with NaN where there is no data."""
     from matplotlib.lines import Line2D
 
-    h, w = prob.shape
-    data_h, data_w = _data_size(h, w, equal=True)
-    canvas = _Canvas(data_h, data_w, caption, colour_bar=True, legend=True)
-    ax = canvas.ax
-    _no_data_background(ax)
-    image = _probability_image(ax, prob, PROBABILITY_CMAP, data_h)
-    _outline(ax, prob, threshold)
-    _label_axes(ax, h, w, x, y)
-    _colour_bar(canvas, image, threshold)
+    canvas = _probability_canvas(prob, threshold, caption, equal=True)
+    _label_axes(canvas.ax, *prob.shape, x, y)
     handles = [Line2D([], [], color=OUTLINE_COLOUR, lw=2, label=f"salt outline (probability = {threshold:.2f})")]
     _legend(canvas, handles + ([_no_data_handle()] if not np.isfinite(prob).all() else []))
     return canvas.finish(title, path)
+
+
+def _probability_canvas(prob: np.ndarray, threshold: float, caption: str, equal: bool) -> _Canvas:
+    """A canvas with `prob` in the probability colour map over the no-data background, outlined at `threshold`,
+    and its colour bar (the threshold marked); the caller labels the axes and adds the legend."""
+    data_h, data_w = _data_size(*prob.shape, equal=equal)
+    canvas = _Canvas(data_h, data_w, caption, colour_bar=True, legend=True)
+    _no_data_background(canvas.ax)
+    image = _probability_image(canvas.ax, prob, PROBABILITY_CMAP, data_h)
+    _outline(canvas.ax, prob, threshold)
+    _colour_bar(canvas, image, threshold)
+    return canvas
 
 
 def _probability_image(ax, prob: np.ndarray, cmap, data_h: int):
@@ -300,19 +305,12 @@ def volume_map_figure(path: str | Path, max_prob: np.ndarray, threshold: float, 
     or has no data), with the pictured inlines / crosslines (indices into the rows / columns) drawn as lines."""
     from matplotlib.lines import Line2D
 
-    h, w = max_prob.shape
-    data_h, data_w = _data_size(h, w, equal=False)
-    canvas = _Canvas(data_h, data_w, caption, colour_bar=True, legend=True)
-    ax = canvas.ax
-    _no_data_background(ax)
-    image = _probability_image(ax, max_prob, PROBABILITY_CMAP, data_h)
-    _outline(ax, max_prob, threshold)
+    canvas = _probability_canvas(max_prob, threshold, caption, equal=False)
     for k in inlines:
-        ax.axhline(k, color="cyan", lw=1, ls="--", zorder=5)
+        canvas.ax.axhline(k, color="cyan", lw=1, ls="--", zorder=5)
     for k in crosslines:
-        ax.axvline(k, color="cyan", lw=1, ls="--", zorder=5)
-    _label_axes(ax, h, w, x, y)
-    _colour_bar(canvas, image, threshold)
+        canvas.ax.axvline(k, color="cyan", lw=1, ls="--", zorder=5)
+    _label_axes(canvas.ax, *max_prob.shape, x, y)
     canvas.cax.set_ylabel("maximum salt probability of the trace", fontsize=FONT_SIZE)
     handles = [Line2D([], [], color=OUTLINE_COLOUR, lw=2, label=f"salt in the trace (maximum > {threshold:.2f})")]
     if len(inlines) or len(crosslines):
