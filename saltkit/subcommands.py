@@ -25,3 +25,13 @@ def register_subcommand(registry: dict[str, Subcommand], command: Subcommand) ->
     if command.name in registry:
         raise ValueError(f"saltkit subcommand {command.name!r} is already registered")
     registry[command.name] = command
+
+
+def tta_option(text: str) -> bool:
+    """argparse type of `--tta true|false`: config.as_bool's words; anything else is argparse's usage error."""
+    from saltkit.config import as_bool
+
+    try:
+        return as_bool(text, "--tta")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from saltkit.subcommands import Subcommand, register_subcommand
+from saltkit.subcommands import Subcommand, register_subcommand, tta_option
 
 
 def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,19 +157,10 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
                          ("min-area", "auto")):
         p.add_argument(f"--{key}", type=_auto_or_number, default=default,
                        help="post-processing (auto: the teacher's tuned value, else the plain default)")
-    p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
+    p.add_argument("--tta", type=tta_option, default=True, help="flip test-time augmentation, true/false (true)")
     p.add_argument("--link", action="store_true", help="link the tiles into train/images instead of copying them")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per network batch (32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
-
-
-def _bool(text: str) -> bool:
-    from saltkit.config import as_bool
-
-    try:
-        return as_bool(text, "--tta")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _pseudo_label_run(args: argparse.Namespace) -> int:

@@ -6,16 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from saltkit.subcommands import Subcommand, register_subcommand
-
-
-def _bool(text: str) -> bool:
-    from saltkit.config import as_bool
-
-    try:
-        return as_bool(text, "--tta")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+from saltkit.subcommands import Subcommand, register_subcommand, tta_option
 
 
 def _threshold(text: str):
@@ -33,7 +24,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x <= 0.9 (0.5)")
-    p.add_argument("--tta", type=_bool, default=True, help="flip test-time augmentation, true/false (true)")
+    p.add_argument("--tta", type=tta_option, default=True, help="flip test-time augmentation, true/false (true)")
     p.add_argument("--sw-batch-size", type=int, default=16, help="windows per network batch (16)")
     p.add_argument("--threshold", default="auto",
                    help="salt where probability > this, for masks (auto: the checkpoint's tuned threshold, else 0.5)")
