@@ -54,10 +54,8 @@ def test_lines_instead_of_a_bar_off_the_terminal(caplog):
     assert [m.split("  ")[:2] for m in epoch_lines] == [
         ["epoch 1/2", "25% (2/8)"], ["epoch 1/2", "50% (4/8)"], ["epoch 1/2", "75% (6/8)"],
         ["epoch 2/2", "25% (2/8)"], ["epoch 2/2", "50% (4/8)"], ["epoch 2/2", "75% (6/8)"]]
-    average = None  # the exponential running average (alpha 0.98) of the batch losses 1.9, 1.8, 1.7, 1.6
-    for loss in (1.9, 1.8, 1.7, 1.6):
-        average = loss if average is None else 0.98 * average + 0.02 * loss
-    assert epoch_lines[1].endswith(f"loss {average:.3f}")
+    assert epoch_lines[1].endswith("loss 1.750")  # the mean of this epoch's batch losses 1.9, 1.8, 1.7, 1.6
+    assert epoch_lines[4].endswith("loss 0.950")  # epoch 2: 1.1 ... 0.8, none of epoch 1's
     assert lines.count("validation  50% (2/4)") == 2 and lines.count("validation  25% (1/4)") == 2
     assert all("\r" not in m for m in lines)
 
@@ -147,3 +145,32 @@ def test_log_lines_go_through_the_bars(monkeypatch):
 def _restore_logging():
     yield
     logging.getLogger("saltkit.test.console").handlers = []
+
+
+def test_the_bar_ends_an_epoch_on_the_summary_values():
+    """The running values end each epoch equal to the summary's train loss and metric (ignite's Average of batch
+    losses, CompetitionMetric over the epoch's tiles), also with batches of unequal size and from epoch 2 on."""
+    from ignite.metrics import Average
+
+    from saltkit.metrics import CompetitionMetric
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [4, 4, 3, 4, 2]  # tiles per batch
+
+    def step(engine, batch):
+        label = (torch.rand(batch, 1, 8, 8, generator=generator) > 0.6).float()
+        pred = torch.where(torch.rand(batch, 1, 8, 8, generator=generator) > 0.3, label * 2 - 1, 1 - label * 2)
+        return {"loss": torch.rand((), generator=generator) * 3, "tile_pred": pred, "tile_label": label}
+
+    trainer = Engine(step)
+    CompetitionMetric(output_transform=lambda o: (o["tile_pred"], o["tile_label"])).attach(trainer, "train_metric")
+    Average(output_transform=lambda o: o["loss"]).attach(trainer, "train_loss")
+    progress = TrainingProgress(terminal=False)
+    progress.attach(trainer)
+    shown = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: shown.append((progress.shown(), dict(e.state.metrics))))
+    trainer.run(sizes, max_epochs=3)
+    for bar, summary in shown:
+        assert bar["loss"] == pytest.approx(summary["train_loss"], abs=1e-6)
+        assert bar["metric"] == pytest.approx(summary["train_metric"], abs=1e-9)
+    assert len({round(bar["metric"], 9) for bar, _ in shown}) == 3  # three epochs, three different values

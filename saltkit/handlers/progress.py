@@ -22,33 +22,44 @@ logger = logging.getLogger(__name__)
 class TrainingProgress:
     """Progress of the trainer (and of `validator`, the evaluator run at the end of an epoch).
 
-    In a terminal: Ignite ProgressBars, the trainer's showing `loss` and `metric` averaged over recent iterations
-    (rate `alpha`), with log lines written through the bars. Otherwise (output redirected to a file) no `\\r` bars
+    In a terminal: Ignite ProgressBars, the trainer's showing `loss` and `metric` averaged over the epoch so far
+    (as the epoch's summary line averages them, so the bar's last values are the summary's), with log lines written
+    through the bars. Otherwise (output redirected to a file) no `\\r` bars
     but a log line every `every_percent` % of an epoch. The averages are local to this process (no collective
     calls), so attach it on rank 0 only. `metric` is the competition metric of the batch's `tile_pred` > 0 vs
     `tile_label` (engine output after TilePredictiond). `terminal` None: whether stderr (the bars' stream) is one.
     """
 
-    def __init__(self, alpha: float = 0.98, persist: bool = False, validator: Engine | None = None,
-                 every_percent: float = 25, terminal: bool | None = None):
-        self.alpha = alpha
+    def __init__(self, persist: bool = False, validator: Engine | None = None, every_percent: float = 25,
+                 terminal: bool | None = None):
         self.persist = persist
         self.validator = validator
         self.every_percent = every_percent
         self.terminal = terminal
-        self.loss: float | None = None
-        self.metric: float | None = None
+        self._sums = {"loss": 0.0, "batches": 0, "metric": 0.0, "tiles": 0}
         self._logging = contextlib.ExitStack()
 
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else self.alpha * old + (1 - self.alpha) * new
+    def reset(self, _engine: Engine | None = None) -> None:
+        self._sums = {"loss": 0.0, "batches": 0, "metric": 0.0, "tiles": 0}
+
+    @property
+    def loss(self) -> float | None:
+        return self._sums["loss"] / self._sums["batches"] if self._sums["batches"] else None
+
+    @property
+    def metric(self) -> float | None:
+        return self._sums["metric"] / self._sums["tiles"] if self._sums["tiles"] else None
 
     def update(self, engine: Engine) -> None:
+        """Add the batch: its loss to the mean of batch losses (ignite's Average, the summary's `train loss`), its
+        tiles' competition metric to the mean over tiles (CompetitionMetric, the summary's `train metric`)."""
         out = engine.state.output
-        self.loss = self._average(self.loss, float(out["loss"].detach()))
+        self._sums["loss"] += float(out["loss"].detach())
+        self._sums["batches"] += 1
         if "tile_pred" in out:
-            score = competition_metric(out["tile_pred"] > 0, out["tile_label"] > 0.5).mean()
-            self.metric = self._average(self.metric, float(score))
+            scores = competition_metric(out["tile_pred"] > 0, out["tile_label"] > 0.5)
+            self._sums["metric"] += float(scores.sum())
+            self._sums["tiles"] += len(scores)
 
     def shown(self, _output=None) -> dict:
         return {k: v for k, v in (("loss", self.loss), ("metric", self.metric)) if v is not None}
@@ -57,6 +68,7 @@ class TrainingProgress:
         return sys.stderr.isatty() if self.terminal is None else self.terminal
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)  # before the bar reads the values
         if self.is_terminal():
             ProgressBar(persist=self.persist).attach(engine, output_transform=self.shown)
