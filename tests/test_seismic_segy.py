@@ -187,6 +187,49 @@ def test_bad_input_gets_a_clear_error_and_no_output(segy_dir, net, inferer, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*cases, "out.sgy"])  # no temporary files
 
 
+def test_files_saltkit_cannot_read_are_named_for_what_they_are(tiles_volume, net, inferer, tmp_path):
+    """Pre-stack gathers, a variable count of extended text headers, revision-2 trace header extensions and trace
+    headers stating another trace length (segyio's small-ps, stanzas-unknown-count, trace-header-extensions and
+    long.sgy have these) are each refused on one line that says so, and nothing is written."""
+    raw = tiles_volume.read_bytes()
+
+    def binary_edit(offset: int, packed: bytes) -> bytes:
+        return raw[:offset] + packed + raw[offset + len(packed):]
+
+    def offset_of_second_copy(header: bytearray) -> None:
+        header[36:40] = struct.pack(">i", struct.unpack(">i", header[36:40])[0] + 100)
+
+    n = len(traces_of(tiles_volume)[3])
+    gathers = rewrite(tiles_volume, tmp_path / "gathers.sgy", order=[i // 2 for i in range(2 * n)])
+    body = bytearray(gathers.read_bytes())  # give every second trace (the copy) another offset
+    layout = read_layout(gathers)
+    for k in range(1, 2 * n, 2):
+        at = layout.data_offset + k * layout.trace_bytes
+        header = bytearray(body[at:at + TRACE_HEADER_BYTES])
+        offset_of_second_copy(header)
+        body[at:at + TRACE_HEADER_BYTES] = header
+    gathers.write_bytes(bytes(body))
+    cases = {
+        "gathers.sgy": "share inline 1 and crossline 1 at offsets 1 and 101 \\(bytes 37-40\\): a pre-stack file",
+        "doubled.sgy": "share inline 1 and crossline 1; saltkit predicts post-stack volumes, one trace per inline",
+        "ext-1.sgy": "bytes 3505-3506 give -1 extended text headers",
+        "rev2-extensions.sgy": "revision 2 file with 2 additional 240-byte trace header\\(s\\) per trace",
+        "long.sgy": "trace 0's header gives 5000 samples and trace 1's 5001 \\(bytes 115-116; 606 different",
+    }
+    rewrite(tiles_volume, tmp_path / "doubled.sgy", order=[i // 2 for i in range(2 * n)])
+    (tmp_path / "ext-1.sgy").write_bytes(binary_edit(3504, struct.pack(">h", -1)))
+    rev2 = binary_edit(3500, bytes([2, 0]))
+    (tmp_path / "rev2-extensions.sgy").write_bytes(rev2[:3506] + struct.pack(">h", 2) + rev2[3508:])
+    stated = iter(range(5000, 6000))  # trace headers of sample data: each states another trace length
+    rewrite(tiles_volume, tmp_path / "long.sgy",
+            edit=lambda h: h.__setitem__(slice(114, 116), struct.pack(">h", next(stated))))
+    for name, message in cases.items():
+        with pytest.raises(SegyError, match=f"{name}: .*{message}"):
+            predict_volume(tmp_path / name, tmp_path / "out.sgy", net, inferer, progress=False, qc=0)
+    assert not (tmp_path / "out.sgy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)  # no temporary files
+
+
 def test_interrupted_run_leaves_nothing(segy_dir, net, tmp_path):
     calls = []
 
@@ -232,7 +275,7 @@ def test_inline_crossline_at_other_header_bytes(segy_dir, net, inferer, f3_inlin
 
     src = rewrite(segy_dir / "f3.sgy", tmp_path / "bytes.sgy", edit=clear)
     out = tmp_path / "out.sgy"
-    with pytest.raises(SegyError, match="share inline 0 and crossline 0; pass --iline-byte and --xline-byte"):
+    with pytest.raises(SegyError, match="share inline 0 and crossline 0; saltkit predicts post-stack .*: pass --iline-byte and --xline-byte"):
         predict_volume(src, out, net, inferer, progress=False)
     with pytest.raises(SegyError, match="byte 190 .* is not the first byte of a SEG-Y trace header word"):
         predict_volume(src, out, net, inferer, iline_byte=190, progress=False)

@@ -21,6 +21,10 @@ SEGY_SUFFIXES = (".sgy", ".segy")
 TEXT_BYTES, BINARY_BYTES, TRACE_HEADER_BYTES = 3200, 400, 240
 HEADER_BYTES = TEXT_BYTES + BINARY_BYTES
 FORMAT_OFFSET = 3224  # sample format code, bytes 3225-3226 of the file (2-byte integer)
+REVISION_OFFSET = 3500  # SEG-Y revision, major number: byte 3501
+EXT_HEADERS_OFFSET = 3504  # extended text headers, bytes 3505-3506 (-1: a variable number ended by an EndText stanza)
+EXTRA_TRACE_HEADERS_OFFSET = 3506  # revision 2: additional 240-byte trace headers per trace, bytes 3507-3508
+TRACE_SAMPLES_BYTE, OFFSET_BYTE = 115, 37  # trace header words: samples in this trace, source-receiver offset
 # Sample format code -> bytes per sample, for the formats segyio decodes.
 SAMPLE_BYTES = {1: 4, 2: 4, 3: 2, 5: 4, 6: 8, 8: 1, 9: 8, 10: 4, 11: 2, 12: 8, 16: 1}
 # Output sample type -> (SEG-Y format code, numpy kind): 5 = IEEE float, 16 = 1-byte unsigned (probability * 255).
@@ -112,6 +116,7 @@ def read_layout(path: str | Path) -> SegyLayout:
         raise SegyError(f"{path}: bytes 3225-3226 hold sample format code {big} (big-endian) / {little} "
                         f"(little-endian); expected one of {sorted(SAMPLE_BYTES)}: not a SEG-Y file, or a sample "
                         "format segyio cannot decode")
+    check_header_counts(path, binary, endian)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -128,6 +133,41 @@ def read_layout(path: str | Path) -> SegyLayout:
         raise SegyError(f"{path}: {size} bytes, but {layout.tracecount} traces of {layout.samples} samples in "
                         f"format {fmt} after the headers make {expected}: truncated, or traces of different lengths")
     return layout
+
+
+def check_header_counts(path: Path, binary: bytes, endian: str) -> None:
+    """Refuse, naming the binary header bytes, the layouts segyio cannot find the traces of: a variable number of
+    extended text headers (-1 at bytes 3505-3506) and revision-2 trace header extensions (bytes 3507-3508)."""
+    order = ">" if endian == "big" else "<"
+
+    def word(offset: int) -> int:
+        at = offset - TEXT_BYTES
+        return struct.unpack(order + "h", binary[at:at + 2])[0]
+
+    ext = word(EXT_HEADERS_OFFSET)
+    if ext < 0:
+        raise SegyError(f"{path}: bytes 3505-3506 give {ext} extended text headers (a variable number, ended by an "
+                        "EndText stanza), which segyio cannot locate the traces behind; write the file with the "
+                        "number of extended text headers in the binary header")
+    extra = word(EXTRA_TRACE_HEADERS_OFFSET)
+    if binary[REVISION_OFFSET - TEXT_BYTES] >= 2 and extra > 0:
+        raise SegyError(f"{path}: a SEG-Y revision 2 file with {extra} additional 240-byte trace header(s) per "
+                        "trace (bytes 3507-3508), which segyio does not read; write the volume with the standard "
+                        "240-byte trace header only")
+
+
+def check_trace_lengths(f, layout: SegyLayout) -> None:
+    """The trace headers that state their number of samples (bytes 115-116; 0: not stated) state one number (a crop
+    may keep its survey's, so it need not be the binary header's): several numbers mean the bytes read as trace
+    headers are sample data, or traces of different lengths."""
+    stated = header_words(f, TRACE_SAMPLES_BYTE, "samples in this trace", layout.path)
+    values, first = np.unique(stated[stated != 0], return_index=True)
+    if len(values) > 1:
+        traces = np.flatnonzero(stated != 0)[np.sort(first)[:2]]
+        a, b = (int(t) for t in traces)
+        raise SegyError(f"{layout.path}: trace {a}'s header gives {stated[a]} samples and trace {b}'s {stated[b]} "
+                        f"(bytes 115-116; {len(values)} different numbers in all): the trace headers are not where "
+                        "SEG-Y puts them, or the traces differ in length; saltkit reads fixed-length SEG-Y")
 
 
 def read_text_header(layout: SegyLayout) -> bytes:
@@ -184,6 +224,7 @@ def header_words(f, byte: int, what: str, path) -> np.ndarray:
 def read_geometry(f, layout: SegyLayout, iline_byte: int = 189, xline_byte: int = 193) -> Geometry:
     """The grid from the inline / crossline numbers in every trace header (any trace order, holes allowed)."""
     path = layout.path
+    check_trace_lengths(f, layout)
     il = header_words(f, iline_byte, "--iline-byte", path)
     xl = header_words(f, xline_byte, "--xline-byte", path)
     ilines, il_pos = np.unique(il, return_inverse=True)
@@ -200,8 +241,13 @@ def read_geometry(f, layout: SegyLayout, iline_byte: int = 189, xline_byte: int 
     dup = np.flatnonzero(np.diff(flat[order]) == 0)
     if len(dup):
         a, b = order[dup[0]], order[dup[0] + 1]
-        raise SegyError(f"{path}: traces {a} and {b} (and {len(dup) - 1} more pairs) share inline {il[a]} and "
-                        f"crossline {xl[a]}; {hint}")
+        shared = f"{path}: traces {a} and {b} (and {len(dup) - 1} more pairs) share inline {il[a]} and crossline {xl[a]}"
+        offsets = header_words(f, OFFSET_BYTE, "offset", path)
+        if offsets[a] != offsets[b]:
+            raise SegyError(f"{shared} at offsets {offsets[a]} and {offsets[b]} (bytes 37-40): a pre-stack file "
+                            "(gathers); saltkit predicts post-stack volumes, one trace per inline and crossline: "
+                            "stack the gathers (or keep one offset) first")
+        raise SegyError(f"{shared}; saltkit predicts post-stack volumes, one trace per inline and crossline: {hint}")
     traces = np.full(cells, -1, dtype=np.int64)
     traces[flat] = np.arange(layout.tracecount)
     return Geometry(ilines, xlines, traces.reshape(len(ilines), len(xlines)), iline_byte, xline_byte)
