@@ -230,6 +230,41 @@ def test_files_saltkit_cannot_read_are_named_for_what_they_are(tiles_volume, net
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)  # no temporary files
 
 
+def test_outputs_that_are_folders_are_refused_before_the_work(tiles_volume, inferer, tmp_path):
+    def never(x, network):
+        raise AssertionError("the network ran")
+
+    for name in ("out.sgy", "out.json", "out.npy"):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(SegyError, match=f"output {folder} is a folder"):
+            predict_volume(tiles_volume, tmp_path / "out.sgy", TinyConv(), never, save_npy=True, progress=False,
+                           qc=0)
+        folder.rmdir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sidecar_never_describes_another_volume(tiles_volume, net, inferer, tmp_path, monkeypatch):
+    """OUT.json is renamed into place after OUT.sgy and OUT.npy: when their renames fail, the JSON of the previous
+    run stays, with the files it describes."""
+    out = tmp_path / "out.sgy"
+    predict_volume(tiles_volume, out, net, inferer, save_npy=True, progress=False, qc=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_replace = type(out).replace
+
+    def failing_replace(self, target):
+        if str(target) == str(out):
+            raise OSError(f"cannot replace {target}")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(type(out), "replace", failing_replace)
+    with pytest.raises(OSError, match="cannot replace"):
+        predict_volume(tiles_volume, out, net, inferer, direction="crossline", save_npy=True, progress=False, qc=0)
+    assert json.loads((tmp_path / "out.json").read_text())["direction"] == "inline"
+    assert (tmp_path / "out.json").read_bytes() == before["out.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporaries
+
+
 def test_interrupted_run_leaves_nothing(segy_dir, net, tmp_path):
     calls = []
 

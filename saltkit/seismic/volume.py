@@ -164,13 +164,18 @@ def _header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
             f"SALTKIT NO DATA (DEAD OR MISSING TRACE, FILL OR NAN SAMPLE) = {no_data}"]
 
 
-def check_output_path(src: Path, out: Path) -> None:
+def check_output_path(src: Path, out: Path, save_npy: bool = False) -> None:
+    """Before any work: `out` names a SEG-Y file in an existing folder, is not the input, and neither it nor the
+    files written beside it (OUT.json, OUT.npy with `save_npy`) is a folder."""
     if out.suffix.lower() not in (".sgy", ".segy"):
         raise SegyError(f"output {out}: a SEG-Y input is predicted into a SEG-Y file; name it .sgy or .segy")
     if out.exists() and out.resolve() == src.resolve():
         raise SegyError(f"output {out} is the input; choose another file name")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    for path in (out, sidecar_path(out), *([npy_path(out)] if save_npy else [])):
+        if path.is_dir():
+            raise SegyError(f"output {path} is a folder; name another output file, or move the folder")
 
 
 def predict_volume(
@@ -209,7 +214,7 @@ def predict_volume(
     temporary files are removed and `out` is left as it was.
     """
     src, out = Path(src), Path(out)
-    check_output_path(src, out)
+    check_output_path(src, out, save_npy)
     layout = read_layout(src)
     rank, world = idist.get_rank(), idist.get_world_size()
     with open_segy(layout) as f:
@@ -298,14 +303,14 @@ def predict_volume(
                     with volume:
                         write_volume_qc(qc_dir(out), src, out, f, layout, geometry, volume, plan, peaks,
                                         (clip.low, clip.high), threshold, caption, fill_value)
-                with atomic_write(sidecar_path(out)) as fj:
-                    json.dump(summary, fj, indent=2)
                 if out.exists() and out.stat().st_mtime > started:
                     logger.warning(f"{out} was written by another run while this one ran; replacing it with this "
                                    "run's result")
-                if npy is not None:
-                    npy.path.replace(npy_path(out))
-                volume.path.replace(out)
+                with atomic_write(sidecar_path(out)) as fj:  # renamed into place last: it describes these files
+                    json.dump(summary, fj, indent=2)
+                    if npy is not None:
+                        npy.path.replace(npy_path(out))
+                    volume.path.replace(out)
             idist.barrier()
         except BaseException:
             if rank == 0:
