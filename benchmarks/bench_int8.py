@@ -40,7 +40,7 @@ UNIT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 
 
 def unit_flags() -> str:
-    from saltkit.training import cpu_flags
+    from saltkit.precision import cpu_flags
 
     found = [f for f in UNIT_FLAGS if f in cpu_flags()]
     return " ".join(found) if found else "none of " + "/".join(UNIT_FLAGS)

@@ -221,7 +221,7 @@ def cpu_recipe_bf16_setup() -> dict:
     float32 (`amp: false`): the same weights, optimizer state and batch, channels_last on both sides."""
     from benchmarks.bench_pipeline import setup as pipeline_setup
     from saltkit.inference import AutocastInferer
-    from saltkit.training import choose_precision
+    from saltkit.precision import choose_precision
 
     inputs = pipeline_setup(amp="true")
     assert inputs["inferer"].dtype == torch.bfloat16, inputs["inferer"].dtype

@@ -8,12 +8,18 @@ score and epoch), "rng" and what identifies the run (variant, fold, the hash of 
 resume must match. Files are written through `saltkit.io.atomic_write` (temporary file + os.replace), so a kill at
 any moment leaves either the previous file or the new one, and read with `weights_only=True` (plain types only).
 The engine handlers that write them during training are in `saltkit.handlers.checkpoints`.
+
+A model packaged for the bundle (`saltkit export CKPT --format model`, `saltkit.export.package_model`) is such a file
+outside its run folder: it carries its run record ("record": the run folder's config.json), "metrics", "source"
+and "storage" ("float16": its floating-point weights stored in half precision; `read_checkpoint` gives them back as
+float32). `bundles/saltnet/models/model.pt` is the one the commands use when no checkpoint is given.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,6 +28,8 @@ import torch
 from torch import nn
 
 from saltkit.io import atomic_write
+
+logger = logging.getLogger(__name__)
 
 # arch keys that change how the network computes, not which weights it has; a resume or SWA may differ in them
 WEIGHT_NEUTRAL_ARCH_KEYS = ("attention", "head_dropout", "decoder_dropout", "bottleneck_dropout")
@@ -160,10 +168,12 @@ def check_same_arch(saved: dict, current: dict, path: str | Path) -> None:
                           "it was trained with, or a new run_dir to start afresh")
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False, float32: bool = True) -> dict:
     """The checkpoint dict at `path` (on CPU); errors name the file, the config `key` and what is missing.
 
-    `mmap`: map the tensors instead of reading them (cheap when only the small entries are wanted).
+    `mmap`: map the tensors instead of reading them (cheap when only the small entries are wanted). `float32`:
+    network weights stored in half precision (a packaged model's `--half` storage) come back as float32 (False:
+    as stored, to rewrite the file as it was).
     """
     path = Path(path)
     if not path.is_file():
@@ -176,7 +186,19 @@ def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
     if not isinstance(ckpt, dict) or "network" not in ckpt or "arch" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a saltkit checkpoint with keys 'network' and 'arch', got {keys}")
+    if float32 and isinstance(ckpt["network"], dict):
+        ckpt["network"] = float32_state(ckpt["network"])
     return ckpt
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_state(state: dict) -> dict:
+    """`state` with its float16 / bfloat16 tensors as float32 (other tensors, and a float32 state, as they are)."""
+    if not any(isinstance(t, torch.Tensor) and t.dtype in HALF_DTYPES for t in state.values()):
+        return state
+    return {k: t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF_DTYPES else t for k, t in state.items()}
 
 
 def network_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint") -> nn.Module:
@@ -208,35 +230,89 @@ def load_network(
     return network_from_checkpoint(ckpt, path).to(device)
 
 
-def run_record(run_dir: str | Path) -> dict:
-    """The resolved keys training recorded in `run_dir/config.json`; {} when the run has no record."""
-    record_path = Path(run_dir) / "config.json"
-    if not record_path.is_file():
+RUN_RECORD = "config.json"  # what training writes into its run folder: {"resolved": {...}, "command": [...], ...}
+RECORD_KEY = "record"  # a packaged model's copy of its run folder's config.json
+BUNDLE_MODEL = Path("models") / "model.pt"  # a bundle's model, below bundle_root
+BUNDLE_ROOT = Path("bundles") / "saltnet"
+
+
+def embedded_record(ckpt: dict, source: str | Path = "checkpoint") -> dict:
+    """The resolved keys of the run record a packaged model carries ({} when it carries none)."""
+    record = ckpt.get(RECORD_KEY)
+    if record is None:
         return {}
     try:
-        return dict(json.loads(record_path.read_text())["resolved"])
+        return dict(record["resolved"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: entry '{RECORD_KEY}' is not a training run record ({e}); package the "
+                         "model again (saltkit export CKPT --format model)") from None
+
+
+def record_source(run_dir: str | Path) -> Path | None:
+    """Where `run_record(run_dir)` reads: `run_dir/config.json`, else a packaged `run_dir/model.pt` (a bundle's
+    models folder), else None."""
+    record_path = Path(run_dir) / RUN_RECORD
+    if record_path.is_file():
+        return record_path
+    model = Path(run_dir) / BUNDLE_MODEL.name
+    try:
+        packaged = model.is_file() and RECORD_KEY in read_checkpoint(model, mmap=True, float32=False)
+    except ValueError:  # not a checkpoint: whatever reads it as one says so
+        packaged = False
+    return model if packaged else None
+
+
+def run_record(run_dir: str | Path) -> dict:
+    """The resolved keys training recorded in `run_dir/config.json`; in a bundle's models folder (no config.json),
+    the record its packaged `model.pt` carries; {} when there is no record."""
+    source = record_source(run_dir)
+    if source is None:
+        return {}
+    if source.name != RUN_RECORD:
+        return embedded_record(read_checkpoint(source, mmap=True, float32=False), source)
+    try:
+        return dict(json.loads(source.read_text())["resolved"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{record_path}: not a training run record ({e})") from e
+        raise ValueError(f"{source}: not a training run record ({e})") from e
 
 
 def run_setting(run_dir: str | Path, key: str, default=None, given=None):
     """`given` when set (a command-line value), else what the run in `run_dir` recorded for `key`, else `default`.
 
     So the steps after training (SWA, evaluation) use the run's own dataset_dir, fold and fold file by default.
+    A packaged model's record names the folders of the machine it was trained on: a dataset_dir or folds_csv it
+    names that does not exist here is an error saying what to pass (a missing fold file would otherwise be made
+    afresh, a split the model may have trained on).
     """
     if given is not None:
         return given
-    value = run_record(run_dir).get(key)
+    record = run_record(run_dir)
+    value = record.get(key)
+    if value is not None and key in RECORDED_PATHS and not Path(str(value)).exists():
+        source = record_source(run_dir)
+        if source is not None and source.name != RUN_RECORD:
+            fix = RECORDED_PATHS[key].format(fold=record.get("fold", "?"), num_folds=record.get("num_folds", "?"))
+            raise FileNotFoundError(f"{source}: its run record names {key} {value}, which does not exist here; {fix}")
     return default if value is None else value
 
 
+# what to pass when a packaged model's recorded dataset or fold file is not on this machine
+RECORDED_PATHS = {
+    "dataset_dir": "pass --dataset_dir DIR (the TGS competition data: train/images, train/masks, train.csv)",
+    "folds_csv": "pass --folds_csv FILE holding the split the model was trained with (fold {fold} of {num_folds} "
+                 "held out; `saltkit folds DATASET_DIR --k {num_folds} --out FILE` writes the default split)",
+}
+
+
 def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_folds=None, variant=None) -> None:
-    """Fail when `run_dir/config.json` (written by training) records another fold split or variant.
+    """Fail when `run_dir/config.json` (written by training; a packaged model's record in a bundle's models folder)
+    records another fold split or variant.
 
     SWA's BatchNorm pass and fold evaluation must use the run's own training / validation tiles; a checkpoint
-    scored on tiles it was trained on would look better than it is. Silent when the run has no config.json.
+    scored on tiles it was trained on would look better than it is. Silent when the run has no record. A packaged
+    model's data may sit in another folder here than where it was trained: another dataset_dir is only logged.
     """
-    record_path = Path(run_dir) / "config.json"
+    record_path = record_source(run_dir) or Path(run_dir) / RUN_RECORD
     record = run_record(run_dir)
     expected = {"fold": fold, "num_folds": num_folds, "variant": variant}
     for key, value in expected.items():
@@ -245,6 +321,10 @@ def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_fold
             raise ValueError(f"{record_path}: the run was trained with {key} {record[key]!r} but config key "
                              f"'{key}' is {value!r}; {fix}")
     if dataset_dir is not None and record.get("dataset_dir"):
+        if record_path.name != RUN_RECORD:  # a packaged model: its data may live elsewhere on this machine
+            if Path(record["dataset_dir"]).resolve() != Path(str(dataset_dir)).resolve():
+                logger.info(f"{record_path} was trained on {record['dataset_dir']}; scoring it on {dataset_dir}")
+            return
         if Path(record["dataset_dir"]).resolve() != Path(str(dataset_dir)).resolve():
             raise ValueError(f"{record_path}: the run was trained on {record['dataset_dir']} but config key "
                              f"'dataset_dir' is {dataset_dir}; leave --dataset_dir out to use the run's")
@@ -267,11 +347,51 @@ def checkpoint_variant(path: str | Path, variant: str | None = None) -> str:
     return valid_variant(recorded if recorded is not None else variant)
 
 
+# the repository checkout the package sits in (an editable install), as `saltkit.workflows.checkout_dir` finds it
+PACKAGE_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def bundle_model(bundle_root: str | Path = BUNDLE_ROOT) -> Path:
+    """`bundle_root/models/model.pt`; a relative `bundle_root` that holds no model from the current folder is
+    taken in the repository checkout the package sits in, so the commands find the shipped model from any folder
+    (as they find the bundle's configs)."""
+    path = Path(str(bundle_root)) / BUNDLE_MODEL
+    if path.is_file() or path.is_absolute():
+        return path
+    in_checkout = PACKAGE_CHECKOUT / path
+    return in_checkout if in_checkout.is_file() else path
+
+
+def restore_hint(path: Path) -> str:
+    return (f"put the shipped model back (git checkout -- {BUNDLE_ROOT / BUNDLE_MODEL}) or package one (saltkit "
+            f"export RUN/swa.pt --format model --out {path})")
+
+
+def shipped_model(bundle_root: str | Path = BUNDLE_ROOT, log=None) -> str:
+    """The bundle's model (`bundle_model`), the checkpoint used when none is given, said in one line (`log`,
+    default: logged at INFO); FileNotFoundError naming the path it expected and what to do when it is missing."""
+    path = bundle_model(bundle_root)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint given and the bundle's model {path} does not exist; pass --ckpt "
+                                f"FILE (a trained checkpoint, e.g. runs/pad_fold0/swa.pt), or {restore_hint(path)}")
+    (log or logger.info)(f"checkpoint {path} (the bundle's model; --ckpt FILE uses another)")
+    return str(path)
+
+
 def default_checkpoint(bundle_root: str | Path, run_dir: str | Path, name: str = "best_metric.pt") -> str:
-    """`bundle_root/models/model.pt` when it exists (a bundle with its model, as in the model zoo), else
-    `run_dir/name` (a training run's checkpoint)."""
-    bundled = Path(bundle_root) / "models" / "model.pt"
-    return str(bundled if bundled.is_file() else Path(run_dir) / name)
+    """The checkpoint of a workflow given none: the bundle's model (`bundle_model`) when it exists, as in the
+    model zoo, else `run_dir/name` (a training run's checkpoint); logs which one at INFO. FileNotFoundError naming
+    both and what to do when neither exists."""
+    bundled = bundle_model(bundle_root)
+    if bundled.is_file():
+        return shipped_model(bundle_root)
+    trained = Path(run_dir) / name
+    if not trained.is_file():
+        raise FileNotFoundError(f"checkpoint not found: neither the bundle's model {bundled} nor the run's {trained} "
+                                f"exists (config key 'ckpt'); pass --ckpt FILE, train the run first (saltkit train "
+                                f"configs/pad.json), or {restore_hint(bundled)}")
+    logger.info(f"checkpoint {trained} (the run's; no bundle model at {bundled})")
+    return str(trained)
 
 
 def output_dir_for(ckpt: str | Path, workflow: str) -> str:

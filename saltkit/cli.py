@@ -1,13 +1,16 @@
 """`saltkit` command line: the data commands defined here (folds, score, check-data), those of inference
-(ensemble, export) and seismic (predict, mosaic), and the bundle workflows (train, swa, evaluate, tune, inference).
+(ensemble, pseudo-label, export) and seismic (predict, mosaic), and the bundle workflows (train, swa,
+evaluate, tune, inference).
 
-Each area defines its commands as `saltkit.subcommands.Subcommand`s in a `register(registry)` function; this module
-imports them plainly and builds one argparse parser.
+Each area defines its commands as `saltkit.subcommands.Subcommand`s in a `register(registry)` function; this
+module builds one argparse parser. An area's module is imported only for its own commands (`AREA_COMMANDS`),
+so `saltkit --help` and the data commands start without torch or MONAI.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -129,18 +132,61 @@ def builtin_subcommands() -> dict[str, Subcommand]:
     return registry
 
 
-def all_subcommands() -> dict[str, Subcommand]:
+# The commands of the areas whose packages import torch and MONAI (seconds): name -> (the module whose
+# `register(registry)` defines it, its summary as `saltkit --help` lists it). tests/test_cli.py checks that
+# these are the commands and summaries the modules register.
+AREA_COMMANDS: dict[str, tuple[str, str]] = {
+    "ensemble": ("saltkit.inference.commands",
+                 "average saved probabilities of several runs into one validated submission"),
+    "pseudo-label": ("saltkit.inference.commands", "predict unlabelled tiles with a teacher and write the "
+                     "confident ones as a training set"),
+    "export": ("saltkit.inference.commands", "export a checkpoint's network to TorchScript (the default) or "
+               "ONNX, or package it as the bundle's model file"),
+    "predict": ("saltkit.seismic.commands",
+                "salt probability of section images of any size or of a whole SEG-Y volume"),
+    "mosaic": ("saltkit.seismic.commands",
+               "assemble real seismic sections from the tiles listed in mosaics.csv"),
+}
+
+
+def _no_arguments(_parser: argparse.ArgumentParser) -> None:
+    """A listed command's options are its module's, declared when that command is the one run."""
+
+
+def _listed_only(_args: argparse.Namespace) -> int:
+    raise RuntimeError("a command listed by saltkit.cli.AREA_COMMANDS runs from its own module's registry")
+
+
+def command_registry(loaded: set[str] | None = None) -> dict[str, Subcommand]:
     """Every saltkit command: the data commands, inference's, seismic's, then the bundle workflows not defined yet
-    (seismic's `predict` has its own options; the predict bundle runs the same code)."""
-    from saltkit.inference.commands import register as register_inference
-    from saltkit.seismic.commands import register as register_seismic
+    (seismic's `predict` has its own options; the predict bundle runs the same code).
+
+    The areas' commands are registered by their modules for the modules in `loaded` (None: every area), and
+    only listed (name and summary, `AREA_COMMANDS`) for the others.
+    """
     from saltkit.workflows import register as register_workflows
 
     registry = builtin_subcommands()
-    register_inference(registry)
-    register_seismic(registry)
+    for module in dict.fromkeys(module for module, _ in AREA_COMMANDS.values()):
+        if loaded is None or module in loaded:
+            importlib.import_module(module).register(registry)
+            continue
+        for name, (owner, summary) in AREA_COMMANDS.items():
+            if owner == module:
+                register_subcommand(registry, Subcommand(name, summary, _no_arguments, _listed_only))
     register_workflows(registry)
     return registry
+
+
+def all_subcommands() -> dict[str, Subcommand]:
+    """Every saltkit command, each area's module imported."""
+    return command_registry()
+
+
+def registry_for(argv: list[str]) -> dict[str, Subcommand]:
+    """The commands for `saltkit ARGV`: the module of the command named first imported, the others listed."""
+    command = AREA_COMMANDS.get(argv[0]) if argv else None
+    return command_registry(set() if command is None else {command[0]})
 
 
 DESCRIPTION = """TGS salt segmentation toolkit.
@@ -199,8 +245,9 @@ def main(argv: list[str] | None = None, registry: dict[str, Subcommand] | None =
     """
     from saltkit.errors import EXIT_CODE, debug_enabled, report, user_error
 
-    registry = all_subcommands() if registry is None else registry
-    args = parse_command_line(build_parser(registry), registry, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    registry = registry_for(argv) if registry is None else registry
+    args = parse_command_line(build_parser(registry), registry, argv)
     command = registry[args.command]
     try:
         return command.run(args)

@@ -5,17 +5,23 @@ checkpoints unless the run resumes it (`--resume true`) or replaces it (`--overw
 (`<run_dir>/.lock`, holding the pid of the training) so a second training into the same folder fails at once, and
 removes the temporaries of writes that a killed process left there. The lock is an advisory `flock`: the system
 releases it when its process ends, however it ends, so a killed run never blocks the resume that follows.
+`resume_checkpoint` finds the last.pt a run resumes; `prepare_run_dir` writes the run record (`config.json`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from saltkit.config import ConfigError, as_bool
-from saltkit.io import host_name, remove_stale_temporaries
+import ignite.distributed as idist
+
+from saltkit.config import FALSE_WORDS, TRUE_WORDS, ConfigError, as_bool
+from saltkit.io import atomic_write, host_name, remove_stale_temporaries
 
 try:
     import fcntl
@@ -120,9 +126,6 @@ def claim_run_dir(run_dir, resume_path: str | None = None, overwrite=False) -> R
     files are removed first. Stale temporaries of killed writes are removed. Only rank 0 creates, locks and
     cleans; every rank checks, so all fail alike. Release the returned lock when the training ends.
     """
-    import ignite.distributed as idist
-
-
     overwrite = as_bool(overwrite, "overwrite")
     run_dir = Path(str(run_dir))
     if resume_path is not None and overwrite:
@@ -162,3 +165,55 @@ def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool)
         raise ConfigError(f"config key 'run_dir': {run_dir} holds another run ({', '.join(p.name for p in previous)}) "
                           f"than the {resume_path} to resume; resume into the checkpoint's own folder or an empty "
                           "--run_dir")
+
+
+# ---------------------------------------------------------------- resume and the run record
+
+
+def resume_checkpoint(resume, run_dir) -> str | None:
+    """Checkpoint to resume from: None (`resume` false), `<run_dir>/last.pt` (true), or the path given."""
+    if isinstance(resume, (str, Path)) and str(resume).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
+        path = Path(str(resume))
+        if not path.is_file():
+            raise ConfigError(f"config key 'resume' must be true, false or the path of a last.pt; {path} is no file")
+    elif as_bool(resume, "resume"):
+        path = Path(str(run_dir)) / "last.pt"
+    else:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"config key 'resume': {path} not found; nothing to resume (run without --resume first)")
+    return str(path)
+
+
+RECORDED_PATHS = ("dataset_dir", "folds_csv", "run_dir")
+
+
+def prepare_run_dir(run_dir, record: Mapping, resume_path: str | None = None,
+                    argv: Sequence[str] | None = None) -> Path:
+    """Create the run directory and write `config.json` (resolved top-level keys + the command line); rank 0 only.
+
+    A previous run in the folder was refused or removed before (`claim_run_dir`).
+    """
+    run_dir = Path(str(run_dir))
+    if idist.get_rank() != 0:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = list(sys.argv if argv is None else argv)
+    # absolute, so SWA and evaluate find the run's data and folds from any working folder
+    record = {k: str(Path(str(v)).resolve()) if k in RECORDED_PATHS and v is not None else v for k, v in record.items()}
+    content = {"resolved": jsonable(record), "command": argv, "resumed_from": resume_path}
+    name = "config.json" if resume_path is None else "config_resumed.json"
+    with atomic_write(run_dir / name) as f:
+        json.dump(content, f, indent=2)
+    return run_dir
+
+
+def jsonable(value):
+    """Config values made JSON-friendly: paths and devices as strings, containers recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -23,9 +23,10 @@ from saltkit.checkpoints import (
     read_checkpoint,
     weight_arch,
 )
+from saltkit.config import as_bool
 from saltkit.inference.runtime import torch_network
 from saltkit.io import atomic_write, check_outputs, check_writable
-from saltkit.training import choose_precision
+from saltkit.precision import choose_precision
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
 
@@ -120,7 +121,7 @@ def run_swa(
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
     given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`. `amp`: config
-    key `amp` for both passes (`saltkit.training.choose_precision`); the checkpoint is float32 either way."""
+    key `amp` for both passes (`saltkit.precision.choose_precision`); the checkpoint is float32 either way."""
     paths = [Path(p) for p in checkpoints]
     check_outputs({"output": output}, {"checkpoints": paths})
     check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
@@ -152,3 +153,36 @@ def run_swa(
     out = save_swa_checkpoint(output, network, arch, paths, tiles, variant, entry)
     print(f"SWA: wrote {out}", flush=True)
     return out
+
+
+class StochasticWeightAveraging:
+    """The SWA workflow of bundles/saltnet/configs/swa.json (`run_swa`, as `run()`): the run's checkpoints
+    averaged, BatchNorm re-estimated over its training tiles, the post-processing tuned on its validation
+    tiles.
+
+    Args:
+        run_dir: the training run's folder (config key `run_dir`).
+        checkpoints: the checkpoints to average (`run_checkpoints`: names inside `run_dir`, or paths).
+        loader: batches of the fold's training tiles (no augmentation) for the BatchNorm pass.
+        output: the checkpoint to write (config key `output`).
+        device: where both passes run.
+        variant: config key `variant` (every checkpoint must have been trained with it).
+        tune_loader: labelled batches of the fold's validation tiles, for the tuning.
+        tune: config key `tune_postprocessing` (true / false): tune on `tune_loader` and store the result.
+        tuned_on: which tiles the tuning sees (`saltkit.inference.tuned.tuning_record`), stored with it.
+        amp: config key `amp`, for both passes.
+    """
+
+    def __init__(self, run_dir: str | Path, checkpoints: str | Sequence[str], loader: Iterable[dict],
+                 output: str | Path, device: str | torch.device = "cpu", variant: str | None = None,
+                 tune_loader: Iterable[dict] | None = None, tune=True, tuned_on: dict | None = None,
+                 amp=False):
+        self.checkpoints = run_checkpoints(run_dir, checkpoints)
+        self.loader, self.output, self.device, self.variant = loader, output, device, variant
+        self.tune_loader = tune_loader if as_bool(tune, "tune_postprocessing") else None
+        self.tuned_on, self.amp = tuned_on, amp
+
+    def run(self) -> Path:
+        """Average, re-estimate, tune and write (`run_swa`); returns the written checkpoint's path."""
+        return run_swa(self.checkpoints, self.loader, self.output, self.device, self.variant,
+                       tune_loader=self.tune_loader, tuned_on=self.tuned_on, amp=self.amp)

@@ -6,7 +6,8 @@ Each one runs, in this process, exactly the command line
 
 (the run's config.json records that command line), with MONAI's notes about the configs we ship silenced: the
 eval() warning printed for every config file, "Not all config files are in ..." (every override file in
-`configs/` triggers it) and "Setting logging properties based on config". A config file from anywhere else keeps
+`configs/` triggers it), "Setting logging properties based on config" and the deprecation notice about
+metadata.json's `optional_packages_version` (its schema requires the key; MONAI 1.6 renames it). A config file from anywhere else keeps
 them. `python -m monai.bundle run` itself prints them before any saltkit code runs.
 """
 
@@ -120,8 +121,9 @@ class _DropMessages(logging.Filter):
 
 @contextlib.contextmanager
 def shipped_config_warnings_silenced(config_files: Sequence[str]) -> Iterator[None]:
-    """Silence MONAI's eval() notice, its 'Not all config files are in' warning and its note that it applies
-    logging.conf while running `config_files`, when every one of them is a config we ship (see `is_shipped`)."""
+    """Silence MONAI's eval() notice, its 'Not all config files are in' warning, its note that it applies
+    logging.conf and its notice about metadata.json's `optional_packages_version` while running `config_files`,
+    when every one of them is a config we ship (see `is_shipped`)."""
     if not all(is_shipped(f) for f in config_files):
         yield
         return
@@ -131,6 +133,10 @@ def shipped_config_warnings_silenced(config_files: Sequence[str]) -> Iterator[No
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"parsing config_file ", category=UserWarning)
+            # metadata.json names optional_packages_version, as its schema requires; MONAI 1.6 reads it as a
+            # deprecated spelling of required_packages_version and says so on every run
+            warnings.filterwarnings("ignore", message=r"Detected deprecated name 'optional_packages_version'",
+                                    category=UserWarning)
             yield
     finally:
         workflows_logger.removeFilter(folders)

@@ -53,16 +53,28 @@ def test_workflow_files_have_the_keys_their_workflow_needs(name):
     assert config["inferer"]["_target_"] == "saltkit.inference.FlipTTAInferer"
 
 
+# The keys MONAI's bundle specification makes mandatory in metadata.json (its schema meta_schema_20220324 and
+# MONAI's current one require them too), and those of every input / output tensor format.
+SPEC_METADATA_KEYS = ("version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version",
+                      "task", "description", "authors", "copyright", "network_data_format")
+SPEC_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
+                    "is_patch_data", "channel_def")
+
+
 def test_metadata_holds_the_model_zoo_fields():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-                "required_packages_version", "name", "task", "description", "authors", "copyright",
-                "data_source", "data_type", "image_classes", "label_classes", "pred_classes", "eval_metrics",
-                "intended_use", "references", "network_data_format"):
+    for key in ("schema", "changelog", "required_packages_version", "name", "data_source", "data_type",
+                "image_classes", "label_classes", "pred_classes", "eval_metrics", "intended_use", "references",
+                *SPEC_METADATA_KEYS):
         assert key in meta, key
+    assert meta["schema"].endswith("/meta_schema_20220324.json")
+    assert isinstance(meta["optional_packages_version"], dict) and isinstance(meta["required_packages_version"], dict)
     assert meta["version"] in meta["changelog"]
     assert all(isinstance(v, (int, float)) for v in meta["eval_metrics"].values()), meta["eval_metrics"]
-    inputs, outputs = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    formats = meta["network_data_format"]
+    for name, tensor in [*formats["inputs"].items(), *formats["outputs"].items()]:
+        assert not [k for k in SPEC_TENSOR_KEYS if k not in tensor], (name, tensor)
+    inputs, outputs = formats["inputs"]["image"], formats["outputs"]["pred"]
     assert inputs["spatial_shape"] == [128, 128] and inputs["num_channels"] == 3 and inputs["value_range"] == [0, 1]
     assert outputs["num_channels"] == 1 and len(outputs["value_range"]) == 2
 
@@ -112,3 +124,101 @@ def test_verify_net_in_out_and_a_bundle_with_its_model(checkpoint, tmp_path):
     monai_bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(bundle_root),
                  "--progress", "false")
     assert (bundle_root / "models" / "inference" / "model" / "submission.csv").is_file()
+
+
+# ---------------------------------------------------------------- the shipped model (models/model.pt)
+
+BUNDLE = REPO / "bundles" / "saltnet"
+SHIPPED = BUNDLE / "models" / "model.pt"
+# what the model zoo's CI (ci/verify_bundle.py, verify_bundle_directory) looks for in a bundle, with the model card
+# and, as the zoo asks of bundles whose data has terms, docs/data_license.txt
+ZOO_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md", "LICENSE",
+             "docs/data_license.txt")
+
+
+def test_bundle_directory_holds_what_the_model_zoo_requires():
+    assert not [f for f in ZOO_FILES if not (BUNDLE / f).is_file()]
+    assert "Apache License" in (BUNDLE / "LICENSE").read_text()
+    assert "competition's rules" in (BUNDLE / "docs" / "data_license.txt").read_text()
+
+
+def test_shipped_model_file():
+    """At most 16 MB, read with weights_only=True, holding its weights, arch, variant, scores and run record;
+    float32 weights however it is stored."""
+    from saltkit.checkpoints import read_checkpoint
+
+    assert SHIPPED.stat().st_size <= 16 * 1024 * 1024
+    stored = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+    assert {"network", "arch", "variant", "metrics", "record", "source", "storage"} <= set(stored)
+    assert stored["variant"] in ("pad", "resize") and stored["storage"] in ("float32", "float16")
+    resolved = stored["record"]["resolved"]
+    assert resolved["fold"] is not None and resolved["train_tiles"] >= 1000 and stored["record"]["command"]
+    assert {t.dtype for t in read_checkpoint(SHIPPED)["network"].values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_model_zoo_ckpt_export_and_verify_net_in_out_on_the_shipped_bundle(tmp_path):
+    """As the zoo's CI runs them (ci/verify_bundle.py): `ckpt_export` of models/model.pt to TorchScript and
+    `verify_net_in_out` of network_def, given only the bundle's own files and bundle_root."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    from saltkit.checkpoints import load_network
+
+    meta, config = str(BUNDLE / "configs" / "metadata.json"), str(BUNDLE / "configs" / "inference.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=str(BUNDLE), device="cpu")
+    out = tmp_path / "verify_model.ts"
+    ckpt_export(net_id="network_def", filepath=str(out), ckpt_file=str(SHIPPED), meta_file=meta, config_file=config,
+                bundle_root=str(BUNDLE))
+    module = torch.jit.load(str(out), map_location="cpu").eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), load_network(SHIPPED)(x).logit, rtol=1e-4, atol=1e-4)
+
+
+def test_shipped_model_is_pinned(tmp_path):
+    """The inference workflow with no --ckpt predicts the sample's 20 test tiles with the shipped model (flip TTA,
+    its tuned post-processing): the same weights and masks as stored in tests/data/shipped_model_masks.csv."""
+    import pin_shipped_model as pin
+
+    found = pin.shipped_masks(tmp_path)
+    assert len(found[1]) == 20
+    problems = pin.differences(pin.read_expectation(), found)
+    assert not problems, "; ".join(problems) + f"; if the change is on purpose, rewrite the pin: {pin.REWRITE}"
+
+
+def test_predict_uses_the_shipped_model_when_no_checkpoint_is_given(tmp_path, capsys, caplog, monkeypatch):
+    """`saltkit predict SECTION --out DIR` from any folder: the checkout's bundle model, named in the output, whose
+    embedded run record says it is no toy."""
+    from saltkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    section = REPO / "saltkit" / "sample_data" / "sections" / "mosaic_9_127.png"
+    with caplog.at_level("WARNING", logger="saltkit.seismic.provenance"):
+        assert main(["predict", str(section), "--out", "pred", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"predict: checkpoint {SHIPPED} (the bundle's model; --ckpt FILE uses another)" in out
+    assert "mask threshold" in out and str(SHIPPED) in out.split("mask threshold")[1].splitlines()[0]
+    assert not caplog.records  # the toy-model warning
+    assert {p.name for p in (tmp_path / "pred").iterdir()} >= {"mosaic_9_127_prob.npy", "mosaic_9_127_mask.png",
+                                                                "mosaic_9_127_overlay.png"}
+
+
+def test_default_checkpoint_is_the_bundles_model_and_says_so(tmp_path, caplog):
+    from saltkit.checkpoints import default_checkpoint, shipped_model
+
+    run_dir = tmp_path / "runs" / "pad_fold0"
+    with caplog.at_level("INFO", logger="saltkit.checkpoints"):
+        assert default_checkpoint(BUNDLE, run_dir) == str(SHIPPED)
+    assert caplog.records[-1].getMessage() == f"checkpoint {SHIPPED} (the bundle's model; --ckpt FILE uses another)"
+    bare = tmp_path / "bare_bundle"
+    with pytest.raises(FileNotFoundError) as info:
+        default_checkpoint(bare, run_dir)
+    assert str(info.value).startswith(f"checkpoint not found: neither the bundle's model {bare}/models/model.pt nor "
+                                      f"the run's {run_dir}/best_metric.pt exists (config key 'ckpt'); pass --ckpt")
+    with pytest.raises(FileNotFoundError, match=f"the bundle's model {bare}/models/model.pt does not exist; pass "
+                                                 "--ckpt FILE"):
+        shipped_model(bare)
+    run_dir.mkdir(parents=True)
+    (run_dir / "best_metric.pt").write_bytes(SHIPPED.read_bytes())
+    with caplog.at_level("INFO", logger="saltkit.checkpoints"):
+        assert default_checkpoint(bare, run_dir) == str(run_dir / "best_metric.pt")
+    assert "(the run's; no bundle model at" in caplog.records[-1].getMessage()

@@ -291,3 +291,27 @@ def test_words_after_a_bare_double_dash_and_negative_numbers_are_values():
                               ["predict", "--ckpt", "m.pt", "--out", "o", "--clip-range", "-1e4", "1e4",
                                "--overlap", "-.5", "--", "--my_file.png"])
     assert args.input == Path("--my_file.png") and args.clip_range == [-1e4, 1e4] and args.overlap == -0.5
+
+
+def test_help_and_data_commands_start_without_torch():
+    # `saltkit --help` took seconds: every area's module (so torch and MONAI) was imported to list commands
+    code = ("import sys\nfrom saltkit.cli import main\n"
+            "heavy = lambda: sorted({'torch', 'monai'} & set(sys.modules))\n"
+            "print(heavy())\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint(heavy())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == lines[-1] == "[]", lines[:1] + lines[-1:]
+    assert "    predict" in done.stdout and "    ensemble" in done.stdout  # listed all the same
+
+
+def test_listed_commands_are_the_ones_their_modules_register():
+    import importlib
+
+    from saltkit.cli import AREA_COMMANDS
+
+    for module in {m for m, _ in AREA_COMMANDS.values()}:
+        registry: dict[str, Subcommand] = {}
+        importlib.import_module(module).register(registry)
+        assert {name: c.help for name, c in registry.items()} == \
+            {name: summary for name, (m, summary) in AREA_COMMANDS.items() if m == module}, module

@@ -11,7 +11,7 @@ from saltkit.config import ConfigError
 from saltkit.data.layout import DatasetError, read_id_csv
 from saltkit.errors import excepthook, is_user_error, one_line, program_name, user_error
 from saltkit.handlers.noam import schedule_steps
-from saltkit.training import check_config
+from saltkit.recipe import check_config
 
 
 def raised(fn, *args, **kwargs) -> BaseException:
@@ -25,7 +25,7 @@ def raised(fn, *args, **kwargs) -> BaseException:
 def wrapped(error: BaseException) -> RuntimeError:
     """What MONAI's config resolver raises around an error in a config expression."""
     try:
-        raise RuntimeError("Failed to evaluate ConfigExpression: $saltkit.training.check_config(...)") from error
+        raise RuntimeError("Failed to evaluate ConfigExpression: $@recipe.check()") from error
     except RuntimeError as outer:
         return outer
 

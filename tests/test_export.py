@@ -98,7 +98,7 @@ def test_missing_onnx_extra_is_named(checkpoint, tmp_path, monkeypatch, capsys):
     assert "pip install 'saltkit[onnx]'" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "model"])
 @pytest.mark.parametrize("spelling", ["same", "dot", "link"])
 def test_export_never_writes_over_its_checkpoint(checkpoint, tmp_path, monkeypatch, capsys, fmt, spelling):
     # `saltkit export m.pt --out m.pt` replaced the checkpoint with the export
@@ -216,3 +216,141 @@ def test_int8_export_needs_the_fold_of_a_checkpoint_without_run_record(varied_ch
     assert main(["export", str(varied_checkpoint), "--quantize", "int8", "--out", str(out)]) == 2  # torchscript
     assert "--quantize int8 quantizes the ONNX export: add --format onnx" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the bundle's model file (--format model)
+
+RECORD = {"dataset_dir": "/data/tgs", "folds_csv": "/data/folds/tgs-k10.csv", "fold": 0, "num_folds": 10,
+          "variant": "pad", "backbone": "resnet18", "num_filters": 4, "train_tiles": 2880, "val_tiles": 320}
+TUNED = {"threshold": 0.4, "min_component_size": 30, "image_threshold": None, "min_area": 0,
+         "metric_before": 0.7, "metric_after": 0.72, "metric_heldout": 0.71, "tuned_on": {"fold": 0, "tiles": 320}}
+
+
+def run_folder(root: Path, record: dict | None = RECORD, resumed: bool = False) -> Path:
+    """A run folder holding swa.pt (a small SaltUNet whose float32 weights are float16 values, so half storage
+    loses nothing, with its logits spread out like a trained model's and tuned post-processing) and, unless
+    `record` is None, its config.json (and config_resumed.json)."""
+    import json
+
+    from saltkit.networks import SaltUNet
+
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False).eval()
+    with torch.no_grad():
+        net.final[2].weight.mul_(3000)
+        net.final[2].bias.zero_()
+    state = {k: v.half().float() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save({"network": state, "arch": net.arch, "variant": "pad", "postprocessing": TUNED,
+                "checkpoints": ["best_loss.pt", "best_metric.pt"], "bn_tiles": 2880}, root / "swa.pt")
+    if record is not None:
+        (root / "config.json").write_text(json.dumps({"resolved": record, "command": ["train", "--fold", "0"]}))
+    if resumed:
+        (root / "config_resumed.json").write_text(json.dumps({"resolved": {**record, "resume": "true"},
+                                                               "command": ["train", "--resume", "true"]}))
+    return root / "swa.pt"
+
+
+def test_model_file_round_trips_from_half_storage(tmp_path, capsys):
+    """`saltkit export RUN/swa.pt --format model --half`: a file `torch.load(weights_only=True)` reads, with the
+    weights stored as float16 and read back as float32 (same weights, same masks on the sample's tiles), the
+    tuned post-processing, the scores and the run's record (config.json and config_resumed.json)."""
+    import json
+
+    from saltkit.checkpoints import read_checkpoint, weights_fingerprint
+    from saltkit.export import sample_tile_masks
+
+    swa = run_folder(tmp_path / "run", resumed=True)
+    out = tmp_path / "bundle" / "models" / "model.pt"
+    assert main(["export", str(swa), "--format", "model", "--half", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: the model file of {swa}" in printed and "float16 storage" in printed
+    assert "differ from the float32 checkpoint's in 0 of 204020 pixels" in printed
+
+    stored = torch.load(out, map_location="cpu", weights_only=True)
+    floats = [t for t in stored["network"].values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float16 for t in floats) and stored["storage"] == "float16"
+    assert out.stat().st_size < 0.6 * swa.stat().st_size
+    assert stored["record"] == json.loads((swa.parent / "config.json").read_text())
+    assert stored["resumed_record"]["command"] == ["train", "--resume", "true"]
+    assert stored["postprocessing"] == TUNED and stored["variant"] == "pad"
+    assert stored["metrics"] == {"postprocessing": {"metric_before": 0.7, "metric_after": 0.72, "metric_heldout": 0.71}}
+    assert stored["source"]["name"] == "swa.pt" and stored["source"]["checkpoints"] == ["best_loss.pt", "best_metric.pt"]
+
+    source, packaged = read_checkpoint(swa), read_checkpoint(out)
+    assert all(t.dtype != torch.float16 for t in packaged["network"].values())
+    assert weights_fingerprint(packaged["network"]) == weights_fingerprint(source["network"])
+    masks = sample_tile_masks(packaged, out, limit=4)
+    assert masks.shape == (4, 101, 101) and 0 < masks.mean() < 1
+    assert (masks == sample_tile_masks(source, swa, limit=4)).all()
+    # tuning it again (saltkit tune --ckpt) rewrites the entry and keeps the float16 storage
+    from saltkit.inference.tuned import store_postprocessing
+
+    store_postprocessing(out, {**TUNED, "threshold": 0.45})
+    again = torch.load(out, map_location="cpu", weights_only=True)
+    assert again["postprocessing"]["threshold"] == 0.45 and again["record"] == stored["record"]
+    assert all(t.dtype == torch.float16 for t in again["network"].values() if t.is_floating_point())
+
+
+def test_model_file_refusals(tmp_path, capsys, monkeypatch):
+    """No run record, a record of another run, or float16 storage that changes the masks: one line, no file."""
+    import json
+
+    import saltkit.export
+
+    bare = run_folder(tmp_path / "bare", record=None)
+    out = tmp_path / "model.pt"
+    assert main(["export", str(bare), "--format", "model", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{bare}: no run record ({bare.parent / 'config.json'} does not exist)" in err and "--record" in err
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"resolved": {**RECORD, "backbone": "resnet10_w32"}}))
+    assert main(["export", str(bare), "--format", "model", "--out", str(out), "--record", str(other)]) == 2
+    assert "has backbone 'resnet18' but its run record says 'resnet10_w32'" in capsys.readouterr().err
+    assert main(["export", str(bare), "--out", str(out), "--half"]) == 2
+    assert "--half and --record belong to --format model" in capsys.readouterr().err
+    assert main(["export", str(bare), "--format", "model"]) == 2
+    assert "--format model needs --out" in capsys.readouterr().err
+
+    swa = run_folder(tmp_path / "run")
+    monkeypatch.setattr(saltkit.export, "HALF_MASK_TOLERANCE", -1.0)  # any change, even none, is too much
+    assert main(["export", str(swa), "--format", "model", "--half", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stored as float16 its masks of the sample's test tiles change in 0 of 204020 pixels" in err
+    assert "package it without --half" in err and not out.exists()
+
+
+def test_packaged_model_carries_its_run_record(tmp_path, caplog):
+    """Outside its run folder the model still says what it was trained on (captions, the toy-model warning) and
+    evaluate reads its fold from it; a dataset or fold file of the training machine that is not here is named."""
+    import logging
+
+    from saltkit.checkpoints import check_run_matches, run_record, run_setting
+    from saltkit.data.layout import sample_dir
+    from saltkit.seismic.provenance import model_provenance
+
+    real = tmp_path / "bundle" / "models" / "model.pt"
+    assert main(["export", str(run_folder(tmp_path / "real")), "--format", "model", "--out", str(real)]) == 0
+    toy = tmp_path / "toy_bundle" / "models" / "model.pt"
+    toy_record = {**RECORD, "dataset_dir": str(sample_dir()), "train_tiles": 90}
+    assert main(["export", str(run_folder(tmp_path / "toy", toy_record)), "--format", "model", "--out", str(toy)]) == 0
+    with caplog.at_level(logging.WARNING, logger="saltkit.seismic.provenance"):
+        info = model_provenance(real)
+        assert info["train_tiles"] == 2880 and info["dataset_dir"] == "/data/tgs" and not info["toy"]
+        assert not caplog.records
+        assert model_provenance(toy)["toy"]
+        assert f"{toy} was trained on 90 tiles of the embedded sample" in caplog.records[-1].getMessage()
+
+    models = real.parent
+    assert run_record(models) == RECORD
+    assert run_setting(models, "fold", 3) == 0 and run_setting(models, "folds_csv", given="mine.csv") == "mine.csv"
+    with pytest.raises(FileNotFoundError) as info:
+        run_setting(models, "folds_csv")
+    message = str(info.value)
+    assert f"{real}: its run record names folds_csv /data/folds/tgs-k10.csv, which does not exist here" in message
+    assert "pass --folds_csv FILE" in message and "fold 0 of 10 held out" in message
+    with pytest.raises(FileNotFoundError, match="pass --dataset_dir DIR"):
+        run_setting(models, "dataset_dir")
+    check_run_matches(models, dataset_dir=tmp_path / "tgs", fold=0, num_folds=10, variant="pad")  # data moved: fine
+    with pytest.raises(ValueError, match="the run was trained with fold 0 but config key 'fold' is 3; pass --fold 0"):
+        check_run_matches(models, dataset_dir=tmp_path / "tgs", fold=3)

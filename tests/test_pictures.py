@@ -1,12 +1,23 @@
-"""Tile pictures: outlines of real masks in two colours, captions, the grid's layout."""
+"""Tile pictures: outlines of real masks in two colours, captions, the grid's layout, and the script that
+draws the bundle docs' picture."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from saltkit.data import load_image, load_mask, train_items
+from saltkit.data.layout import copy_subset
 from saltkit.pictures import BOTH_RGB, PRED_RGB, TRUTH_RGB, inner_outline, outline_tile, tile_grid
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +74,26 @@ def test_tile_grid_layout_and_captions(tiles):
     assert one.shape[1] < 202 + 40  # a single tile: one column
     with pytest.raises(ValueError, match="6 tiles, 6 truths, 6 predictions, 5 ids"):
         tile_grid(images, truths, preds, ids[:5], scores)
+
+
+def test_docs_pictures_script_runs_on_a_run_folder(sample_dir, tmp_path):
+    """`python bundles/saltnet/docs/make_pictures.py RUN/best_metric.pt`, as its docstring writes it, on a
+    tiny run: a small network's checkpoint beside the run record of a 12-tile dataset."""
+    from saltkit.networks import SaltUNet
+
+    data = copy_subset(sample_dir, tmp_path / "tgs", [it["id"] for it in train_items(sample_dir)][:12])
+    run = tmp_path / "runs" / "pad_fold0"
+    run.mkdir(parents=True)
+    record = {"dataset_dir": str(data), "folds_csv": str(tmp_path / "folds.csv"), "fold": 0, "num_folds": 3,
+              "variant": "pad"}
+    (run / "config.json").write_text(json.dumps({"resolved": record}))
+    torch.manual_seed(0)
+    net = SaltUNet(backbone="resnet18", num_filters=4, upsample_input=False).eval()
+    torch.save({"network": net.state_dict(), "arch": net.arch, "variant": "pad"}, run / "best_metric.pt")
+    out = tmp_path / "worst_tiles.png"
+    done = subprocess.run([sys.executable, str(REPO / "bundles/saltnet/docs/make_pictures.py"),
+                           str(run / "best_metric.pt"), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"wrote {out}"
+    assert Image.open(out).mode == "RGB"

@@ -279,7 +279,7 @@ def test_two_process_gloo_run(small_dataset, tmp_path):
 
 def test_run_record_holds_absolute_paths(tmp_path, monkeypatch):
     """A run trained from one folder is read by SWA / evaluate from another: relative paths are recorded absolute."""
-    from saltkit.training import prepare_run_dir
+    from saltkit.rundir import prepare_run_dir
 
     monkeypatch.chdir(tmp_path)
     record = {"dataset_dir": "data/tgs", "folds_csv": "runs/folds/tgs-k10.csv", "run_dir": "runs/pad_fold0", "fold": 0}
@@ -308,45 +308,45 @@ def test_loss_record_names_the_loss_and_its_weights():
 
 
 def test_amp_auto_takes_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, caplog):
-    import saltkit.training as training
+    import saltkit.precision as precision
 
-    monkeypatch.setattr(training, "native_cpu_bf16", lambda: (False, "no native bf16: a test processor"))
-    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
-        assert training.amp_settings("auto", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": None}
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: (False, "no native bf16: a test processor"))
+    with caplog.at_level(logging.DEBUG, logger="saltkit.precision"):
+        assert precision.amp_settings("auto", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": None}
     assert caplog.messages == ["amp auto: float32 on the CPU (no native bf16: a test processor)"]
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
+    with caplog.at_level(logging.DEBUG, logger="saltkit.precision"):
         # `true` asks for bf16 whatever the processor: it gets it, with a warning that it is emulated
-        assert training.amp_settings("true", "cpu")["autocast"] == torch.bfloat16
+        assert precision.amp_settings("true", "cpu")["autocast"] == torch.bfloat16
     assert caplog.records[0].levelno == logging.WARNING and "emulated" in caplog.messages[0]
 
-    monkeypatch.setattr(training, "native_cpu_bf16", lambda: (True, "oneDNN reports native bf16"))
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: (True, "oneDNN reports native bf16"))
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="saltkit.training"):
+    with caplog.at_level(logging.DEBUG, logger="saltkit.precision"):
         # MONAI's engines autocast on CUDA only: on the CPU the bundles' AutocastInferer does it
-        assert training.amp_settings("AUTO", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": torch.bfloat16}
-        assert training.amp_settings(False, "cpu")["autocast"] is None
-        assert training.amp_settings("fp16", "cpu")["autocast"] is None  # fp16 autocast is CUDA-only here
+        assert precision.amp_settings("AUTO", "cpu") == {"amp": False, "amp_kwargs": {}, "autocast": torch.bfloat16}
+        assert precision.amp_settings(False, "cpu")["autocast"] is None
+        assert precision.amp_settings("fp16", "cpu")["autocast"] is None  # fp16 autocast is CUDA-only here
     assert caplog.messages[0] == "amp auto: bf16 autocast on the CPU (oneDNN reports native bf16)"
     assert caplog.records[1].levelno == logging.DEBUG and caplog.records[2].levelno == logging.WARNING
 
 
 def test_native_cpu_bf16_asks_onednn_and_the_processor_flags(monkeypatch):
-    import saltkit.training as training
+    import saltkit.precision as precision
 
-    monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert training.native_cpu_bf16()[0] is False  # no oneDNN bf16 kernels: torch's generic path, slow
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert precision.native_cpu_bf16()[0] is False  # no oneDNN bf16 kernels: torch's generic path, slow
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert training.native_cpu_bf16() == (True, "oneDNN reports bf16 and the processor has avx512_bf16")
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512bw", "amx_tile", "amx_bf16"})
-    assert training.native_cpu_bf16()[0] is True
-    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"})
-    native, why = training.native_cpu_bf16()  # AVX-512 without bf16 instructions: oneDNN would emulate it
+    assert precision.native_cpu_bf16() == (True, "oneDNN reports bf16 and the processor has avx512_bf16")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512bw", "amx_tile", "amx_bf16"})
+    assert precision.native_cpu_bf16()[0] is True
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"})
+    native, why = precision.native_cpu_bf16()  # AVX-512 without bf16 instructions: oneDNN would emulate it
     assert native is False and "emulate" in why
-    monkeypatch.setattr(training.platform, "machine", lambda: "aarch64")
-    assert training.native_cpu_bf16() == (True, "oneDNN reports native bf16")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
+    assert precision.native_cpu_bf16() == (True, "oneDNN reports native bf16")
 
 
 def test_bf16_trained_checkpoint_loads_and_predicts_in_float32(sample_dir, tmp_path):

@@ -56,9 +56,11 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "fold out of range": (
             bundle("training", "train.json", "--fold", "10"),
             r"saltkit training: error: config key 'fold' must be an integer in 0\.\.9 \(num_folds=10\), got 10"),
-        "inference before training": (
-            bundle("inference", "inference.json"),
-            r"saltkit inference: error: .*not found.*ckpt"),
+        "inference with no model": (  # a bundle without its model.pt, before any training
+            bundle("inference", "inference.json", "--bundle_root", str(tmp / "bare_bundle")),
+            rf"saltkit inference: error: checkpoint not found: neither the bundle's model "
+            rf"{re.escape(str(tmp / 'bare_bundle' / 'models' / 'model.pt'))} nor the run's "
+            rf"runs/pad_fold0/best_metric.pt exists \(config key 'ckpt'\); pass --ckpt FILE"),
         "swa with one checkpoint": (
             saltkit("swa", PAD, "--run_dir", str(one)),
             rf"saltkit swa: error: SWA checkpoint not found: {re.escape(str(one / 'best_accuracy.pt'))}"),
@@ -85,7 +87,7 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[list[str], str, int, str]]:
 
 
 @pytest.mark.parametrize("name", ["wrong dataset_dir", "misspelt key", "fold out of range",
-                                  "inference before training", "swa with one checkpoint", "tiles of the wrong size"])
+                                  "inference with no model", "swa with one checkpoint", "tiles of the wrong size"])
 def test_error_ends_with_one_line(outcomes, name):
     cmd, expected, code, out = outcomes[name]
     lines = [line for line in out.splitlines() if line.strip()]

@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import RandomSampler, Sampler
 
-from saltkit.config import ConfigError, none_if_null
+from saltkit.config import ConfigError, as_bool, none_if_null
 from saltkit.data.layout import DatasetError, id_listing, train_items
 
 MANIFEST = "manifest.json"
@@ -241,3 +241,27 @@ def mixed_sampler(n_labelled: int, n_pseudo: int, batch_size: int, share, seed: 
 
     return MixedBatchSampler(n_labelled, n_pseudo, batch_size, per_batch, seed, idist.get_rank(),
                              idist.get_world_size())
+
+
+def training_sampler(labelled: Sized, pseudo: Sized, batch_size: int, share, seed: int = 0,
+                     distributed=False) -> Sampler:
+    """The training DataLoader's sampler over `labelled + pseudo` items: with pseudo-labelled items, the
+    `MixedBatchSampler` (`mixed_sampler`); without, the labelled items shuffled every epoch, by MONAI's
+    DistributedSampler (each process its share) when `distributed`, else as `DataLoader(shuffle=True)` would.
+
+    Args:
+        labelled: the fold's labelled training items.
+        pseudo: the pseudo-labelled items (empty without a pseudo-labelled set).
+        batch_size: config key `batch_size`.
+        share: config key `pseudo_share`.
+        seed: config key `seed` (the MixedBatchSampler's own generator).
+        distributed: config key `distributed`.
+    """
+    mixed = mixed_sampler(len(labelled), len(pseudo), batch_size, share, seed)
+    if mixed is not None:
+        return mixed
+    if as_bool(distributed, "distributed"):
+        from monai.data import DistributedSampler
+
+        return DistributedSampler(range(len(labelled)), even_divisible=True, shuffle=True)
+    return RandomSampler(range(len(labelled)))

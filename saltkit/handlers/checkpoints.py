@@ -32,6 +32,7 @@ from saltkit.checkpoints import (
     save_checkpoint,
     unwrap,
 )
+from saltkit.config import none_if_null
 
 logger = logging.getLogger(__name__)
 
@@ -202,17 +203,24 @@ class ResumeFromCheckpoint:
     The checkpoint's arch must match the network's, its run what `expected` describes (`check_same_run`), and the
     epoch length this config's (ResumeError otherwise). A best checkpoint that last.pt records as its own epoch's
     but that is missing or older on disk (a kill between the two writes) is rewritten from last.pt's network.
+
+    Args:
+        path: the last.pt to resume; None: a fresh run, nothing is attached.
+        network, optimizer, lr_scheduler: the run's, restored from the checkpoint.
+        best: the `BestCheckpoint` handlers, whose best scores are restored.
+        expected: what identifies the run (`saltkit.training.run_identity`), checked against the checkpoint's.
     """
 
-    def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, path: str | Path | None, network: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, best: Sequence[BestCheckpoint] = (), expected: dict | None = None):
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.best = list(best)
         self.expected = dict(expected or {})
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        if self.path is not None:
+            engine.add_event_handler(Events.STARTED, self)
 
     def read(self) -> dict:
         ckpt = read_resume_checkpoint(self.path)
@@ -256,14 +264,22 @@ class ResumeFromCheckpoint:
 class InitFromCheckpoint:
     """On the trainer's STARTED event, load the network weights of a trained checkpoint (config key 'init_ckpt'):
     fine-tuning starts from them with the config's fresh optimizer and schedule. The architecture was checked
-    before the run (`saltkit.training.check_init_ckpt`); a resumed run takes its weights from last.pt instead."""
+    before the run (`saltkit.finetune.check_init_ckpt`); a resumed run takes its weights from last.pt instead.
 
-    def __init__(self, path: str | Path, network: nn.Module):
-        self.path = Path(path)
+    Args:
+        path: the checkpoint (config key `init_ckpt`); null: nothing to load, nothing is attached.
+        network: the run's network.
+        resume_path: the last.pt a resumed run continues from (then nothing is attached), or None.
+    """
+
+    def __init__(self, path: str | Path | None, network: nn.Module, resume_path: str | Path | None = None):
+        path = none_if_null(path)
+        self.path = None if path is None or resume_path is not None else Path(path)
         self.network = network
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        if self.path is not None:
+            engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         unwrap(self.network).load_state_dict(read_checkpoint(self.path, "init_ckpt")["network"])

@@ -103,6 +103,23 @@ def noam_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: float, total_
     return LambdaLR(optimizer, NoamLambda(warmup_steps, total_steps, cooldown_steps))
 
 
+def epoch_noam_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int,
+                         warmup: float, cooldown: float = 0, unit: str = "epoch") -> LambdaLR:
+    """`noam_scheduler` for a run of `max_epochs` epochs of `steps_per_epoch` iterations (train.json's).
+
+    Args:
+        optimizer: the optimizer whose rate the schedule sets.
+        steps_per_epoch: iterations per epoch (the training DataLoader's length).
+        max_epochs: the run's length in epochs (the cool-down ends with it).
+        warmup: the warm-up, in `unit`s (config key `warmup_epochs`).
+        cooldown: the final linear ramp to 0, in `unit`s (config key `cooldown_epochs`; 0: none).
+        unit: "epoch" or "iteration" (config key `warmup_unit`).
+    """
+    total = max_epochs * steps_per_epoch
+    return noam_scheduler(optimizer, warmup_steps(warmup, steps_per_epoch, unit), total,
+                          cooldown_steps(cooldown, steps_per_epoch, total, unit))
+
+
 class NoamHandler(LrScheduleHandler):
     """LrScheduleHandler stepping a (Noam) LambdaLR every iteration that also records the current rate as
     `engine.state.lr`, so StatsHandler / TensorBoardStatsHandler(state_attributes=["lr"]) report it per epoch.

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+from saltkit.config import as_bool
 from saltkit.logs import details_at_debug, logging_around_bars
 from saltkit.metrics import competition_metric
 
@@ -28,10 +29,18 @@ class TrainingProgress:
     but a log line every `every_percent` % of an epoch. The averages are local to this process (no collective
     calls), so attach it on rank 0 only. `metric` is the competition metric of the batch's `tile_pred` > 0 vs
     `tile_label` (engine output after TilePredictiond). `terminal` None: whether stderr (the bars' stream) is one.
+
+    Args:
+        persist: keep the finished bars on screen.
+        validator: the evaluator run at the end of an epoch, whose progress is shown too.
+        every_percent: without a terminal, a log line every this % of an epoch.
+        terminal: bars (true) or log lines (false); None: bars when stderr is a terminal.
+        enabled: config key `progress` (true / false): false shows nothing (the epoch's summary line stays).
     """
 
     def __init__(self, persist: bool = False, validator: Engine | None = None, every_percent: float = 25,
-                 terminal: bool | None = None):
+                 terminal: bool | None = None, enabled=True):
+        self.enabled = as_bool(enabled, "progress")
         self.persist = persist
         self.validator = validator
         self.every_percent = every_percent
@@ -68,6 +77,8 @@ class TrainingProgress:
         return sys.stderr.isatty() if self.terminal is None else self.terminal
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)  # before the bar reads the values
         if self.is_terminal():

@@ -7,6 +7,7 @@ import time
 
 from ignite.engine import Engine, Events
 
+from saltkit.config import none_if_null
 from saltkit.handlers.noam import cooldown_lambdas
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class EpochTimeBudget:
     """
 
     def __init__(self, minutes: float | None, lr_scheduler=None):
+        minutes = none_if_null(minutes)  # `--time_limit_minutes null` arrives as a string
         self.seconds = None if minutes is None else float(minutes) * 60
         self.lr_scheduler = lr_scheduler
         self.start: float | None = None

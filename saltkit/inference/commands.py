@@ -65,12 +65,20 @@ def _ensemble_run(args: argparse.Namespace) -> int:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", type=Path, help="checkpoint with 'network' and 'arch' (e.g. runs/pad_fold0/swa.pt)")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
-                   help="torchscript (default; returns the final logit) or onnx (final and image logits, for "
-                        "ONNX Runtime; needs pip install 'saltkit[onnx]')")
-    p.add_argument("--out", type=Path, default=None, help="file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts / swa.onnx)")
+    p.add_argument("--format", choices=("torchscript", "onnx", "model"), default="torchscript",
+                   help="torchscript (default; returns the final logit), onnx (final and image logits, for "
+                        "ONNX Runtime; needs pip install 'saltkit[onnx]'), or model: the bundle's model file "
+                        "(weights, arch, variant, tuned post-processing, scores and the run record, read with "
+                        "weights_only=True), e.g. --out bundles/saltnet/models/model.pt")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts / swa.onnx; --format model needs it)")
     p.add_argument("--image-size", type=int, default=128, help="network input size of the export (128)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the export's output with the checkpoint's")
+    m = p.add_argument_group("the bundle's model file (with --format model)")
+    m.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (half the size; they load as float32), written only when the "
+                        "masks of the sample's test tiles stay as the checkpoint's")
+    m.add_argument("--record", type=Path, default=None,
+                   help="the run record to embed (default: config.json beside the checkpoint)")
     q = p.add_argument_group("INT8 (with --format onnx --quantize int8)")
     q.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: statically quantized with ONNX Runtime (QDQ, per-channel int8 weights, uint8 "
@@ -93,6 +101,11 @@ def _export_run(args: argparse.Namespace) -> int:
     from saltkit.export import ONNX_TOLERANCE, export_onnx, export_torchscript
 
     size = args.image_size
+    if args.format != "model" and (args.half or args.record is not None):
+        print("saltkit export: error: --half and --record belong to --format model", file=sys.stderr)
+        return 2
+    if args.format == "model":
+        return _export_model(args)
     if args.quantize is not None:
         return _export_int8(args)
     if args.format == "onnx":
@@ -110,6 +123,24 @@ def _export_run(args: argparse.Namespace) -> int:
     out = export_torchscript(args.ckpt, args.out or args.ckpt.with_suffix(".ts"), image_size=size, verify=not args.no_verify)
     print(f"wrote {out}: TorchScript, (B, 3, {size}, {size}) tiles in [0, 1] -> "
           "(B, 1, H, W) final logit" + ("" if args.no_verify else " (verified against the checkpoint)"))
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from saltkit.export import MODEL_SIZE_LIMIT, package_model
+
+    if args.out is None:
+        print("saltkit export: error: --format model needs --out (e.g. --out bundles/saltnet/models/model.pt)",
+              file=sys.stderr)
+        return 2
+    if args.quantize is not None:
+        print("saltkit export: error: --quantize int8 quantizes the ONNX export, not the model file", file=sys.stderr)
+        return 2
+    result = package_model(args.ckpt, args.out, half=args.half, record=args.record, verify=not args.no_verify)
+    print(f"wrote {result.path}: the model file of {args.ckpt} ({result})")
+    if result.size > MODEL_SIZE_LIMIT:
+        print(f"saltkit export: note: {result.path} is larger than the {MODEL_SIZE_LIMIT // 2**20} MB the bundle "
+              "ships" + ("" if args.half else "; --half stores it in half the size"))
     return 0
 
 
@@ -192,5 +223,6 @@ def register(registry: dict[str, Subcommand]) -> None:
         "pseudo-label", "predict unlabelled tiles with a teacher and write the confident ones as a training set",
         _pseudo_label_arguments, _pseudo_label_run))
     register_subcommand(registry, Subcommand(
-        "export", "export a checkpoint's network to TorchScript (the default) or ONNX",
+        "export", "export a checkpoint's network to TorchScript (the default) or ONNX, or package it as the bundle's "
+        "model file",
         _export_arguments, _export_run))

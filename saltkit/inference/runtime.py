@@ -38,7 +38,7 @@ def uses_onnxruntime(runtime) -> bool:
 def runtime_amp(runtime, amp):
     """Config key `amp` as `runtime` honours it: ONNX Runtime runs the float32 export, so there any value but false
     becomes false, with a log line saying so (a value `amp` does not take is still an error naming the key)."""
-    from saltkit.training import amp_off
+    from saltkit.precision import amp_off
 
     if amp_off(amp) or not uses_onnxruntime(runtime):
         return amp

@@ -101,11 +101,11 @@ def read_tuned_postprocessing(path: str | Path, key: str = "ckpt") -> dict | Non
 
 def store_postprocessing(path: str | Path, entry: dict) -> Path:
     """Rewrite the checkpoint at `path` with `entry` (checked first) as its post-processing entry, atomically:
-    a failure leaves the file as it was."""
+    a failure leaves the file as it was, and the weights keep their storage (a packaged model's float16)."""
     from saltkit.checkpoints import read_checkpoint, save_checkpoint
 
     check_entry(entry, path)
-    ckpt = read_checkpoint(path, "ckpt")
+    ckpt = read_checkpoint(path, "ckpt", float32=False)
     ckpt[ENTRY] = entry
     return save_checkpoint(ckpt, path)
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saltkit.config import as_bool
+
 from .blocks import conv_abn
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder, stage_channels
 from .object_context import ObjectContextBlock
@@ -83,6 +85,7 @@ class SaltUNet(nn.Module):
                  upsample_input: bool = True, attention: str = "sdpa", fine_context_scale: int = 1,
                  deep_supervision: str = "hypercolumn"):
         super().__init__()
+        upsample_input = as_bool(upsample_input, "upsample_input")  # a config's true / false, 1 / 0 too
         if deep_supervision not in DEEP_SUPERVISION_MODES:
             raise ValueError(f"deep_supervision={deep_supervision!r}; expected one of {DEEP_SUPERVISION_MODES}")
         f = num_filters

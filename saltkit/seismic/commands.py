@@ -20,7 +20,9 @@ def _threshold(text: str):
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder "
                                             "of them, or a SEG-Y volume (.sgy/.segy)")
-    p.add_argument("--ckpt", type=Path, required=True, help="trained checkpoint (e.g. runs/pad_fold0/swa.pt)")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="trained checkpoint (e.g. runs/pad_fold0/swa.pt; default: the bundle's model, "
+                        "bundles/saltnet/models/model.pt)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x <= 0.9 (0.5)")
@@ -70,6 +72,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _predict_run(args: argparse.Namespace) -> int:
     import torch
 
+    from saltkit.checkpoints import shipped_model
     from saltkit.inference.tuned import prediction_threshold
     from saltkit.seismic.predict import (
         check_prediction_outputs,
@@ -87,6 +90,8 @@ def _predict_run(args: argparse.Namespace) -> int:
         if is_segy_path(args.input):
             read_layout(args.input)  # a bad volume or the missing extra fails before the network loads
         check_prediction_outputs(args.input, args.out)
+        if args.ckpt is None:
+            args.ckpt = Path(shipped_model(log=lambda line: print(f"predict: {line}", flush=True)))
         device = default_device(args.device)
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))

@@ -2,7 +2,8 @@
 pictures' captions and OUT.json, and a warning when the model is a toy.
 
 A run records what it trained on in its folder's `config.json` (`dataset_dir`, `train_tiles`); a checkpoint that
-carries those keys itself is read first. A model trained on the embedded sample (`saltkit/sample_data/tgs`, 90
+carries those keys itself is read first, then the run record a packaged model carries (`saltkit export CKPT --format
+model`: the bundle's model sits in no run folder). A model trained on the embedded sample (`saltkit/sample_data/tgs`, 90
 training tiles) or on fewer than `TOY_TILES` tiles only shows that the commands work: its probabilities on real
 seismic mean little.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from saltkit.checkpoints import read_checkpoint, run_record, weights_fingerprint
+from saltkit.checkpoints import embedded_record, read_checkpoint, run_record, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,14 @@ def is_embedded_sample(dataset_dir) -> bool:
 
 
 def training_record(ckpt_path: str | Path, ckpt: dict) -> dict:
-    """{"dataset_dir", "train_tiles"} the checkpoint or its run folder's config.json records ({} when neither does)."""
+    """{"dataset_dir", "train_tiles"} the checkpoint, the run record it carries (a packaged model) or its run
+    folder's config.json records, in that order ({} when none does)."""
     keys = ("dataset_dir", "train_tiles")
     if any(k in ckpt for k in keys):
         return {k: ckpt.get(k) for k in keys}
     try:
-        record = run_record(Path(ckpt_path).parent)
-    except ValueError:  # a config.json that is not a run record: nothing known
+        record = embedded_record(ckpt, ckpt_path) or run_record(Path(ckpt_path).parent)
+    except ValueError:  # a config.json or an entry that is not a run record: nothing known
         return {}
     return {k: record.get(k) for k in keys} if any(k in record for k in keys) else {}
 

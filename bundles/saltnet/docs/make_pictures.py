@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from monai.transforms import BorderPad, Resize
 from PIL import Image
-from saltkit.inference.restore import restore_tiles
 
 from saltkit.checkpoints import load_network, run_record
 from saltkit.data import load_image, load_mask
 from saltkit.data.folds import fold_split
+from saltkit.geometry import restore_tiles
 from saltkit.metrics import competition_metric
 from saltkit.pictures import tile_grid
 
@@ -51,11 +51,11 @@ def worst_tiles(ckpt: Path, count: int = 8) -> np.ndarray:
     return tile_grid(images[worst], truths[worst], preds[worst], [items[k]["id"] for k in worst], scores[worst])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", type=Path, help="a checkpoint in a run folder (its config.json is read)")
     parser.add_argument("--out", type=Path, default=DOCS / "worst_tiles.png")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     Image.fromarray(worst_tiles(args.ckpt)).save(args.out)
     print(f"wrote {args.out}")
 
