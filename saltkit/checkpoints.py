@@ -276,10 +276,13 @@ def run_record(run_dir: str | Path) -> dict:
         raise ValueError(f"{source}: not a training run record ({e})") from e
 
 
-def run_setting(run_dir: str | Path, key: str, default=None, given=None):
-    """`given` when set (a command-line value), else what the run in `run_dir` recorded for `key`, else `default`.
+def run_setting(run_dir: str | Path, key: str, default=None, given=None, ckpt: str | Path | None = None):
+    """`given` when set (a command-line value), else what the checkpoint `ckpt` itself recorded for `key` (best_*.pt
+    record their run's fold, split and data), else what the run in `run_dir` recorded, else `default`.
 
-    So the steps after training (SWA, evaluation) use the run's own dataset_dir, fold and fold file by default.
+    So the steps after training (SWA, evaluation) use the run's own dataset_dir, fold and fold file by default, also
+    for a checkpoint moved out of its run folder. A checkpoint whose record disagrees with the folder's is an error;
+    a fold taken from `default` because nothing recorded one is logged as a warning.
     A packaged model's record names the folders of the machine it was trained on: a dataset_dir or folds_csv it
     names that does not exist here is an error saying what to pass (a missing fold file would otherwise be made
     afresh, a split the model may have trained on).
@@ -288,6 +291,16 @@ def run_setting(run_dir: str | Path, key: str, default=None, given=None):
         return given
     record = run_record(run_dir)
     value = record.get(key)
+    own = read_checkpoint(ckpt, mmap=True, float32=False).get(key) if ckpt is not None else None
+    if own is not None:
+        if value is not None and key in ("fold", "num_folds") and own != value:
+            raise ValueError(f"{ckpt} was trained on {key} {own}, but {record_source(run_dir)} beside it records "
+                             f"{key} {value}: it belongs to another run; move it to its own run folder, or pass "
+                             f"--{key}")
+        value = own
+    if value is None and key == "fold":
+        logger.warning(f"{ckpt or run_dir}: no fold recorded (a checkpoint without its run folder's config.json); "
+                       f"using fold {default}: pass --fold N if it was trained with another fold held out")
     if value is not None and key in RECORDED_PATHS and not Path(str(value)).exists():
         source = record_source(run_dir)
         if source is not None and source.name != RUN_RECORD:

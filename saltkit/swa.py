@@ -29,6 +29,7 @@ from saltkit.io import atomic_write, check_outputs, check_writable
 from saltkit.precision import choose_precision
 
 DEFAULT_CHECKPOINTS = ("best_loss.pt", "best_accuracy.pt", "best_metric.pt")
+IDENTITY_KEYS = ("fold", "num_folds", "split")  # what best_*.pt record of their run: they average only with their own
 
 
 def run_checkpoints(run_dir: str | Path, names: str | Sequence[str] = DEFAULT_CHECKPOINTS) -> list[Path]:
@@ -44,10 +45,34 @@ def run_checkpoints(run_dir: str | Path, names: str | Sequence[str] = DEFAULT_CH
     return [p if p.parent != Path(".") else Path(run_dir) / p for p in paths]
 
 
-def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None) -> tuple[nn.Module, dict]:
+def check_one_run(paths: Sequence[Path], ckpts: Sequence[dict], expected: dict | None = None) -> dict:
+    """The checkpoints were trained on one fold split (the `IDENTITY_KEYS` those that record them record), and on
+    the one `expected` names (the run's fold); ValueError naming the two that differ. Returns the common keys."""
+    common, first = {}, {}
+    for p, c in zip(paths, ckpts, strict=True):
+        for key in IDENTITY_KEYS:
+            value = c.get(key)
+            if value is None:
+                continue
+            if key in common and value != common[key]:
+                raise ValueError(f"config key 'checkpoints': {p} was trained on {key} {value}, {first[key]} on "
+                                 f"{key} {common[key]}: SWA averages the checkpoints of one run")
+            common.setdefault(key, value)
+            first.setdefault(key, p)
+            wanted = (expected or {}).get(key)
+            if wanted is not None and value != wanted:
+                raise ValueError(f"config key 'checkpoints': {p} was trained on {key} {value}, but the run it is "
+                                 f"averaged into holds {key} {wanted} out: average the checkpoints of that run "
+                                 "(--run_dir of theirs)")
+    return common
+
+
+def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None,
+                        expected: dict | None = None) -> tuple[nn.Module, dict]:
     """Network (CPU, eval mode) whose parameters are the equal-weight mean of the checkpoints', and its arch.
 
-    Every checkpoint must have the same arch (and, when they record one, the config's `variant`).
+    Every checkpoint must have the same arch (and, when they record one, the config's `variant`, and one fold
+    split: the `expected` fold's, see `check_one_run`).
     Buffers (BN running statistics) are the last checkpoint's (AveragedModel keeps them in sync with the
     model it averages in); recompute them with `recompute_bn`.
     """
@@ -55,6 +80,7 @@ def average_checkpoints(paths: Sequence[str | Path], variant: str | None = None)
         raise ValueError("config key 'checkpoints': no checkpoint to average")
     ckpts = [read_checkpoint(p, key="checkpoints") for p in paths]
     arch = dict(ckpts[0]["arch"])
+    check_one_run(paths, ckpts, expected)
     for p, c in zip(paths, ckpts, strict=True):
         check_checkpoint_variant(c, variant, p)
         if weight_arch(c["arch"]) != weight_arch(arch):  # the first checkpoint's attention/dropout settings are kept
@@ -91,9 +117,10 @@ def recompute_bn(network: nn.Module, images: Iterable[torch.Tensor], device: str
 
 
 def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, sources: Sequence, bn_tiles: int,
-                        variant: str | None = None, postprocessing: dict | None = None) -> Path:
-    """Write {"network", "arch", "checkpoints", "bn_tiles", "variant", "postprocessing"} to `path` atomically
-    (variant and postprocessing when given)."""
+                        variant: str | None = None, postprocessing: dict | None = None,
+                        identity: dict | None = None) -> Path:
+    """Write {"network", "arch", "checkpoints", "bn_tiles", "variant", "postprocessing", **identity} to `path`
+    atomically (variant and postprocessing when given; identity: the fold keys its checkpoints recorded)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -102,6 +129,7 @@ def save_swa_checkpoint(path: str | Path, network: nn.Module, arch: dict, source
         payload["variant"] = variant
     if postprocessing is not None:
         payload["postprocessing"] = postprocessing
+    payload.update({k: v for k, v in (identity or {}).items() if k in IDENTITY_KEYS})
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
     return path
@@ -117,11 +145,13 @@ def run_swa(
     tune_loader: Iterable[dict] | None = None,
     tuned_on: dict | None = None,
     amp=False,
+    fold: int | None = None,
 ) -> Path:
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
     given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`. `amp`: config
-    key `amp` for both passes (`saltkit.precision.choose_precision`); the checkpoint is float32 either way."""
+    key `amp` for both passes (`saltkit.precision.choose_precision`); the checkpoint is float32 either way. `fold`:
+    the run's fold; checkpoints that record another are refused."""
     paths = [Path(p) for p in checkpoints]
     check_outputs({"output": output}, {"checkpoints": paths})
     check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
@@ -129,7 +159,8 @@ def run_swa(
         if not p.is_file():
             raise FileNotFoundError(f"SWA checkpoint not found: {p} (config keys 'run_dir' / 'checkpoints'); "
                                     "train the run to its end first, or list the files to average with --checkpoints")
-    network, arch = average_checkpoints(paths, variant)
+    network, arch = average_checkpoints(paths, variant, expected={"fold": fold})
+    identity = check_one_run(paths, [read_checkpoint(p, key="checkpoints", mmap=True) for p in paths])
     print(f"SWA: averaging {len(paths)} checkpoints: {', '.join(map(str, paths))}", flush=True)
     precision = choose_precision(amp, device)
     if precision.level > logging.DEBUG:
@@ -150,7 +181,7 @@ def run_swa(
         _, entry = tune(predicted["prob"], predicted["image_prob"], predicted["label"], dict(tuned_on or {}))
         print(f"SWA: post-processing tuned in {time.perf_counter() - start:.0f} s: {tuning_summary(entry)}",
               flush=True)
-    out = save_swa_checkpoint(output, network, arch, paths, tiles, variant, entry)
+    out = save_swa_checkpoint(output, network, arch, paths, tiles, variant, entry, identity)
     print(f"SWA: wrote {out}", flush=True)
     return out
 
@@ -171,18 +202,19 @@ class StochasticWeightAveraging:
         tune: config key `tune_postprocessing` (true / false): tune on `tune_loader` and store the result.
         tuned_on: which tiles the tuning sees (`saltkit.inference.tuned.tuning_record`), stored with it.
         amp: config key `amp`, for both passes.
+        fold: the run's fold (config key `fold`, else the run's record); checkpoints of another are refused.
     """
 
     def __init__(self, run_dir: str | Path, checkpoints: str | Sequence[str], loader: Iterable[dict],
                  output: str | Path, device: str | torch.device = "cpu", variant: str | None = None,
                  tune_loader: Iterable[dict] | None = None, tune=True, tuned_on: dict | None = None,
-                 amp=False):
+                 amp=False, fold: int | None = None):
         self.checkpoints = run_checkpoints(run_dir, checkpoints)
         self.loader, self.output, self.device, self.variant = loader, output, device, variant
         self.tune_loader = tune_loader if as_bool(tune, "tune_postprocessing") else None
-        self.tuned_on, self.amp = tuned_on, amp
+        self.tuned_on, self.amp, self.fold = tuned_on, amp, fold
 
     def run(self) -> Path:
         """Average, re-estimate, tune and write (`run_swa`); returns the written checkpoint's path."""
         return run_swa(self.checkpoints, self.loader, self.output, self.device, self.variant,
-                       tune_loader=self.tune_loader, tuned_on=self.tuned_on, amp=self.amp)
+                       tune_loader=self.tune_loader, tuned_on=self.tuned_on, amp=self.amp, fold=self.fold)

@@ -312,3 +312,26 @@ def test_swa_never_writes_over_one_of_its_checkpoints(tmp_path):
         e = e.__cause__ or e.__context__
     assert f"output {tmp_path / 'best_metric.pt'} is the input checkpoints" in "\n".join(text)
     assert {p: p.read_bytes() for p in named} == before
+
+
+def test_checkpoints_of_another_fold_are_refused(tmp_path):
+    """best_*.pt record their run's fold split: SWA refuses to average two runs' checkpoints, or to average another
+    fold's checkpoints into a run, and swa.pt keeps the record."""
+    paths, _ = write_checkpoints(tmp_path, n=3)
+
+    def record(path, **keys):
+        ckpt = torch.load(path, weights_only=True)
+        torch.save({**ckpt, **keys}, path)
+
+    record(paths[0], fold=1, num_folds=3, split="aaaa")
+    record(paths[1], fold=1, num_folds=3, split="aaaa")
+    record(paths[2], fold=2, num_folds=3, split="bbbb")
+    with pytest.raises(ValueError, match=f"{paths[2]} was trained on fold 2, {paths[0]} on fold 1"):
+        average_checkpoints(paths)
+    with pytest.raises(ValueError, match=f"{paths[0]} was trained on fold 1, but the run .* holds fold 2 out"):
+        run_swa(paths[:2], [], tmp_path / "swa.pt", fold=2)
+    assert not (tmp_path / "swa.pt").exists()
+    images = [{"image": torch.rand(2, 3, 128, 128)}]
+    run_swa(paths[:2], images, tmp_path / "swa.pt", fold=1)
+    swa = torch.load(tmp_path / "swa.pt", weights_only=True)
+    assert (swa["fold"], swa["num_folds"], swa["split"]) == (1, 3, "aaaa")

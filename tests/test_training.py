@@ -198,7 +198,11 @@ def test_resize_variant_runs(small_dataset, tmp_path):
     assert lr == pytest.approx([TINY["learning_rate"] * NoamLambda(4)(4) * 0.5, 0.0])
     # val_interval 5, but both epochs ramp the rate down (and epoch 2 is the last): both are validated
     assert [step for step, _ in scalars(run_dir)["val_metric"]] == [1, 2]
-    assert torch.load(run_dir / "best_metric.pt", weights_only=True)["variant"] == "resize"
+    best = torch.load(run_dir / "best_metric.pt", weights_only=True)
+    assert best["variant"] == "resize"
+    # the best files record their run's fold split, so a copy moved elsewhere still tunes and averages on it
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert best["fold"] == 0 and best["num_folds"] == config["num_folds"] and best["split"] == last["split"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -234,3 +234,27 @@ def test_predict_command_masks_at_the_tuned_threshold(ckpt, sample_dir, tmp_path
         assert mask.all() if salt else not mask.any()
     assert main(["predict", image, "--ckpt", str(ckpt), "--out", str(tmp_path / "bad"), "--threshold", "high"]) == 2
     assert "config key 'threshold' must be a number in [0, 1], got 'high', or auto" in capsys.readouterr().err
+
+
+def test_a_checkpoint_moved_out_of_its_run_keeps_its_fold(tmp_path, caplog):
+    """Tuning and evaluation read the fold from the checkpoint's own record: a best_*.pt copied elsewhere tunes on
+    its fold, one beside another run's config.json is refused, and one that records nothing is warned about."""
+    import json
+    import logging
+
+    from saltkit.checkpoints import run_setting
+
+    ckpt = tmp_path / "moved" / "best_metric.pt"
+    ckpt.parent.mkdir()
+    torch.save({"network": {}, "arch": {}, "fold": 3, "num_folds": 10}, ckpt)
+    assert run_setting(ckpt.parent, "fold", 0, ckpt=ckpt) == 3
+    assert run_setting(ckpt.parent, "fold", 0, given=5, ckpt=ckpt) == 5  # the command line wins
+    (ckpt.parent / "config.json").write_text(json.dumps({"resolved": {"fold": 1, "num_folds": 10}}))
+    with pytest.raises(ValueError, match="was trained on fold 3, but .*config.json beside it records fold 1"):
+        run_setting(ckpt.parent, "fold", 0, ckpt=ckpt)
+    old = tmp_path / "old" / "best_metric.pt"
+    old.parent.mkdir()
+    torch.save({"network": {}, "arch": {}}, old)
+    with caplog.at_level(logging.WARNING, logger="saltkit.checkpoints"):
+        assert run_setting(old.parent, "fold", 0, ckpt=old) == 0
+    assert f"{old}: no fold recorded" in caplog.text and "pass --fold N" in caplog.text
