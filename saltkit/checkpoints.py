@@ -407,7 +407,18 @@ def default_checkpoint(bundle_root: str | Path, run_dir: str | Path, name: str =
     return str(trained)
 
 
-def output_dir_for(ckpt: str | Path, workflow: str) -> str:
-    """`<folder of ckpt>/<workflow>/<ckpt stem>`: each checkpoint's report or prediction has its own folder."""
+SHIPPED_OUTPUTS = Path("runs") / "bundle_model"  # where the workflows write for the bundle's model
+
+
+def output_dir_for(ckpt: str | Path, workflow: str, runtime: str = "torch") -> str:
+    """`<folder of ckpt>/<workflow>/<ckpt stem>`: each checkpoint's report or prediction has its own folder, and
+    each runtime's (`<stem>-onnxruntime`: an ONNX Runtime prediction never replaces the torch one). For the bundle's
+    model, `runs/bundle_model/<workflow>/model` in the current folder: the bundle's folder may be read-only, and
+    is no place for predictions."""
     ckpt = Path(ckpt)
-    return str(ckpt.parent / workflow / ckpt.stem)
+    stem = ckpt.stem if runtime in (None, "torch") else f"{ckpt.stem}-{runtime}"
+    try:
+        shipped = ckpt.resolve() == bundle_model().resolve()
+    except OSError:
+        shipped = False
+    return str((SHIPPED_OUTPUTS if shipped else ckpt.parent) / workflow / stem)

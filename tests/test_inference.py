@@ -454,3 +454,15 @@ def test_int8_runtime_needs_a_run_record(run_dir, tmp_path):
     assert proc.returncode == 2 and f"{ckpt} has no run record" in last and "--dataset-dir DIR --fold K" in last, \
         proc.stderr[-3000:]
     assert not (tmp_path / "model.int8.onnx").exists()
+
+
+def test_each_runtime_and_the_bundle_model_have_their_own_output_folder(tmp_path):
+    """An ONNX Runtime inference does not write into the torch inference's folder; the bundle's model writes under
+    runs/bundle_model/ of the current folder, not into the bundle."""
+    from saltkit.checkpoints import bundle_model, output_dir_for
+
+    ckpt = tmp_path / "run" / "swa.pt"
+    assert output_dir_for(ckpt, "inference") == str(tmp_path / "run" / "inference" / "swa")
+    assert output_dir_for(ckpt, "inference", "onnxruntime") == str(tmp_path / "run" / "inference" / "swa-onnxruntime")
+    assert output_dir_for(ckpt, "evaluate", "onnxruntime-int8").endswith("evaluate/swa-onnxruntime-int8")
+    assert output_dir_for(bundle_model(), "inference") == str(Path("runs") / "bundle_model" / "inference" / "model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -483,3 +484,24 @@ def test_no_data_is_filled_by_reflection():
     np.testing.assert_array_equal(filled[:, :10], grey[:, :10])
     np.testing.assert_array_equal(filled[:, 10:19], grey[:, 8::-1])
     np.testing.assert_allclose(filled[:, 19:], grey[:, :10].mean(), rtol=1e-6)
+
+
+def test_onnx_export_in_an_unwritable_place_fails_before_the_work_and_onnx_path_moves_it(tiny_ckpt, tile_paths,
+                                                                                          tmp_path, capsys):
+    """`--runtime onnxruntime` where the export cannot be written fails at once naming --onnx-path (here the folder
+    is a file; a read-only folder fails the same write check), and `--onnx-path FILE` puts the export there."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    image = tmp_path / "tile.png"
+    shutil.copy(tile_paths[0], image)
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the export's folder would be")
+    code = main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--no-progress",
+                 "--runtime", "onnxruntime", "--onnx-path", str(blocked / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to" in err and "--onnx-path FILE puts the ONNX export elsewhere" in err
+    assert not (tmp_path / "a").exists()
+    elsewhere = tmp_path / "exports" / "m.onnx"
+    assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "b"), "--no-progress",
+                 "--runtime", "onnxruntime", "--onnx-path", str(elsewhere)]) == 0
+    assert elsewhere.is_file() and (tmp_path / "b" / "tile_prob.npy").is_file()

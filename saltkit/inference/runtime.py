@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from saltkit.checkpoints import weights_fingerprint
+from saltkit.io import FolderNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,16 @@ def torch_network(network: torch.nn.Module, device) -> torch.nn.Module:
     return network.to(device, memory_format=layout)
 
 
+def default_onnx_path(ckpt: Path, int8: bool = False) -> Path:
+    """Where a checkpoint's ONNX export goes unless `onnx_path` says: beside it (`ckpt` with suffix .onnx, or
+    .int8.onnx); for the bundle's model, in `runs/bundle_model/` (the bundle's folder may be read-only)."""
+    from saltkit.checkpoints import SHIPPED_OUTPUTS, bundle_model
+    from saltkit.inference.quantize import int8_path
+
+    path = int8_path(ckpt) if int8 else ckpt.with_suffix(".onnx")
+    return SHIPPED_OUTPUTS / path.name if ckpt.resolve() == bundle_model().resolve() else path
+
+
 def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str | Path | None = None,
                       threads: int | None = None):
     """The network the engine calls: `network` on `device` (torch, `torch_network`; its weights are loaded by the
@@ -67,11 +78,11 @@ def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str
     from saltkit.checkpoints import read_checkpoint
     from saltkit.export import export_onnx
     from saltkit.inference.onnx_runtime import OnnxRuntimeNetwork
-    from saltkit.inference.quantize import export_int8, int8_path, is_int8_metadata
+    from saltkit.inference.quantize import export_int8, is_int8_metadata
 
     ckpt = Path(ckpt)
     int8 = check_runtime(runtime) == "onnxruntime-int8"
-    path = Path(onnx_path) if onnx_path else (int8_path(ckpt) if int8 else ckpt.with_suffix(".onnx"))
+    path = Path(onnx_path) if onnx_path else default_onnx_path(ckpt, int8)
     expected = weights_fingerprint(read_checkpoint(ckpt)["network"])
     if path.is_file():
         try:
@@ -84,6 +95,10 @@ def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str
         logger.info(f"{path} was exported from other weights than {ckpt} ({found} != {expected}): exporting again")
     else:
         logger.info(f"exporting {ckpt} to {path} for ONNX Runtime{' INT8' if int8 else ''} (once; later runs reuse it)")
+    try:  # before the export's work: a read-only folder fails now, naming the option
+        check_writable(path.parent, "onnx_path")
+    except FolderNotWritableError as e:
+        raise FolderNotWritableError(f"{e}; --onnx-path FILE puts the ONNX export elsewhere") from None
     if int8:
         logger.info(f"INT8 export: {export_int8(ckpt, path, threads=threads)}")
     else:

@@ -61,6 +61,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch, or onnxruntime on the CPU (the checkpoint is exported beside itself as .onnx once; "
                         "pip install 'saltkit[onnx]'), or onnxruntime-int8 (its INT8 export, .int8.onnx, checked on "
                         "the checkpoint's fold)")
+    p.add_argument("--onnx-path", type=Path, default=None, metavar="FILE",
+                   help="ONNX Runtime: the checkpoint's ONNX export, made there when missing (default: beside the "
+                        "checkpoint; for the bundle's model runs/bundle_model/)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
     p.add_argument("--amp", choices=("auto", "true", "false", "bf16", "fp16"), default="false",
@@ -96,7 +99,8 @@ def _predict_run(args: argparse.Namespace) -> int:
         norm = normalization_for(args.input, args.normalize, args.clip_percentiles, args.clip_range)
         threshold = prediction_threshold(args.ckpt, _threshold(args.threshold))
         network, inferer = load_predictor(args.ckpt, device, args.tta, args.overlap, args.sw_batch_size, args.variant,
-                                          runtime=args.runtime, threads=args.threads, amp=args.amp)
+                                          runtime=args.runtime, threads=args.threads, amp=args.amp,
+                                          onnx_path=args.onnx_path)
         provenance = {"ckpt": str(args.ckpt), "tta": args.tta, "overlap": args.overlap, "runtime": args.runtime,
                       "model": model_provenance(args.ckpt)}
         summary = run_predict(args.input, args.out, network, inferer, threshold=threshold, normalization=norm,

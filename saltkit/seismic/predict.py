@@ -33,10 +33,12 @@ from saltkit.seismic.volume import DEFAULT_CLIP_TRACES, DEFAULT_QC, predict_volu
 
 def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.5, sw_batch_size: int = 16,
                    variant: str | None = None, runtime: str = "torch",
-                   threads: int | None = None, amp=False) -> tuple[nn.Module, Inferer]:
+                   threads: int | None = None, amp=False,
+                   onnx_path: str | Path | None = None) -> tuple[nn.Module, Inferer]:
     """The checkpoint's network (eval mode, on `device`; or its ONNX export run by ONNX Runtime with `runtime`
-    "onnxruntime") and the section inferer of the variant it was trained with, running the network in the
-    precision `amp` chooses (config key `amp`: `saltkit.training.choose_precision`; prints which, unless false)."""
+    "onnxruntime", at `onnx_path` or its default place) and the section inferer of the variant it was trained with,
+    running the network in the precision `amp` chooses (config key `amp`: `saltkit.training.choose_precision`;
+    prints which, unless false)."""
     from saltkit.checkpoints import checkpoint_variant, load_network
     from saltkit.inference import inference_network, section_inferer
     from saltkit.inference.runtime import runtime_amp
@@ -46,7 +48,7 @@ def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.
     precision = choose_precision(runtime_amp(runtime, amp), device)
     if precision.level > logging.DEBUG:
         print(f"predict: {precision.message}", flush=True)
-    network = inference_network(runtime, load_network(ckpt, device), ckpt, device, threads=threads)
+    network = inference_network(runtime, load_network(ckpt, device), ckpt, device, onnx_path, threads=threads)
     return network, section_inferer(variant, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
                                     autocast=precision.dtype)
 
