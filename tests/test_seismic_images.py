@@ -4,6 +4,7 @@ scale, mosaics of real tiles, the predict workflow's outputs and the `saltkit pr
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -505,3 +506,26 @@ def test_onnx_export_in_an_unwritable_place_fails_before_the_work_and_onnx_path_
     assert main(["predict", str(image), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "b"), "--no-progress",
                  "--runtime", "onnxruntime", "--onnx-path", str(elsewhere)]) == 0
     assert elsewhere.is_file() and (tmp_path / "b" / "tile_prob.npy").is_file()
+
+
+def test_a_folder_with_an_unreadable_section_predicts_the_rest_and_lists_it(tiny_ckpt, tile_paths, tmp_path, capsys):
+    """One truncated PNG in a folder: the other sections (one with a file name that is not UTF-8) are predicted,
+    predictions.json and index.html list all, the unreadable one with why, and the command fails naming it."""
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    shutil.copy(tile_paths[0], folder / "a.png")
+    (folder / "b.png").write_bytes(Path(tile_paths[1]).read_bytes()[:200])  # truncated
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    shutil.copy(tile_paths[2], folder / odd)
+    out = tmp_path / "pred"
+    code = main(["predict", str(folder), "--ckpt", str(tiny_ckpt), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 3 sections could not be read, the other 2 were predicted" in err
+    assert f"{folder / 'b.png'}: cannot read the image" in err
+    listed = {r["name"]: r for r in json.loads((out / "predictions.json").read_text())}
+    assert set(listed) == {"a.png", "b.png", odd} and listed["b.png"]["outputs"] == {}
+    assert "cannot read the image" in listed["b.png"]["error"]
+    assert (out / "a_prob.npy").is_file() and (out / os.fsdecode(b"caf\xe9_prob.npy")).is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "Not predicted (1 sections could not be read)" in page and "caf\ufffd.png" in page
+    assert 'href="caf%E9_overlay.png"' in page

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,9 @@ def write_section_outputs(out_dir: str | Path, stem: str, grey: np.ndarray, prob
     return {
         "prob_npy": write_npy(paths["prob_npy"], prob.astype(np.float32)),
         "prob_png": section_probability_figure(paths["prob_png"], prob, threshold, caption,
-                                               f"{stem}: salt probability"),
+                                               f"{shown_name(stem)}: salt probability"),
         "mask": write_png(paths["mask"], mask.astype(np.uint8) * 255),
-        "overlay": section_overlay_figure(paths["overlay"], grey, prob, threshold, caption, f"{stem}: salt"),
+        "overlay": section_overlay_figure(paths["overlay"], grey, prob, threshold, caption, f"{shown_name(stem)}: salt"),
     }
 
 
@@ -143,27 +144,42 @@ def section_output_paths(out_dir: str | Path, stem: str) -> dict[str, Path]:
             "mask": out_dir / f"{stem}_mask.png", "overlay": out_dir / f"{stem}_overlay.png"}
 
 
-def write_index_html(out_dir: str | Path, rows: list[dict]) -> Path:
-    """`out_dir/index.html`: one figure per section (its overlay, size, salt share, links to the other outputs).
+def shown_name(name: str) -> str:
+    """A file name for text: bytes that are not UTF-8 (kept by Python as surrogates) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
-    rows: {"name", "shape": (H, W), "salt_share": float, "outputs": {kind: Path}} per section.
+
+def _href(path, out_dir: Path) -> str:
+    """A link to `path` from `out_dir/index.html`, percent-encoded from the file name's own bytes."""
+    return html.escape(urllib.parse.quote(os.fsencode(os.path.relpath(path, out_dir))))
+
+
+def write_index_html(out_dir: str | Path, rows: list[dict], failed: list[dict] = ()) -> Path:
+    """`out_dir/index.html`: one figure per section (its overlay, size, salt share, links to the other outputs),
+    then the sections that could not be read, with why.
+
+    rows: {"name", "shape": (H, W), "salt_share": float, "outputs": {kind: Path}} per section; failed: {"name",
+    "error"} per section.
     """
     out_dir = Path(out_dir)
     figures = []
     for row in rows:
-        links = " ".join(f'<a href="{html.escape(os.path.relpath(p, out_dir))}">{html.escape(kind)}</a>'
-                         for kind, p in row["outputs"].items())
-        overlay = html.escape(os.path.relpath(row["outputs"]["overlay"], out_dir))
+        links = " ".join(f'<a href="{_href(p, out_dir)}">{html.escape(kind)}</a>' for kind, p in row["outputs"].items())
+        overlay = _href(row["outputs"]["overlay"], out_dir)
         h, w = row["shape"]
         data = row.get("valid_share", 1.0)
         share = f"salt {row['salt_share']:.1%}" + (f" of the {data:.0%} with data" if data < 1 else "")
         figures.append(f'<figure><a href="{overlay}"><img src="{overlay}" loading="lazy"></a><figcaption>'
-                       f'<b>{html.escape(row["name"])}</b> {h}&times;{w}, {share}<br>{links}'
+                       f'<b>{html.escape(shown_name(row["name"]))}</b> {h}&times;{w}, {share}<br>{links}'
                        "</figcaption></figure>")
     page = ("<!doctype html><meta charset=utf-8><title>saltkit predictions</title><style>"
             "body{font-family:sans-serif} figure{display:inline-block;margin:8px;vertical-align:top}"
             "img{max-width:480px;max-height:360px;border:1px solid #888}</style>"
             f"<h1>saltkit predictions ({len(rows)} sections)</h1>\n" + "\n".join(figures) + "\n")
+    if failed:
+        items = "".join(f"<li><b>{html.escape(shown_name(r['name']))}</b>: {html.escape(shown_name(r['error']))}</li>"
+                        for r in failed)
+        page += f"<h2>Not predicted ({len(failed)} sections could not be read)</h2><ul>{items}</ul>\n"
     path = out_dir / "index.html"
     with atomic_write(path) as f:
         f.write(page)

@@ -13,6 +13,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from monai.inferers import Inferer
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -98,12 +99,18 @@ def predict_images(
     caption = caption_text(threshold, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = idist.get_rank(), idist.get_world_size()
-    rows = []
+    rows, failed = [], []
     for path in tqdm(inputs[rank::world], unit="section", desc="predict", disable=not progress or rank != 0,
                      leave=False):
-        raw, alpha = read_section_with_alpha(path)
-        valid = section_valid(raw, fill_value, alpha, mask, str(path))
-        grey, norm = normalize_section(raw, normalization, str(path), valid)
+        try:  # one unreadable section is reported with the others at the end; the rest are predicted
+            raw, alpha = read_section_with_alpha(path)
+            valid = section_valid(raw, fill_value, alpha, mask, str(path))
+            grey, norm = normalize_section(raw, normalization, str(path), valid)
+        except (ValueError, OSError, Image.DecompressionBombError) as e:
+            if len(inputs) == 1:
+                raise
+            failed.append({"name": path.name, "error": str(e), "outputs": {}})
+            continue
         prob = predict_section(network, inferer, grey, device)
         prob[~valid] = np.nan
         outputs = write_section_outputs(out_dir, path.stem, grey, prob, threshold, caption)
@@ -111,17 +118,28 @@ def predict_images(
                      "valid_share": float(valid.mean()), "normalization": norm, "outputs": outputs})
     if world > 1:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
+        torch.distributed.all_gather_object(gathered, (rows, failed))
+        rows = sorted((r for part in gathered for r in part[0]), key=lambda r: r["name"])
+        failed = sorted((r for part in gathered for r in part[1]), key=lambda r: r["name"])
     if rank == 0:
         # sections predicted into this folder by earlier runs stay listed: their files are still ours to replace
-        names = {r["name"] for r in rows}
-        listed = sorted([r for r in earlier if r.get("name") not in names] + rows, key=lambda r: r["name"])
+        names = {r["name"] for r in rows + failed}
+        listed = sorted([r for r in earlier if r.get("name") not in names and r["outputs"]] + rows,
+                        key=lambda r: r["name"])
         if index:
-            write_index_html(out_dir, listed)
+            write_index_html(out_dir, listed, failed)
         with atomic_write(out_dir / PREDICTIONS_JSON) as f:
-            json.dump([{**r, "outputs": {k: str(v) for k, v in r["outputs"].items()}} for r in listed], f, indent=2)
+            json.dump([{**r, "outputs": {k: str(v) for k, v in r["outputs"].items()}} for r in listed + failed], f,
+                      indent=2)
+    if failed:
+        reasons = "; ".join(r["error"] for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        raise SectionsNotRead(f"{len(failed)} of {len(rows) + len(failed)} sections could not be read, the other "
+                              f"{len(rows)} were predicted (all listed in {out_dir / PREDICTIONS_JSON}): {reasons}")
     return rows
+
+
+class SectionsNotRead(ValueError):
+    """Some sections of a folder could not be read; the others were predicted and listed."""
 
 
 PREDICTIONS_JSON = "predictions.json"
