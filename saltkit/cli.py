@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None, registry: dict[str, Subcommand] | None =
     registry = registry_for(argv) if registry is None else registry
     args = parse_command_line(build_parser(registry), registry, argv)
     command = registry[args.command]
+    from saltkit.io import clean_up_on_termination
+
+    clean_up_on_termination()
     try:
         return command.run(args)
     except Exception as e:

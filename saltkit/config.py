@@ -223,6 +223,9 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     MONAI's runner reads such a word as its `init_id` and silently skips the bundle's `initialize` checks (the run
     folder's claim, the fold checks), so each workflow's `run` calls this first too.
     """
+    from saltkit.io import clean_up_on_termination
+
+    clean_up_on_termination()  # every workflow's run starts here: SIGTERM and SIGHUP clean up as Ctrl-C does
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or argv[1] != "run":
         return

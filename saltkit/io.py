@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,32 @@ from typing import IO
 
 # `.NAME.<pid>@<host>.<random>.tmp`: the writer's pid and host tell whether a leftover temporary is stale
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[^.]+\.tmp$")
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP, raised in the main thread so that every `with` block and `except BaseException` cleans up
+    (temporaries removed, outputs left as they were), as on Ctrl-C; the exit code is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    print(f"saltkit: stopped by {signal.Signals(signum).name}; removing temporary files", file=sys.stderr, flush=True)
+    raise Terminated(signum)
+
+
+def clean_up_on_termination() -> None:
+    """Make SIGTERM (kill, a scheduler's time limit) and SIGHUP (a closed terminal) end the command as Ctrl-C does,
+    through its cleanup, instead of killing it with its temporaries left. Only where those signals still have
+    their default action, from the main thread; kill -9 cannot be caught (the next run removes what it left)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _terminate)
 
 
 class FolderNotWritableError(OSError):

@@ -39,3 +39,30 @@ def test_a_full_disk_or_file_size_limit_names_the_file(tmp_path):
         f"saltkit: error: [Errno 27] cannot write {target}: File too large; nothing was written there: free space "
         "(or raise the file-size limit) or choose another folder")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_termination_cleans_up_as_ctrl_c_does(tmp_path, name):
+    """A command stopped by SIGTERM or SIGHUP in the middle of a write leaves the old file and no temporary (the
+    handlers saltkit installs for its commands and workflows), and exits with 128 + the signal's number."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "result.csv"
+    target.write_text("the previous result\n")
+    script = (
+        "import os, signal, sys\n"
+        "from saltkit.io import atomic_write, clean_up_on_termination\n"
+        "clean_up_on_termination()\n"
+        f"with atomic_write({str(target)!r}) as f:\n"
+        "    f.write('half of a new result')\n"
+        "    f.flush()\n"
+        f"    os.kill(os.getpid(), signal.{name})\n"
+        "    f.write(' never written')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + getattr(signal, name), proc.stderr
+    assert f"saltkit: stopped by {name}; removing temporary files" in proc.stderr
+    assert target.read_text() == "the previous result\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.csv"]
