@@ -50,8 +50,8 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_read_section_formats_agree(tile_paths, tmp_path):
-    """One real tile stored as 8-bit grey, grey in RGB, 16-bit PNG, 16-bit TIFF, float TIFF and .npy maps to the
-    same [0, 1] section, equal to what training reads (LoadTiled: grey / 255)."""
+    """One real tile stored as 8-bit grey, grey in RGB, 16-bit PNG, 16-bit TIFF (little- and big-endian), float
+    TIFF and .npy maps to the same [0, 1] section, equal to what training reads (LoadTiled: grey / 255)."""
     tile = load_image(tile_paths[0])
     expected = LoadTiled(keys="image")({"image": tile_paths[0]})["image"][0].numpy()
     stored = {
@@ -62,6 +62,10 @@ def test_read_section_formats_agree(tile_paths, tmp_path):
     for name, arr in stored.items():
         Image.fromarray(arr).save(tmp_path / name)
     np.save(tmp_path / "array.npy", tile)
+    big_endian = (tile.astype(np.uint16) * 257).astype(">u2")  # a big-endian 16-bit TIFF, and a .npy of '>u2'
+    Image.frombytes("I;16B", (101, 101), big_endian.tobytes()).save(tmp_path / "sixteen_big_endian.tif")
+    assert Image.open(tmp_path / "sixteen_big_endian.tif").mode == "I;16B"
+    np.save(tmp_path / "big_endian.npy", big_endian)
     for path in section_files(tmp_path):
         raw = read_section(path)
         assert raw.shape == (101, 101), path.name
@@ -107,6 +111,10 @@ def test_amplitudes_are_clipped_at_percentiles():
         normalize_section(amp, Normalization(mode="dtype"), "amp.npy")
     with pytest.raises(ValueError, match="constant section"):
         normalize_section(np.zeros((5, 5), np.float32), Normalization(mode="percentile"))
+    # float64 amplitudes beyond float32's range (~3.4e38) map as the same amplitudes in range do
+    huge, _ = normalize_section(amp.astype(np.float64) * 1e36, Normalization())
+    np.testing.assert_allclose(huge, grey, atol=1e-6)
+    assert huge.dtype == np.float32 and np.isfinite(huge).all() and huge.std() > 0.1
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,8 @@ def read_section_with_alpha(path: str | Path) -> tuple[np.ndarray, np.ndarray | 
             raise ValueError(f"{path}: cannot read the image ({e})") from None
         if arr.dtype == np.int32:  # older Pillow reads 16-bit grey PNGs as 32-bit "I"
             arr = arr.astype(np.uint16)
+    if not arr.dtype.isnative:  # a big-endian 16-bit TIFF ("I;16B"), a .npy of '>u2': the same numbers, native
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind not in "uif" and arr.dtype != bool:
         raise ValueError(f"{path}: section values are {arr.dtype}; expected numbers")
     alpha = arr[..., -1] if path.suffix.lower() != ".npy" and arr.ndim == 3 and arr.shape[2] in (2, 4) else None

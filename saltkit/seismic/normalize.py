@@ -60,9 +60,13 @@ def percentile_range(values: np.ndarray, percentiles: tuple[float, float], sourc
 
 
 def scale_to_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """float32 `(values - lo) / (hi - lo)` clipped to [0, 1]; NaN (no data) becomes the mid value of zero input."""
-    out = (np.asarray(values, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    """float32 `(values - lo) / (hi - lo)` clipped to [0, 1]; NaN (no data) becomes the mid value of zero input.
+    float64 values are scaled in float64 first (they may lie beyond float32's range, ~3.4e38)."""
+    values = np.asarray(values)
+    work = np.float64 if values.dtype == np.float64 else np.float32
+    out = (values.astype(work, copy=False) - work(lo)) / work(hi - lo)
     np.clip(out, 0.0, 1.0, out=out)
+    out = out.astype(np.float32, copy=False)
     if np.isnan(out).any():
         out[np.isnan(out)] = np.clip(-lo / (hi - lo), 0.0, 1.0)
     return out
