@@ -62,10 +62,12 @@ class SaltUNetOutputs(SaltUNet):
         return out.logit, out.image_logit
 
 
-def logit_network_from_arch(arch: dict, source: str | Path = "checkpoint") -> SaltUNetLogit:
-    """`SaltUNetLogit` with the architecture of a checkpoint's "arch" (random weights; load them after).
+def logit_network_from_arch(arch: dict, source: str | Path = "checkpoint", cls: type = None) -> SaltUNet:
+    """`cls` (default `SaltUNetLogit`) with the architecture of a checkpoint's "arch" (random weights; load them
+    after, `load_checked`).
 
     ValueError naming `source` when the arch is not a mapping of SaltUNet constructor arguments that build."""
+    cls = cls or SaltUNetLogit
     if not isinstance(arch, dict):
         raise ValueError(f"{source}: 'arch' must be a dict of SaltUNet arguments, got {type(arch).__name__}")
     arch = dict(arch)
@@ -74,9 +76,30 @@ def logit_network_from_arch(arch: dict, source: str | Path = "checkpoint") -> Sa
     if unknown:
         raise ValueError(f"{source}: arch has unknown keys {unknown}; expected SaltUNet constructor arguments")
     try:
-        return SaltUNetLogit(pretrained=None, **arch)
+        return cls(pretrained=None, **arch)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{source}: cannot build the network of its arch {arch} ({e})") from None
+
+
+def load_checked(network: torch.nn.Module, state: dict, ckpt: str | Path) -> torch.nn.Module:
+    """`network` (built from the checkpoint's arch) with the checkpoint's weights, in eval mode; ValueError naming
+    the checkpoint and the first mismatch when its weights are not those of its own arch."""
+    try:
+        network.load_state_dict(state["network"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        lines = str(e).strip().splitlines()  # torch: a heading line, then one line per kind of mismatch
+        detail = (lines[1] if len(lines) > 1 else str(e)).strip()
+        raise ValueError(f"{ckpt}: weights do not match its own arch {state['arch']} "
+                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from None
+    return network.eval()
+
+
+def check_image_size(image_size) -> int:
+    """`--image-size`: the network takes squares of a multiple of 32 pixels, at least 64."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 64 or image_size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32 of at least 64 (the network halves it five times), "
+                         f"got {image_size!r}; 128 is the training size")
+    return image_size
 
 
 def checkpoint_arch(path: str | Path) -> dict:
@@ -91,16 +114,9 @@ def export_torchscript(ckpt: str | Path, out: str | Path, image_size: int = 128,
     """
     ckpt = Path(ckpt)
     check_outputs({"--out": out}, {"checkpoint": ckpt})
+    check_image_size(image_size)
     state = read_checkpoint(ckpt)
-    network = logit_network_from_arch(state["arch"], ckpt)
-    try:
-        network.load_state_dict(state["network"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        lines = str(e).strip().splitlines()  # torch: a heading line, then one line per kind of mismatch
-        detail = (lines[1] if len(lines) > 1 else str(e)).strip()
-        raise ValueError(f"{ckpt}: weights do not match its own arch {state['arch']} "
-                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from None
-    network.eval()
+    network = load_checked(logit_network_from_arch(state["arch"], ckpt), state, ckpt)
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         # shape checks in forward are constants at a fixed input size; TorchScript's deprecation notice is known
@@ -166,16 +182,13 @@ def export_onnx(ckpt: str | Path, out: str | Path, image_size: int = 128,
     more than ONNX_TOLERANCE; the difference is returned (None without `verify`).
     """
     check_outputs({"--out": out}, {"checkpoint": ckpt})
+    check_image_size(image_size)
     onnx = require_module("onnx", "ONNX export")
     require_module("onnxscript", "ONNX export")
     ort = require_module("onnxruntime", "checking an ONNX export") if verify else None
     ckpt = Path(ckpt)
     state = read_checkpoint(ckpt)
-    arch = dict(state["arch"])
-    arch.pop("pretrained", None)
-    network = SaltUNetOutputs(pretrained=None, **arch)
-    network.load_state_dict(state["network"])
-    network.eval()
+    network = load_checked(logit_network_from_arch(state["arch"], ckpt, SaltUNetOutputs), state, ckpt)
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notices about decompositions and deprecations

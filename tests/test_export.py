@@ -3,6 +3,7 @@ image logits."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def test_export_bad_checkpoint(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         export_torchscript(tmp_path / "missing.pt", tmp_path / "m.ts")
     assert not (tmp_path / "m.ts").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_bad_sizes_weights_and_arch_are_one_line_errors_in_both_formats(checkpoint, tmp_path, capsys, fmt):
+    if fmt == "onnx":
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(name)
+    state = torch.load(checkpoint, weights_only=True)
+    missing = {**state, "network": dict(list(state["network"].items())[1:])}
+    torch.save(missing, tmp_path / "missing_weight.pt")
+    torch.save({**state, "arch": {**state["arch"], "bogus": 1}}, tmp_path / "unknown_arch.pt")
+    cases = [
+        (checkpoint, ["--image-size", "-5"], "--image-size must be a multiple of 32 of at least 64 .* got -5"),
+        (tmp_path / "missing_weight.pt", [], "missing_weight.pt: weights do not match its own arch .*Missing key"),
+        (tmp_path / "unknown_arch.pt", [], "unknown_arch.pt: arch has unknown keys \\['bogus'\\]"),
+    ]
+    for ckpt, extra, message in cases:
+        code = main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / f"m.{fmt}"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert re.search(f"saltkit export: error: .*{message}", err), err[-500:]
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m.*"))
 
 
 # ---------------------------------------------------------------- ONNX
