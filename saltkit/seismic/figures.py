@@ -27,12 +27,13 @@ FONT_SIZE = 9
 
 
 def model_text(model: dict | None) -> str:
-    """'model swa.pt (weights 0123abcd..., trained on 2880 tiles of /data/tgs)' from `model_provenance`'s dict."""
+    """'model swa.pt (weights 0123abcd..., trained on 2880 tiles of tgs)' from `model_provenance`'s dict: the data
+    set by its folder's name (the full path, in the provenance JSON, names the training machine's folders)."""
     if not model:
         return "model not recorded"
     text = f"model {model.get('name', '?')} (weights {model.get('weights', '?')}"
     if model.get("train_tiles") is not None:
-        where = "the embedded sample" if model.get("sample") else model.get("dataset_dir") or "?"
+        where = "the embedded sample" if model.get("sample") else Path(str(model.get("dataset_dir") or "?")).name
         text += f", trained on {model['train_tiles']} tiles of {where}"
     elif model.get("sample"):
         text += ", trained on the embedded sample"
