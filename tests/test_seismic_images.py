@@ -316,6 +316,40 @@ def test_mosaics_csv_rows_are_integers_and_plain_names(tmp_path, row, message):
         read_mosaics(path)
 
 
+def test_sizes_beyond_memory_are_one_line_errors(tmp_path, monkeypatch):
+    """A mosaics.csv row far out on the grid, a .npy declaring a huge array, a PNG past Pillow's decompression-bomb
+    limit and an .npz of probabilities declaring huge arrays: each refused naming the file, nothing allocated."""
+    from saltkit.inference.probabilities import load_probabilities
+    from saltkit.seismic.mosaics import assemble_mosaic
+
+    path = tmp_path / "mosaics.csv"
+    path.write_text("mosaic,row,col,id\nm1,0,0,a\nm1,900000,900000,b\n")
+    with pytest.raises(ValueError, match="mosaic 'm1': rows up to 900000 and columns up to 900000 make a"):
+        assemble_mosaic(tmp_path, "m1", read_mosaics(path))
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float64))
+    header["shape"] = (4_000_000, 4_000_000)  # 128 TB of float64 declared, a few bytes stored
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    with pytest.raises(ValueError, match="huge.npy: "):
+        read_section_with_alpha(tmp_path / "huge.npy")
+    big = tmp_path / "bomb.png"
+    Image.new("L", (200, 200)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # as a 20000 x 20000 PNG against Pillow's 89 Mpx
+    with pytest.raises(ValueError, match="bomb.png: cannot read the image .*decompression bomb"):
+        read_section_with_alpha(big)
+    with open(tmp_path / "probs.npz", "wb") as f:  # an npz whose 'probs' member declares a huge array
+        import zipfile
+
+        with zipfile.ZipFile(f, "w") as z:
+            with z.open("probs.npy", "w") as member:
+                header = np.lib.format.header_data_from_array_1_0(np.zeros((1,), np.uint16))
+                header["shape"] = (4_000_000, 101, 101, 101)
+                np.lib.format.write_array_header_1_0(member, header)
+    with pytest.raises(ValueError, match="probs.npz: "):
+        load_probabilities(tmp_path / "probs.npz")
+
+
 def _section_of_tiles(tile_paths) -> np.ndarray:
     """A 101 x 202 uint8 section: two real tiles side by side."""
     return np.concatenate([load_image(tile_paths[0]), load_image(tile_paths[1])], axis=1)

@@ -72,6 +72,9 @@ def load_probabilities(path: str | Path) -> Probabilities:
             arrays = {k: d[k] for k in d.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: cannot read probabilities, not an .npz file ({e})") from e
+    except MemoryError as e:
+        raise ValueError(f"{path}: its arrays declare more than this machine's memory ({e}); not a probabilities "
+                         "file saltkit wrote, or a damaged one") from None
     missing = {"ids", "probs"} - set(arrays)
     if missing:
         raise ValueError(f"{path}: not a saltkit probabilities file, missing arrays {sorted(missing)}")

@@ -75,12 +75,17 @@ def read_section_with_alpha(path: str | Path) -> tuple[np.ndarray, np.ndarray | 
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        except MemoryError as e:
+            raise ValueError(f"{path}: the array it declares does not fit in memory ({e}); predict it in "
+                             "pieces, or pass a smaller crop") from None
     else:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im)
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"{path}: cannot read the image ({e})") from None
+        except MemoryError as e:
+            raise ValueError(f"{path}: the image does not fit in memory ({e}); predict it in pieces") from None
         if arr.dtype == np.int32:  # older Pillow reads 16-bit grey PNGs as 32-bit "I"
             arr = arr.astype(np.uint16)
     if not arr.dtype.isnative:  # a big-endian 16-bit TIFF ("I;16B"), a .npy of '>u2': the same numbers, native

@@ -17,6 +17,7 @@ from saltkit.data.layout import load_image, load_mask, read_id_csv
 from saltkit.geometry import TILE_SIZE
 
 PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+MAX_MOSAIC_PIXELS = 400_000_000  # the largest mosaics of the competition are a few megapixels; 400 Mpx: 1.6 GB
 
 
 @dataclass
@@ -88,6 +89,11 @@ def assemble_mosaic(dataset_dir: str | Path, name: str, table: pd.DataFrame, fil
         cells["row"] -= cells["row"].min()
         cells["col"] -= cells["col"].min()
     h, w = (cells["row"].max() + 1) * TILE_SIZE, (cells["col"].max() + 1) * TILE_SIZE
+    if h * w > MAX_MOSAIC_PIXELS:
+        raise ValueError(f"mosaic {name!r}: rows up to {cells['row'].max()} and columns up to {cells['col'].max()} "
+                         f"make a {h} x {w} image ({h * w / 1e6:.0f} megapixels, more than "
+                         f"{MAX_MOSAIC_PIXELS / 1e6:.0f}); the mosaics table's row and col count grid cells of "
+                         "101-pixel tiles: check those rows")
     image = np.zeros((h, w), np.uint8)
     mask = np.zeros((h, w), np.uint8)
     present = np.zeros((h, w), bool)
