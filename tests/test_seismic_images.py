@@ -571,3 +571,25 @@ def test_a_folder_with_an_unreadable_section_predicts_the_rest_and_lists_it(tiny
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "Not predicted (1 sections could not be read)" in page and "caf\ufffd.png" in page
     assert 'href="caf%E9_overlay.png"' in page
+
+
+def test_a_section_larger_than_memory_is_refused_before_it_is_read(tiny_ckpt, tile_paths, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The size from the file's header against the memory available: a 20000 x 20000 .npy (its header only: a few
+    bytes on disk) is refused naming what it needs, before anything is allocated; a tile beside it is predicted."""
+    import saltkit.seismic.predict as predict_module
+
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    shutil.copy(tile_paths[0], folder / "tile.png")
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
+    header["shape"] = (20000, 20000)
+    with open(folder / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 16 * 10**9)
+    code = main(["predict", str(folder), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 2 sections could not be read, the other 1 were predicted" in err
+    assert re.search(r"huge.npy: predicting a 20000 x 20000 section needs about 32.0 GB \(80 bytes a pixel\) and "
+                     r"16.0 GB are available", err), err[-600:]
+    assert (tmp_path / "out" / "tile_prob.npy").is_file()

@@ -59,6 +59,24 @@ def _grey_of(arr: np.ndarray, path: Path) -> np.ndarray:
     return rgb[..., 0]
 
 
+def section_shape(path: str | Path) -> tuple[int, int] | None:
+    """`(H, W)` of a section file from its header alone (nothing decoded); None when the header does not say (the
+    full read then says what is wrong)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+        else:
+            with Image.open(path) as im:
+                shape = (im.height, im.width)
+    except (ValueError, OSError, SyntaxError, Image.DecompressionBombError, MemoryError):
+        return None
+    return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else None
+
+
 def read_section(path: str | Path) -> np.ndarray:
     """Section values as stored: `(H, W)` uint8 / uint16 grey, or float / int from `.npy` and float TIFF."""
     return read_section_with_alpha(path)[0]

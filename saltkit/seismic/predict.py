@@ -22,6 +22,7 @@ from saltkit.seismic.images import (
     read_section_with_alpha,
     section_files,
     section_output_paths,
+    section_shape,
     write_index_html,
     write_section_outputs,
 )
@@ -103,6 +104,7 @@ def predict_images(
     for path in tqdm(inputs[rank::world], unit="section", desc="predict", disable=not progress or rank != 0,
                      leave=False):
         try:  # one unreadable section is reported with the others at the end; the rest are predicted
+            check_section_memory(path)
             raw, alpha = read_section_with_alpha(path)
             valid = section_valid(raw, fill_value, alpha, mask, str(path))
             grey, norm = normalize_section(raw, normalization, str(path), valid)
@@ -143,6 +145,38 @@ class SectionsNotRead(ValueError):
 
 
 PREDICTIONS_JSON = "predictions.json"
+# Peak memory of predicting a section, per pixel, above the ~1.1 GB of the process (torch, the network): 75 bytes
+# measured on 2000 x 2000 (benchmarks/bench_section_memory.py); the whole section and its windows' outputs are held.
+SECTION_BYTES_PER_PIXEL = 80
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_section_memory(path: Path) -> None:
+    """Refuse, before reading it, a section whose prediction would need more memory than is available (the size
+    from its header; `SECTION_BYTES_PER_PIXEL`), saying how much it needs."""
+    shape, available = section_shape(path), available_memory()
+    if shape is None or available is None:
+        return
+    need = shape[0] * shape[1] * SECTION_BYTES_PER_PIXEL
+    if need > available:
+        raise MemoryNeeded(f"{path}: predicting a {shape[0]} x {shape[1]} section needs about {need / 1e9:.1f} GB "
+                           f"({SECTION_BYTES_PER_PIXEL} bytes a pixel) and {available / 1e9:.1f} GB are available; "
+                           "predict it in pieces (crops of a few thousand pixels a side), or where there is more "
+                           "memory")
+
+
+class MemoryNeeded(ValueError):
+    """A section too large for the memory available."""
 
 
 def earlier_predictions(out_dir: Path) -> list[dict]:
