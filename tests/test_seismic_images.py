@@ -590,6 +590,6 @@ def test_a_section_larger_than_memory_is_refused_before_it_is_read(tiny_ckpt, ti
     code = main(["predict", str(folder), "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "1 of 2 sections could not be read, the other 1 were predicted" in err
-    assert re.search(r"huge.npy: predicting a 20000 x 20000 section needs about 32.0 GB \(80 bytes a pixel\) and "
+    assert re.search(r"huge.npy: predicting a 20000 x 20000 section needs about 40.0 GB \(100 bytes a pixel\) and "
                      r"16.0 GB are available", err), err[-600:]
     assert (tmp_path / "out" / "tile_prob.npy").is_file()

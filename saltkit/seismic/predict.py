@@ -145,9 +145,10 @@ class SectionsNotRead(ValueError):
 
 
 PREDICTIONS_JSON = "predictions.json"
-# Peak memory of predicting a section, per pixel, above the ~1.1 GB of the process (torch, the network): 75 bytes
-# measured on 2000 x 2000 (benchmarks/bench_section_memory.py); the whole section and its windows' outputs are held.
-SECTION_BYTES_PER_PIXEL = 80
+# Peak memory of predicting a section, per pixel, above the ~1 GB of the process (torch, the network): 72 bytes at
+# 1000 x 1000, 97 at 2000 x 2000 (benchmarks/bench_section_memory.py, docs/results.md); the whole section, its
+# windows' blended outputs and the pictures are held.
+SECTION_BYTES_PER_PIXEL = 100
 
 
 def available_memory() -> int | None:
