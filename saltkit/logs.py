@@ -50,10 +50,11 @@ def _is_console(stream) -> bool:
     return stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) or isinstance(stream, _TqdmStream)
 
 
-def details_at_debug(show: bool | None = None) -> None:
+def details_at_debug(show: bool | None = None, evaluator=None) -> None:
     """Install `DetailsAtDebug` on every console handler that has none (call again after new loggers appear).
 
-    `show` None: as SALTKIT_DEBUG says.
+    `show` None: as SALTKIT_DEBUG says. `evaluator`: unused; a workflow passes its engine so that the engine, and
+    its loggers' handlers, exist before this call.
     """
     show = debug_enabled() if show is None else show
     for h in console_handlers():

@@ -73,7 +73,7 @@ def pad_inference(run_dir):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir / "inference" / "best_metric", proc.stdout
+    return run_dir / "inference" / "best_metric", proc.stdout + proc.stderr
 
 
 def test_inference_bundle_writes_valid_submission(pad_inference, sample_dir):
@@ -87,6 +87,8 @@ def test_inference_bundle_writes_valid_submission(pad_inference, sample_dir):
     assert probs.image_probs is not None and probs.image_probs.shape == (20,)
     assert 0.0 <= probs.probs.min() and probs.probs.max() <= 1.0
     assert "empty predictions" in stdout
+    # one summary, no engine chatter (Ignite's at DEBUG: SALTKIT_DEBUG=1 shows it)
+    assert "Engine run finished" not in stdout and "Epoch[1] Complete" not in stdout
     # the submission is the 0.5-threshold of the saved probabilities (post-processing is off by default)
     from saltkit.submission import submission_masks
 
