@@ -1,27 +1,29 @@
 """Data-layer cases: batch RLE encoding and the competition score, against the original recipe's algorithms
-(benchmarks/baselines.py)."""
+(benchmarks/baselines.py), on the train masks of $SALTKIT_DATA when set (`benchmarks.run.benchmark_data`),
+else on the shipped sample's, repeated."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.baselines import competition_metric_original, rle_encode_original
-from benchmarks.run import Case
+from benchmarks.run import Case, benchmark_data
 from saltkit.data.layout import load_mask, sample_dir
 from saltkit.metrics import competition_metric
 from saltkit.rle import rle_encode
 
-# The shared real data beside the checkout (or $SALTKIT_SHARED, as for the tests).
-SHARED_DIR = Path(os.environ.get("SALTKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FULL_DATA = SHARED_DIR / "data" / "tgs"
+
+def data_with(part: str) -> Path:
+    """$SALTKIT_DATA when it holds `part` (e.g. "train/masks"), else the shipped sample."""
+    data = benchmark_data()
+    return data if data is not None and (data / part).is_dir() else sample_dir()
 
 
 def real_masks(n: int) -> np.ndarray:
-    """n real masks (N, 101, 101) uint8: the full train set when beside the checkout, else the sample, repeated."""
-    root = FULL_DATA if (FULL_DATA / "train" / "masks").is_dir() else sample_dir()
+    """n real masks (N, 101, 101) uint8: the train masks of $SALTKIT_DATA or of the sample, repeated."""
+    root = data_with("train/masks")
     files = sorted((root / "train" / "masks").glob("*.png"))
     masks = np.stack([load_mask(f) for f in files])
     return np.resize(masks, (n, *masks.shape[1:]))
@@ -37,7 +39,8 @@ def _score_inputs(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _data() -> str:
-    return "shared train masks" if (FULL_DATA / "train" / "masks").is_dir() else "sample masks"
+    root = data_with("train/masks")
+    return "sample masks" if root == sample_dir() else f"train masks of {root}"
 
 
 def _same_strings(ours: list[str], baseline: list[str]) -> dict:

@@ -4,8 +4,8 @@ ours: `python -m monai.bundle run inference` as a user runs it (SupervisedEvalua
 transforms per tile, PredictionWriter). baseline: the previous loop, written out here: a DataLoader, the tile and
 its mirror in one forward pass, probabilities flipped back and averaged, cropped to the tile, thresholded, then
 the same probabilities .npz and submission CSV. Both use the CPU recipe's network (random weights; channels_last
-on the CPU, as the bundle runs it), flip TTA, batch 32, the shared 4000 test tiles when present (else the 20 of the
-shipped sample); SALTKIT_BENCH_TILES=N takes the first N of them (a quicker run on a busy machine).
+on the CPU, as the bundle runs it), flip TTA, batch 32, the test tiles of $SALTKIT_DATA when set (else the 20
+of the shipped sample); SALTKIT_BENCH_TILES=N takes the first N of them (a quicker run on a busy machine).
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_data import data_with
 from benchmarks.bench_inference import recipe_arch
 from benchmarks.run import Case
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TGS = REPO.parent / "shared" / "data" / "tgs"
 BATCH = 32
 
 
 def setup():
-    from saltkit.data import sample_dir, test_items
+    from saltkit.data import test_items
     from saltkit.networks import SaltUNet
 
-    data = SHARED_TGS if (SHARED_TGS / "test" / "images").is_dir() else sample_dir()
+    data = data_with("test/images")
     work = Path(tempfile.mkdtemp(prefix="bench_engine_"))
     limit = int(os.environ.get("SALTKIT_BENCH_TILES", "0"))
     if limit:  # a dataset folder holding the first `limit` test tiles

@@ -8,8 +8,9 @@ batch 16. images/s = batch / time.
 
 inference_onnxruntime_vs_torch: the same network exported with `saltkit export --format onnx` and run by
 OnnxRuntimeNetwork vs the torch network as the bundles run it on the CPU (channels_last), both with 2 threads, on
-the shared test tiles (reflect-padded to 128 as the pad variant): each round takes the next batch of 32 tiles, and
-each side predicts it with flip TTA (the tiles and their mirror images in one batch, probabilities averaged).
+the test tiles of $SALTKIT_DATA, else the sample's (reflect-padded to 128 as the pad variant): each round
+takes the next batch of 32 tiles, and each side predicts it with flip TTA (the tiles and their mirror images
+in one batch, probabilities averaged).
 tiles/s = 32 / time.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_data import FULL_DATA
+from benchmarks.bench_data import data_with
 from benchmarks.run import Case
 
 BATCH = 16
@@ -90,10 +91,10 @@ THREADS = 2
 
 
 def test_tiles() -> tuple[np.ndarray, str]:
-    """The shared test tiles as uint8 (N, 101, 101) (the shipped sample's when the shared data is absent)."""
-    from saltkit.data.layout import load_image, sample_dir, test_items
+    """The test tiles of $SALTKIT_DATA as uint8 (N, 101, 101) (the shipped sample's when it is not set)."""
+    from saltkit.data.layout import load_image, test_items
 
-    root = FULL_DATA if (FULL_DATA / "test" / "images").is_dir() else sample_dir()
+    root = data_with("test/images")
     tiles = np.stack([load_image(it["image"]) for it in test_items(root)])
     return tiles, f"{len(tiles)} test tiles of {root}"
 
@@ -159,7 +160,7 @@ CASES = [
          notes="flip TTA as one doubled batch (ours) vs two forward passes"),
     Case("inference_onnxruntime_vs_torch", runtime_setup, runtime_side("onnxruntime"), runtime_side("torch"),
          compare=max_diff, describe=runtime_describe, repeat=5, baseline_name="torch eager (2 threads)",
-         notes=f"flip TTA on batches of {ORT_BATCH} shared test tiles, {THREADS} threads each: ONNX Runtime (ours) vs "
-               "torch eager; ratio > 1: ONNX Runtime is faster"),
+         notes=f"flip TTA on batches of {ORT_BATCH} test tiles, {THREADS} threads each: ONNX Runtime (ours) "
+               "vs torch eager; ratio > 1: ONNX Runtime is faster"),
 ]
 

@@ -3,7 +3,8 @@ fastest path before INT8), torch float32 and torch bf16 (`torch.autocast("cpu", 
 network's forward, as `amp` runs it), all with flip TTA and 2 threads, timed in the same interleaved rounds; each
 ratio is the median over rounds of the ONNX Runtime float32 time / that path's time.
 
-inference_int8_four_ways: each round, the next batch of 32 shared test tiles (reflect-padded to 128) predicted with
+inference_int8_four_ways: each round, the next batch of 32 test tiles (bench_inference's: $SALTKIT_DATA's or
+the sample's, reflect-padded to 128) predicted with
 flip TTA by each path; tiles/s = 32 / time. section_int8_four_ways: a 1010 x 1010 real section (bench_seismic's)
 predicted whole by the section inferer (128 px windows, overlap 0.5, flip TTA) by each path.
 
@@ -173,7 +174,7 @@ CASES = [
          others={"torch": tiles_side("torch"), "torch_bf16": tiles_side("torch_bf16")},
          compare=probability_difference, describe=tiles_describe, repeat=5,
          baseline_name="ONNX Runtime float32 (2 threads)",
-         notes=f"flip TTA on batches of {BATCH} shared test tiles, {THREADS} threads: ONNX Runtime INT8 (ours); "
+         notes=f"flip TTA on batches of {BATCH} test tiles, {THREADS} threads: ONNX Runtime INT8 (ours); "
                "torch float32 and torch bf16 in the same rounds; ratio > 1: faster than ONNX Runtime float32"),
     Case("section_int8_four_ways", section_setup, section_side("int8"), section_side("onnxruntime"),
          others={"torch": section_side("torch"), "torch_bf16": section_side("torch_bf16")},

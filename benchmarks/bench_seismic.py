@@ -1,7 +1,8 @@
 """Seismic sections and volumes: section throughput against the tile path, and a SEG-Y volume's peak memory.
 
-Section cases: one ~1000 x 1000 real section (mosaic_94_2 of ../shared/data/tgs/mosaics.csv, 1010 x 1010, its
-absent cells at mean grey; a 10 x 10 grid of the shipped sample tiles without the shared data), predicted whole by
+Section cases: one ~1000 x 1000 real section (mosaic_94_2 of $SALTKIT_DATA/mosaics.csv, 1010 x 1010, its
+absent cells at mean grey; a 10 x 10 grid of the shipped sample tiles when SALTKIT_DATA is not set), predicted
+whole by
 the section inferer (sliding 128 px windows, Gaussian blending; TTA on / off, overlap 0.25 / 0.5) vs the tile path on
 the same pixels (its 100 tiles of 101 x 101 through the same inferer, one window each). Network: the CPU recipe's
 SaltUNet with random weights, in channels_last layout as `saltkit predict` runs it on the CPU.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import atexit
 import functools
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -32,10 +32,9 @@ import torch
 from torch import nn
 
 from benchmarks.bench_inference import recipe_arch, recipe_network
-from benchmarks.run import Case
+from benchmarks.run import Case, benchmark_data
 
 REPO = Path(__file__).resolve().parents[1]
-FULL_DATA = Path(os.environ.get("SALTKIT_SHARED", REPO.parent / "shared")) / "data" / "tgs"
 MOSAIC = "mosaic_94_2"
 VOLUME_SHAPE = (500, 500)  # crosslines, samples per inline section
 VOLUME_INLINES = {"1GB": 1000, "0.25GB": 250}
@@ -48,8 +47,9 @@ def real_section() -> tuple[np.ndarray, str]:
     """A 1010 x 1010 uint8 real section and where it comes from."""
     from saltkit.seismic.mosaics import assemble_mosaic, read_mosaics
 
-    if (FULL_DATA / "mosaics.csv").is_file():
-        return assemble_mosaic(FULL_DATA, MOSAIC, read_mosaics(FULL_DATA / "mosaics.csv")).image, MOSAIC
+    data = benchmark_data()
+    if data is not None and (data / "mosaics.csv").is_file():
+        return assemble_mosaic(data, MOSAIC, read_mosaics(data / "mosaics.csv")).image, MOSAIC
     return sample_grid(10, 10), "10 x 10 sample tiles"
 
 

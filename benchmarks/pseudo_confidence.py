@@ -4,7 +4,7 @@ confidence), and the tiles' competition metric against their true masks is repor
 share of tiles kept, the mean metric of the kept and of the dropped tiles, and the kept share per predicted
 coverage class.
 
-    python benchmarks/pseudo_confidence.py CKPT [--dataset_dir ../shared/data/tgs] [--fold 0] [--folds_csv F]
+    python benchmarks/pseudo_confidence.py CKPT [--dataset_dir DATA] [--fold 0] [--folds_csv F]
 
 dataset_dir, fold and folds CSV default to what the run beside CKPT recorded (config.json). Settings tuned on the
 same validation tiles (SWA, `saltkit tune`) flatter the metric a little; the comparison between cuts stands.

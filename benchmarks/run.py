@@ -5,6 +5,10 @@
 Cases live in `benchmarks/bench_*.py` modules, each exposing `CASES`: a list of `Case`. Besides the JSON, the run
 writes a Markdown table (same name, .md) of each case, its baseline and the median per-round ratio, with the
 machine's load average when the case ran (other processes on the cores depress the figures).
+
+Data: the cases run on the shipped sample unless the environment variable SALTKIT_DATA names a dataset folder
+in the competition layout (train/, test/, train.csv, mosaics.csv for the section cases), e.g.
+`SALTKIT_DATA=/data/tgs python benchmarks/run.py`; each case records which data it ran on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA_ENV = "SALTKIT_DATA"
+
+
+def benchmark_data() -> Path | None:
+    """The dataset folder named by $SALTKIT_DATA, or None when it is not set (the cases use the shipped
+    sample). A name that is no folder ends the run with one line saying what to set."""
+    value = os.environ.get(DATA_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise SystemExit(f"{DATA_ENV}={value} is not a folder: set {DATA_ENV} to a dataset folder in the "
+                         "competition layout (train/, test/, train.csv), or unset it to use the shipped "
+                         "sample")
+    return path
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Does section context help? The competition metric of a fold's labelled validation tiles that sit in mosaics,
 predicted (a) inside their section and cropped back to the tile, and (b) one by one as tiles.
 
-    python benchmarks/section_vs_tiles.py CKPT --dataset_dir ../shared/data/tgs --fold 0 [--context 1] [--out x.csv]
+    python benchmarks/section_vs_tiles.py CKPT --dataset_dir DATA --fold 0 [--context 1] [--out x.csv]
+
+DATA: a dataset folder in the competition layout with its mosaics.csv (the shipped sample has none); without
+--dataset_dir, the environment variable SALTKIT_DATA names it.
 
 (a) Each tile is predicted within the section around it: the `--context` cells of its mosaic on every side (where
 the mosaic has no tile, the tile's own reflection, as the tile path pads it), through the section inferer; a pixel's prediction only sees windows within one
@@ -111,8 +114,8 @@ def summary(table: pd.DataFrame) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", type=Path)
-    p.add_argument("--dataset_dir", type=Path,
-                   default=Path(os.environ.get("SALTKIT_SHARED", REPO.parent / "shared")) / "data" / "tgs")
+    p.add_argument("--dataset_dir", type=Path, default=os.environ.get("SALTKIT_DATA") or None,
+                   help="dataset folder with mosaics.csv (default: $SALTKIT_DATA)")
     p.add_argument("--folds_csv", type=Path, default=None, help="default: the run's, from config.json")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--context", type=int, default=1, help="cells of context on each side (0: whole mosaics)")
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="per-tile CSV")
     p.add_argument("--limit", type=int, default=None, help="only the first N mosaics (a quick check)")
     args = p.parse_args(argv)
+    if args.dataset_dir is None:
+        raise SystemExit("section_vs_tiles.py: error: no dataset: pass --dataset_dir DATA (a dataset folder "
+                         "with mosaics.csv) or set SALTKIT_DATA")
     torch.set_num_threads(args.threads)
     folds_csv = args.folds_csv or run_folds_csv(args.ckpt)
     if folds_csv is None:

@@ -73,6 +73,16 @@ class RandCutoutd(RandomizableTransform, MapTransform):
     size) and the same columns, clipped at the borders (so holes near a border are smaller). It is skipped when it
     would cover more than `max_label_fraction` of the label's salt pixels. The label is not changed.
     Ours: MONAI's RandCoarseDropout keeps holes inside the tile, fills all channels alike and ignores the label.
+
+    Args:
+        keys: the image keys to cut (each (C, H, W), values in [0, 1]).
+        label_key: the label (1, H, W) {0, 1} whose salt the hole may not mostly hide; None: no such check.
+        size: side of the square hole, in pixels (>= 1).
+        fill: the value put in the hole, one per channel or one for all (default the ImageNet mean).
+        max_label_fraction: skip the hole when it would cover more than this fraction (0..1) of the salt
+            pixels.
+        prob: probability (0..1) that a call cuts a hole.
+        allow_missing_keys: do not fail when a key is missing from the data.
     """
 
     def __init__(self, keys: KeysCollection = "image", label_key: str | None = "label", size: int = 30,
@@ -132,6 +142,13 @@ class RandCropRescaled(_PairedRandom):
     crop sides run from 63 to 101 (their distribution is triangular, not uniform). Bilinear (half-pixel centres,
     no antialiasing) for the image, nearest (source index floor(i * side / H)) for the label.
     Ours: MONAI's RandSpatialCrop draws a side and then a position, a different distribution of crops.
+
+    Args:
+        keys: the keys cropped with the same draw (image and label, each (C, H, W)).
+        max_margin: each of the four margins is drawn from [0, max_margin) pixels (>= 1).
+        prob: probability (0..1) that a call crops.
+        mode: interpolation per key ("bilinear" for images, "nearest" for labels), or one for all.
+        allow_missing_keys: do not fail when a key is missing from the data.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), max_margin: int = 20, prob: float = 0.125,
@@ -161,6 +178,13 @@ class RandHorizontalSheard(_PairedRandom):
     101 px tiles and 0.07 dx runs over -7..7. Output pixel (x, y) samples the input at (x - dx + 2 dx y / H, y),
     border reflect-101.
     Ours: MONAI's RandAffine draws a continuous shear about the centre pixel, not whole-pixel edge displacements.
+
+    Args:
+        keys: the keys sheared with the same draw (image and label, each (C, H, W)).
+        max_shear: the shear s is uniform in (-max_shear, max_shear), a fraction of the tile width.
+        prob: probability (0..1) that a call shears.
+        mode: interpolation per key ("bilinear" for images, "nearest" for labels), or one for all.
+        allow_missing_keys: do not fail when a key is missing from the data.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), max_shear: float = 0.07, prob: float = 0.125,
@@ -208,6 +232,14 @@ class RandSeparableGridDistortiond(_PairedRandom):
     Per call d is uniform in (0, max_distort); each full cell of each axis gets its own factor u uniform in (-d, d)
     and spans cell * (1 + u) source px (`stretched_axis`). Border reflect-101.
     Ours: MONAI's RandGridDistortion counts cells instead of their size and has no per-call distortion limit d.
+
+    Args:
+        keys: the keys distorted with the same draw (image and label, each (C, H, W)).
+        cell: side of a grid cell, in pixels (>= 2).
+        max_distort: the per-call limit d is uniform in (0, max_distort), a fraction of a cell.
+        prob: probability (0..1) that a call distorts.
+        mode: interpolation per key ("bilinear" for images, "nearest" for labels), or one for all.
+        allow_missing_keys: do not fail when a key is missing from the data.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), cell: int = 10, max_distort: float = 0.15,
@@ -239,6 +271,12 @@ class RandGammad(RandomizableTransform, MapTransform):
     """Gamma change `x ** (1 / g)`, g uniform in `gamma`, on values clipped to [0, 1], with probability `prob`.
 
     Ours: MONAI's RandAdjustContrast rescales by the image's own min and range and raises to g, not 1 / g.
+
+    Args:
+        keys: the image keys to change (values clipped to [0, 1] first).
+        gamma: (low, high), positive and increasing: g is uniform in this range.
+        prob: probability (0..1) that a call changes the gamma.
+        allow_missing_keys: do not fail when a key is missing from the data.
     """
 
     def __init__(self, keys: KeysCollection = "image", gamma: Sequence[float] = (0.92, 1.08), prob: float = 0.165,

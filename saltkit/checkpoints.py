@@ -1,13 +1,14 @@
 """The checkpoint format, in one place: what a saltkit .pt holds, how it is written and read, and the checks on it.
 
 Every file is a torch.save'd dict with "network" (state_dict) and "arch" (SaltUNet constructor kwargs, so
-inference, SWA and export rebuild the network without any config), and "variant" (pad / resize). Optional entries:
-"postprocessing" (settings tuned on the validation fold, `saltkit.inference.tuned`); last.pt also holds
-"optimizer", "scheduler", "trainer" (Ignite state: epoch, iteration, epoch_length), "best" (each best checkpoint's
-score and epoch), "rng" and what identifies the run (variant, fold, the hash of the split's tile ids), which a
-resume must match. Files are written through `saltkit.io.atomic_write` (temporary file + os.replace), so a kill at
-any moment leaves either the previous file or the new one, and read with `weights_only=True` (plain types only).
-The engine handlers that write them during training are in `saltkit.handlers.checkpoints`.
+inference, SWA and export rebuild the network without any config), and "variant" (pad / resize). Optional
+entries: "postprocessing" (settings tuned on the validation fold, `saltkit.inference.postprocess_tuned`);
+last.pt also holds "optimizer", "scheduler", "trainer" (Ignite state: epoch, iteration, epoch_length), "best"
+(each best checkpoint's score and epoch), "rng" and what identifies the run (variant, fold, the hash of the
+split's tile ids), which a resume must match. Files are written through `saltkit.io.atomic_write` (temporary
+file + os.replace), so a kill at any moment leaves either the previous file or the new one, and read with
+`weights_only=True` (plain types only). The engine handlers that write them during training are in
+`saltkit.handlers.save_resume`.
 
 A model packaged for the bundle (`saltkit export CKPT --format model`, `saltkit.export.package_model`) is such a file
 outside its run folder: it carries its run record ("record": the run folder's config.json), "metrics", "source"
@@ -286,6 +287,13 @@ def run_setting(run_dir: str | Path, key: str, default=None, given=None, ckpt: s
     A packaged model's record names the folders of the machine it was trained on: a dataset_dir or folds_csv it
     names that does not exist here is an error saying what to pass (a missing fold file would otherwise be made
     afresh, a split the model may have trained on).
+
+    Args:
+        run_dir: the run folder whose record (config.json) is read.
+        key: the record's key (dataset_dir, fold, num_folds, folds_csv, variant, ...).
+        default: the value when neither the checkpoint nor the run records one.
+        given: the config's own value (from the command line); None: look it up.
+        ckpt: the checkpoint whose own record is read first; None: only the run's.
     """
     if given is not None:
         return given
@@ -324,6 +332,13 @@ def check_run_matches(run_dir: str | Path, dataset_dir=None, fold=None, num_fold
     SWA's BatchNorm pass and fold evaluation must use the run's own training / validation tiles; a checkpoint
     scored on tiles it was trained on would look better than it is. Silent when the run has no record. A packaged
     model's data may sit in another folder here than where it was trained: another dataset_dir is only logged.
+
+    Args:
+        run_dir: the run folder (or a packaged model's models folder) whose record is checked.
+        dataset_dir: config key `dataset_dir`; None: not checked.
+        fold: config key `fold`; None: not checked.
+        num_folds: config key `num_folds`; None: not checked.
+        variant: config key `variant` (pad / resize); None: not checked.
     """
     record_path = record_source(run_dir) or Path(run_dir) / RUN_RECORD
     record = run_record(run_dir)
@@ -360,7 +375,8 @@ def checkpoint_variant(path: str | Path, variant: str | None = None) -> str:
     return valid_variant(recorded if recorded is not None else variant)
 
 
-# the repository checkout the package sits in (an editable install), as `saltkit.workflows.checkout_dir` finds it
+# the repository checkout the package sits in (an editable install), as `saltkit.cli.workflows.checkout_dir`
+# finds it
 PACKAGE_CHECKOUT = Path(__file__).resolve().parents[1]
 
 
@@ -386,7 +402,8 @@ def shipped_model(bundle_root: str | Path = BUNDLE_ROOT, log=None) -> str:
     path = bundle_model(bundle_root)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint given and the bundle's model {path} does not exist; pass --ckpt "
-                                f"FILE (a trained checkpoint, e.g. runs/pad_fold0/swa.pt), or {restore_hint(path)}")
+                                f"FILE (a trained checkpoint, e.g. runs/tgs/pad_fold0/swa.pt), or "
+                                f"{restore_hint(path)}")
     (log or logger.info)(f"checkpoint {path} (the bundle's model; --ckpt FILE uses another)")
     return str(path)
 

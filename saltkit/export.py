@@ -1,9 +1,9 @@
 """Export of a checkpoint's network: TorchScript (the default, as MONAI bundles use it) or ONNX; and the bundle's
 model file.
 
-    saltkit export runs/pad_fold0/swa.pt --out model.ts
-    saltkit export runs/pad_fold0/swa.pt --format onnx --out model.onnx
-    saltkit export runs/pad_fold0/swa.pt --format model --half --out bundles/saltnet/models/model.pt
+    saltkit export runs/tgs/pad_fold0/swa.pt --out model.ts
+    saltkit export runs/tgs/pad_fold0/swa.pt --format onnx --out model.onnx
+    saltkit export runs/tgs/pad_fold0/swa.pt --format model --half --out bundles/saltnet/models/model.pt
 
 TorchScript maps `(B, 3, S, S)` float tiles in [0, 1] (padded or resized to S = 128 as in training) to the
 `(B, 1, S, S)` final salt logit. ONNX (torch.onnx's dynamo exporter; input "image", a dynamic batch axis) gives
@@ -309,8 +309,8 @@ def sample_tile_masks(state: dict, source: str | Path = "checkpoint", limit: int
     inference makes them: flip TTA, then its tuned post-processing (the plain defaults without one)."""
     from saltkit.checkpoints import network_from_checkpoint, weights_fingerprint
     from saltkit.inference.postprocess import postprocess
+    from saltkit.inference.postprocess_tuned import DEFAULT, check_entry, entry_settings
     from saltkit.inference.pseudo_labels import Teacher, predict_tiles
-    from saltkit.inference.tuned import DEFAULT, check_entry, entry_settings
 
     network = network_from_checkpoint(state, source)
     teacher = Teacher(Path(str(source)), network, state["variant"], weights_fingerprint(state["network"]), state)

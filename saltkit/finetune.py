@@ -95,5 +95,10 @@ def init_path(init_ckpt, resume_path: str | None = None) -> str | None:
 
 def pretrained_weights(pretrained, init_ckpt):
     """The network's `pretrained` (config key `pretrained`; null: random weights), None when `init_ckpt` is
-    set (its weights replace them)."""
+    set (its weights replace them).
+
+    Args:
+        pretrained: config key `pretrained`, the encoder's weights ("imagenet" or a .pth path); null: none.
+        init_ckpt: config key `init_ckpt`, a checkpoint to start from; null: none.
+    """
     return None if init_checkpoint(init_ckpt) else none_if_null(pretrained)

@@ -41,7 +41,11 @@ def center_crop(x: torch.Tensor, size: int = TILE_SIZE) -> torch.Tensor:
 
 
 def loss_center_crop(variant: str) -> int | None:
-    """The central window the loss is scored on: the tile for pad, the whole map (None) for resize."""
+    """The central window the loss is scored on: the tile for pad, the whole map (None) for resize.
+
+    Args:
+        variant: config key `variant`, "pad" (101 px tiles padded to 128) or "resize" (scaled to 128).
+    """
     return TILE_SIZE if check_variant(variant) == "pad" else None
 
 

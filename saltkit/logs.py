@@ -1,5 +1,5 @@
 """Console logging of the bundle runs: the engines' and MONAI's per-epoch detail at DEBUG, log lines that do not
-land on a progress bar.
+land on a progress bar, and progress bars only on a terminal (`progress_bars`).
 
 The bundle's logging.conf can only name stdlib classes (MONAI refuses anything else), so these are installed from
 the bundle (`initialize`) and from the handlers that replace the detail with one line per epoch.
@@ -12,11 +12,13 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from saltkit.config import as_bool
 from saltkit.errors import debug_enabled
 
 # INFO from these loggers is detail (Ignite's "Epoch[3] Complete", MONAI's metric tables and input summary,
 # a line per best checkpoint): logged as DEBUG, shown with SALTKIT_DEBUG=1.
-DETAIL_LOGGERS = ("ignite.engine", "monai.bundle", "monai.handlers.StatsHandler", "saltkit.handlers.checkpoints")
+DETAIL_LOGGERS = ("ignite.engine", "monai.bundle", "monai.handlers.StatsHandler",
+                  "saltkit.handlers.save_resume")
 
 
 class DetailsAtDebug(logging.Filter):
@@ -60,6 +62,26 @@ def details_at_debug(show: bool | None = None, evaluator=None) -> None:
     for h in console_handlers():
         if not any(isinstance(f, DetailsAtDebug) for f in h.filters):
             h.addFilter(DetailsAtDebug(show))
+
+
+def progress_bars(enabled=True, stream=None) -> bool:
+    """Whether to draw progress bars: `enabled` and `stream` is a terminal. Every tqdm bar of saltkit
+    (inference, evaluate, predict, a volume's sections, the sliding windows, training) asks here.
+
+    Redirected to a log file, a bar is a stream of carriage-return redraws; the per-epoch log lines
+    (training's summary, the workflows' printed results) stay either way.
+
+    Args:
+        enabled: config key `progress` (true / false, 1 / 0) or a command's --no-progress negated.
+        stream: the stream the bars would be drawn on; None: sys.stderr (tqdm's).
+    """
+    if not as_bool(enabled, "progress"):
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
 
 class _TqdmStream:

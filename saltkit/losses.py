@@ -239,6 +239,14 @@ class DeepSupervisionLoss(nn.Module):
     center_crop=101 crops logits and targets to the central 101 x 101 first (inputs padded to 128), so both the
     Lovasz terms and "non-empty" only see the real tile. A bare tensor gets the final term only. All six Lovasz
     terms share one sort over a (6B, HW) tensor. `reference=True` computes them with the per-image loop instead.
+
+    Args:
+        image_weight: weight of the image head's BCE (is there salt in the tile).
+        pixel_weight: weight of the sum of the five deep-supervision Lovasz terms (empty tiles ignored).
+        final_weight: weight of the final logit's symmetric Lovasz term.
+        center_crop: side in pixels of the central window scored (101 for pad); None: the whole map (resize).
+        reference: compute the Lovasz terms with the per-image loop (slower, for tests).
+        bce_weight: weight of a pixel BCE on the final logit (0 in the recipe).
     """
 
     def __init__(self, image_weight: float = 0.05, pixel_weight: float = 0.1, final_weight: float = 1.0,

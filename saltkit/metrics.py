@@ -124,7 +124,13 @@ class _TileMean(Metric):
 
 
 class CompetitionMetric(_TileMean):
-    """Ignite metric: mean competition metric of `y_pred > logit_threshold` against binary `y`."""
+    """Ignite metric: mean competition metric of `y_pred > logit_threshold` against binary `y`.
+
+    Args:
+        logit_threshold: salt where the logit is above this (0.0: probability 0.5; 0/1 masks pass unchanged).
+        output_transform: the engine's output -> (y_pred logits (B, 1, H, W), y binary (B, 1, H, W)).
+        device: where the running sums are kept (a torch device or its name).
+    """
 
     def _per_tile(self, preds, truths):
         # Count on the tensors' device; only four (B,) count vectors reach the CPU.
@@ -133,7 +139,13 @@ class CompetitionMetric(_TileMean):
 
 
 class PixelAccuracy(_TileMean):
-    """Ignite metric: mean per-tile pixel accuracy of `y_pred > logit_threshold` against binary `y`."""
+    """Ignite metric: mean per-tile pixel accuracy of `y_pred > logit_threshold` against binary `y`.
+
+    Args:
+        logit_threshold: salt where the logit is above this (0.0: probability 0.5; 0/1 masks pass unchanged).
+        output_transform: the engine's output -> (y_pred logits (B, 1, H, W), y binary (B, 1, H, W)).
+        device: where the running sums are kept (a torch device or its name).
+    """
 
     def _per_tile(self, preds, truths):
         return (preds == truths).sum(1).cpu().numpy() / preds.shape[1]

@@ -122,6 +122,10 @@ def amp_settings(amp, device) -> dict:
     """MONAI engine and inferer settings from config key `amp` (`choose_precision`; its line is logged):
     {"amp": bool, "amp_kwargs": {"dtype": ...}} for the engines, which autocast on CUDA only, and "autocast": the
     dtype the bundles' `AutocastInferer` runs the network in elsewhere (None: float32, or CUDA, where MONAI does it).
+
+    Args:
+        amp: config key `amp`: false (float32), true / auto (the fastest precision here), "bf16" or "fp16".
+        device: the torch device the network runs on.
     """
     dtype = amp_dtype(amp, device)
     if dtype is not None and torch.device(device).type == "cuda":
@@ -130,5 +134,9 @@ def amp_settings(amp, device) -> dict:
 
 
 def memory_format(channels_last) -> torch.memory_format:
-    """The network's and its batches' memory format: channels_last when config key `channels_last` is true."""
+    """The network's and its batches' memory format: channels_last when config key `channels_last` is true.
+
+    Args:
+        channels_last: config key `channels_last` (true / false).
+    """
     return torch.channels_last if as_bool(channels_last, "channels_last") else torch.preserve_format

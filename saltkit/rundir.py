@@ -6,6 +6,7 @@ checkpoints unless the run resumes it (`--resume true`) or replaces it (`--overw
 removes the temporaries of writes that a killed process left there. The lock is an advisory `flock`: the system
 releases it when its process ends, however it ends, so a killed run never blocks the resume that follows.
 `resume_checkpoint` finds the last.pt a run resumes; `prepare_run_dir` writes the run record (`config.json`).
+`default_run_dir` names the folder when the config does not: `runs/<dataset name>/<variant>_fold<k>`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import ignite.distributed as idist
 
-from saltkit.config import FALSE_WORDS, TRUE_WORDS, ConfigError, as_bool
+from saltkit.config import FALSE_WORDS, TRUE_WORDS, ConfigError, as_bool, none_if_null
+from saltkit.data.layout import sample_dir
 from saltkit.io import atomic_write, host_name, remove_stale_temporaries
 
 try:
@@ -35,6 +37,45 @@ LOCK_FILE = ".lock"
 CHECKPOINT_PATTERNS = ("last.pt", "best_*.pt", "swa.pt")
 RESUME_RECORD = "config_resumed.json"
 TENSORBOARD_DIR = "tensorboard"
+
+RUNS_ROOT = "runs"
+SAMPLE_NAME = "sample"  # the embedded sample's runs (its own folder is named tgs, as the real data's is)
+DEFAULT_VARIANT = "pad"
+
+
+def dataset_name(dataset_dir) -> str:
+    """The name a dataset's runs are filed under: `sample` for the embedded sample
+    (`saltkit.data.sample_dir()`), the dataset folder's own name otherwise (`../data/tgs` -> `tgs`).
+
+    Args:
+        dataset_dir: the dataset folder; None / null: the embedded sample (the workflows' default data).
+    """
+    dataset_dir = none_if_null(dataset_dir)
+    if dataset_dir is None:
+        return SAMPLE_NAME
+    path = Path(str(dataset_dir)).expanduser().resolve()
+    if path == sample_dir().resolve():
+        return SAMPLE_NAME
+    return path.name or "dataset"
+
+
+def default_run_dir(dataset_dir, variant, fold, root: str | Path = RUNS_ROOT) -> str:
+    """The run folder of a training when config key `run_dir` is not given:
+    `runs/<dataset name>/<variant>_fold<k>` (`runs/sample/pad_fold0` for the embedded sample,
+    `runs/tgs/pad_fold3` for fold 3 of a folder named tgs), so runs of different data never share a folder.
+    The workflows after training (swa, evaluate, inference) default to the same folder.
+
+    Args:
+        dataset_dir: the dataset folder (`dataset_name`); None / null: the embedded sample.
+        variant: config key `variant` (pad / resize); None / null: pad, the workflows' default.
+        fold: config key `fold`, the validation fold; None / null: 0.
+        root: the folder holding every run.
+    """
+    variant = none_if_null(variant)
+    fold = none_if_null(fold)
+    name = f"{DEFAULT_VARIANT if variant is None else variant}_fold{0 if fold is None else fold}"
+    return (Path(root) / dataset_name(dataset_dir) / name).as_posix()
+
 
 # Locks this process holds, by lock path: a flock belongs to one open file, so a second training in the same
 # process (after a first one that failed before releasing it) must reuse that file rather than open another.
@@ -171,7 +212,12 @@ def refuse_previous_run(run_dir: Path, resume_path: str | None, overwrite: bool)
 
 
 def resume_checkpoint(resume, run_dir) -> str | None:
-    """Checkpoint to resume from: None (`resume` false), `<run_dir>/last.pt` (true), or the path given."""
+    """Checkpoint to resume from: None (`resume` false), `<run_dir>/last.pt` (true), or the path given.
+
+    Args:
+        resume: config key `resume`: true, false, or the path of a last.pt.
+        run_dir: the run folder whose last.pt `resume` true names.
+    """
     if isinstance(resume, (str, Path)) and str(resume).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         path = Path(str(resume))
         if not path.is_file():

@@ -3,7 +3,7 @@
 Equal-weight mean of the parameters with `torch.optim.swa_utils.AveragedModel`, then BatchNorm statistics
 recomputed with `update_bn` over the fold's training tiles (no augmentation), because averaged weights do not
 match any checkpoint's running statistics. Then, by default, the post-processing is tuned on the fold's validation
-tiles with the averaged network (`saltkit.inference.tuned`), and stored in the same checkpoint.
+tiles with the averaged network (`saltkit.inference.postprocess_tuned`), and stored in the same checkpoint.
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def run_swa(
 ) -> Path:
     """Bundle entry point (prints progress): average `checkpoints`, recompute BN over `loader`'s batches
     (tiles prepared for `variant`), tune the post-processing on `tune_loader`'s labelled validation batches when
-    given (`tuned_on` says which tiles: `saltkit.inference.tuned.tuning_record`), save to `output`. `amp`: config
-    key `amp` for both passes (`saltkit.precision.choose_precision`); the checkpoint is float32 either way. `fold`:
-    the run's fold; checkpoints that record another are refused."""
+    given (`tuned_on` says which tiles: `saltkit.inference.postprocess_tuned.tuning_record`), save to
+    `output`. `amp`: config key `amp` for both passes (`saltkit.precision.choose_precision`); the checkpoint
+    is float32 either way. `fold`: the run's fold; checkpoints that record another are refused."""
     paths = [Path(p) for p in checkpoints]
     check_outputs({"output": output}, {"checkpoints": paths})
     check_writable(Path(output).parent, "output")  # a read-only or full folder fails now, not after the work
@@ -172,7 +172,7 @@ def run_swa(
     print(f"SWA: recomputed BatchNorm statistics over {tiles} training tiles", flush=True)
     entry = None
     if tune_loader is not None:
-        from saltkit.inference.tuned import predict_labelled_tiles, tune, tuning_summary
+        from saltkit.inference.postprocess_tuned import predict_labelled_tiles, tune, tuning_summary
 
         if variant is None:
             raise ValueError("SWA: tuning the post-processing needs config key 'variant' (pad or resize)")
@@ -200,7 +200,8 @@ class StochasticWeightAveraging:
         variant: config key `variant` (every checkpoint must have been trained with it).
         tune_loader: labelled batches of the fold's validation tiles, for the tuning.
         tune: config key `tune_postprocessing` (true / false): tune on `tune_loader` and store the result.
-        tuned_on: which tiles the tuning sees (`saltkit.inference.tuned.tuning_record`), stored with it.
+        tuned_on: which tiles the tuning sees (`saltkit.inference.postprocess_tuned.tuning_record`), stored
+            with it.
         amp: config key `amp`, for both passes.
         fold: the run's fold (config key `fold`, else the run's record); checkpoints of another are refused.
     """

@@ -19,9 +19,6 @@ from saltkit.checkpoints import ResumeError, check_same_run, read_resume_checkpo
 from saltkit.config import ConfigError, as_bool, require_int
 from saltkit.data.pseudo import PseudoSet, check_mixing, pseudo_identity, pseudo_record
 from saltkit.finetune import check_init_ckpt, init_identity
-
-# inference.json, predict.json and saltkit.seismic.predict reach these as saltkit.training.*
-from saltkit.precision import amp_dtype, amp_settings, choose_precision  # noqa: F401
 from saltkit.recipe import Recipe, check_batch_size
 from saltkit.rundir import claim_run_dir, prepare_run_dir
 
@@ -38,9 +35,11 @@ class TrainingRun:
         resume_path: the last.pt the run resumes (`saltkit.rundir.resume_checkpoint`), or None.
         identity: what identifies the run (`run_identity`), checked against the last.pt it resumes.
         network: the network as the config builds it, checked against config key `init_ckpt`.
-        train_items, val_items: the fold's labelled training and validation items.
+        train_items: the fold's labelled training items.
+        val_items: the fold's labelled validation items.
         pseudo: the pseudo-labelled set (`saltkit.data.pseudo.training_pseudo_set`), or None.
-        loss, optimizer: recorded by class (and the loss by its terms' weights).
+        loss: the training loss, recorded by class (and by its terms' weights).
+        optimizer: the optimizer, recorded by class.
     """
 
     def __init__(self, recipe: Recipe, resume_path: str | None, identity: Mapping, network: torch.nn.Module,
@@ -91,7 +90,19 @@ def run_identity(variant: str, fold: int, num_folds: int, split, dataset_dir, fo
                  resume_path: str | None = None, pseudo: PseudoSet | None = None) -> dict:
     """What identifies a run, stored in its last.pt and checked when it is resumed: variant, fold, the split's
     tile ids (`split_digest`), the data and fold files, its starting point (`saltkit.finetune.init_identity`)
-    and its pseudo-labelled set."""
+    and its pseudo-labelled set.
+
+    Args:
+        variant: config key `variant` (pad / resize).
+        fold: the validation fold.
+        num_folds: the number of folds K.
+        split: the fold's (train items, validation items), as `saltkit.data.folds.fold_split` gives them.
+        dataset_dir: the dataset folder.
+        folds_csv: the fold file.
+        init_ckpt: config key `init_ckpt`, the checkpoint a fine-tuning starts from, or None.
+        resume_path: the last.pt the run resumes, or None.
+        pseudo: the pseudo-labelled set (`saltkit.data.pseudo.training_pseudo_set`), or None.
+    """
     return {"variant": variant, "fold": fold, "num_folds": num_folds, "split": split_digest(split),
             "dataset_dir": str(dataset_dir), "folds_csv": str(folds_csv),
             "init_ckpt": init_identity(init_ckpt, resume_path), "pseudo": pseudo_identity(pseudo)}
@@ -113,7 +124,7 @@ def split_digest(split: tuple[Sequence[dict], Sequence[dict]]) -> str:
 
 def check_resume(resume_path: str | None, expected: Mapping | None = None) -> None:
     """Before anything heavy: the checkpoint to resume is a readable last.pt of this same run (variant, fold and
-    the split's tile ids, see `saltkit.handlers.checkpoints.check_same_run`); ConfigError naming the path if not."""
+    the split's tile ids, see `saltkit.checkpoints.check_same_run`); ConfigError naming the path if not."""
     if resume_path is None:
         return
     try:
@@ -162,7 +173,13 @@ def distributed_device() -> torch.device:
 
 
 def distributed_network(network: torch.nn.Module, device, sync_bn=False) -> torch.nn.Module:
-    """DistributedDataParallel around `network` (already on `device`), with SyncBatchNorm when `sync_bn`."""
+    """DistributedDataParallel around `network` (already on `device`), with SyncBatchNorm when `sync_bn`.
+
+    Args:
+        network: the network, already on `device`.
+        device: this process's device (`distributed_device`).
+        sync_bn: config key `sync_bn`: BatchNorm statistics over all processes (CUDA only).
+    """
     device = torch.device(device)
     if as_bool(sync_bn, "sync_bn"):
         if device.type != "cuda":

@@ -27,7 +27,13 @@ VALIDATION_SIZES = ("tile", "network")
 
 def network_input_transform(variant: str, keys: KeysCollection = ("image", "label")) -> MapTransform:
     """The variant's tile -> network transform: reflect pad 101 -> 128 (pad) or resize to 128 (resize; bilinear
-    image, nearest mask: a key named "label" gets nearest). Missing keys are allowed (test tiles have no label)."""
+    image, nearest mask: a key named "label" gets nearest). Missing keys are allowed (test tiles have no
+    label).
+
+    Args:
+        variant: config key `variant` (pad / resize).
+        keys: the keys of `(C, 101, 101)` tiles to bring to `(C, 128, 128)`.
+    """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if check_variant(variant) == "pad":
         before, after = pad_widths(TILE_SIZE, NETWORK_SIZE)
@@ -38,7 +44,12 @@ def network_input_transform(variant: str, keys: KeysCollection = ("image", "labe
 
 def tile_output_transform(variant: str, keys: KeysCollection = ("prob",)) -> MapTransform:
     """The variant's network -> tile transform for `(C, 128, 128)` maps: central 101 x 101 crop (pad) or bilinear
-    resize to 101 (resize); the inverse of `network_input_transform` (as `geometry.restore_tiles` on batches)."""
+    resize to 101 (resize); the inverse of `network_input_transform` (as `geometry.restore_tiles` on batches).
+
+    Args:
+        variant: config key `variant` (pad / resize).
+        keys: the keys of `(C, 128, 128)` maps to bring to `(C, 101, 101)`.
+    """
     keys = [keys] if isinstance(keys, str) else list(keys)
     if check_variant(variant) == "pad":
         # not CenterSpatialCropd: its centre (64 - 50 = 14) is one pixel off the padding's 13 px before
@@ -50,7 +61,12 @@ def tile_output_transform(variant: str, keys: KeysCollection = ("prob",)) -> Map
 def tile_inputs(variant: str, keys: KeysCollection = ("image", "label")) -> Compose:
     """The deterministic pipeline of the workflows that read tiles from disk (evaluate, inference, SWA): LoadTiled
     (3 channels), the variant's tile -> network transform of the image (labels stay on the 101 x 101 tile grid, where
-    the metric is scored), EnsureTyped without metadata. One definition instead of a copy in each bundle file."""
+    the metric is scored), EnsureTyped without metadata. One definition instead of a copy in each bundle file.
+
+    Args:
+        variant: config key `variant` (pad / resize).
+        keys: the keys holding PNG paths ("image", and "label" for labelled tiles).
+    """
     keys = [keys] if isinstance(keys, str) else list(keys)
     return Compose([LoadTiled(keys, channels=3), network_input_transform(variant, "image"),
                     EnsureTyped(keys, track_meta=False)])
@@ -62,6 +78,11 @@ class LoadTiled(MapTransform):
     image -> (channels, H, W) float32 in [0, 1] (the grey tile repeated); label -> (1, H, W) float32 in {0, 1}.
     Custom rather than LoadImaged: masks are 0/255 or 0/65535 PNGs depending on the file and must end as {0, 1}
     with checked values and sizes (saltkit.data.layout does that, naming the file on error).
+
+    Args:
+        keys: the keys holding PNG paths ("image", "label").
+        channels: how many times the grey tile is repeated (3 for the ImageNet encoders).
+        allow_missing_keys: do not fail on a missing key (test tiles have no label).
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), channels: int = 1, allow_missing_keys: bool = True):
@@ -106,6 +127,11 @@ class TilePredictiond:
     validation_size: "tile" (default) scores the 101 x 101 tile, what the leaderboard scores; "network" scores the
     resize variant as the original recipe validated it, the 128 x 128 prediction against the nearest-resized label
     (the pad variant is scored on its tile either way, as in the original).
+
+    Args:
+        variant: config key `variant`: "pad" (central crop) or "resize" (bilinear resize back).
+        size: the tile side, in pixels (101).
+        validation_size: "tile" or "network", see above.
     """
 
     def __init__(self, variant: str, size: int = TILE_SIZE, validation_size: str = "tile"):

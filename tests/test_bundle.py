@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,82 @@ def test_workflow_files_have_the_keys_their_workflow_needs(name):
         assert config["evaluator"]["_target_"] == "SupervisedEvaluator"
     # one inferer key, the same flip-TTA inferer in every workflow
     assert config["inferer"]["_target_"] == "saltkit.inference.FlipTTAInferer"
+
+
+
+def saltkit_targets() -> list[str]:
+    """Every saltkit class or function a bundle config or an override file builds through `_target_`."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if isinstance(target, str) and target.startswith("saltkit."):
+                found.add(target)
+            nodes = node.values()
+        else:
+            nodes = node if isinstance(node, list) else ()
+        for child in nodes:
+            walk(child)
+
+    for path in sorted([*CONFIGS.glob("*.json"), *(REPO / "configs").glob("*.json")]):
+        walk(json.loads(path.read_text()))
+    return sorted(found)
+
+
+def documented_arguments(doc: str | None) -> list[str] | None:
+    """The names a docstring's Google-style `Args:` section describes, one entry a line (None: no section)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    stripped = [line.strip() for line in lines]
+    if "Args:" not in stripped:
+        return None
+    names, indent = [], None
+    for line in lines[stripped.index("Args:") + 1:]:
+        if not line.strip():
+            continue
+        own = len(line) - len(line.lstrip())
+        if own == 0:
+            break
+        indent = own if indent is None else indent
+        match = re.match(r"\s*(\w+)( \([^)]*\))?:", line) if own == indent else None
+        if match:
+            names.append(match.group(1))
+    return names
+
+
+def test_bundle_targets_document_their_arguments():
+    # as segmentation_models_pytorch's classes do: a config's reader finds each key's meaning and units in the
+    # docstring of the class (or function) it builds
+    import importlib
+
+    targets = saltkit_targets()
+    assert "saltkit.networks.SaltUNet" in targets and "saltkit.handlers.BestCheckpoint" in targets
+    undocumented = {}
+    for target in targets:
+        module, _, name = target.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)
+        signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+        params = [p.name for p in signature.parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not params:
+            continue
+        names = documented_arguments(obj.__doc__)
+        missing = params if names is None else [p for p in params if p not in names]
+        if missing:
+            undocumented[target] = missing
+    assert not undocumented, f"add these to the docstring's Args: section, one line each: {undocumented}"
+
+
+def test_the_args_reader_needs_one_entry_per_argument():
+    doc = """Summary.
+
+    Args:
+        network, optimizer: the run's.
+        best: the handlers,
+            continued here: not an entry.
+    """
+    assert documented_arguments(doc) == ["best"]
+    assert documented_arguments("No section.") is None
 
 
 # The keys MONAI's bundle specification makes mandatory in metadata.json (its schema meta_schema_20220324 and

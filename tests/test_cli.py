@@ -135,7 +135,7 @@ def test_help_lists_the_bundle_workflows(capsys):
 
 
 def test_workflow_command_line_is_the_bundle_command_line():
-    from saltkit.workflows import WORKFLOWS, bundle_argv, is_shipped
+    from saltkit.cli.workflows import WORKFLOWS, bundle_argv, is_shipped
 
     train = next(w for w in WORKFLOWS if w.name == "train")
     argv = bundle_argv(train, ["configs/pad.json", "configs/cpu.json", "--max-epochs", "2", "--fold=1"])
@@ -149,22 +149,22 @@ def test_workflow_command_line_is_the_bundle_command_line():
 
 
 def test_tune_is_the_evaluate_workflow_with_tuning_on():
-    from saltkit.workflows import WORKFLOWS, bundle_argv
+    from saltkit.cli.workflows import WORKFLOWS, bundle_argv
 
     tune = next(w for w in WORKFLOWS if w.name == "tune")
-    argv = bundle_argv(tune, ["--ckpt", "runs/pad_fold0/swa.pt"])
+    argv = bundle_argv(tune, ["--ckpt", "runs/sample/pad_fold0/swa.pt"])
     assert argv[1:3] == ["run", "evaluate"] and Path(eval(argv[4])[0]).name == "evaluate.json"
-    assert argv[5:] == ["--tune_postprocessing", "true", "--ckpt", "runs/pad_fold0/swa.pt"]
+    assert argv[5:] == ["--tune_postprocessing", "true", "--ckpt", "runs/sample/pad_fold0/swa.pt"]
 
 
 def test_workflow_override_files_are_found_from_any_folder(tmp_path, monkeypatch):
-    from saltkit.workflows import WORKFLOWS, bundle_argv
+    from saltkit.cli.workflows import WORKFLOWS, bundle_argv
 
     # as from an editable install (the README's): the package sits in the checkout; tox installs a copy elsewhere
-    monkeypatch.setattr("saltkit.workflows.REPO_DIR", REPO)
+    monkeypatch.setattr("saltkit.cli.workflows.REPO_DIR", REPO)
     monkeypatch.chdir(tmp_path)
     swa = next(w for w in WORKFLOWS if w.name == "swa")
-    files = eval(bundle_argv(swa, ["configs/resize.json", "--run_dir", "runs/resize_fold0"])[4])
+    files = eval(bundle_argv(swa, ["configs/resize.json", "--run_dir", "runs/sample/resize_fold0"])[4])
     assert Path(files[1]) == REPO / "configs" / "resize.json"
     with pytest.raises(FileNotFoundError, match="config file configs/rezise.json not found"):
         bundle_argv(swa, ["configs/rezise.json"])
@@ -174,7 +174,7 @@ def test_workflow_without_a_checkout_names_the_bundle_config(tmp_path, monkeypat
     from saltkit.cli import main
 
     # a copy installed with `pip install .`, run from a folder that is not a checkout
-    monkeypatch.setattr("saltkit.workflows.REPO_DIR", tmp_path / "site-packages")
+    monkeypatch.setattr("saltkit.cli.workflows.REPO_DIR", tmp_path / "site-packages")
     monkeypatch.chdir(tmp_path)
     assert main(["train", "configs/pad.json"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -185,7 +185,7 @@ def test_warnings_about_shipped_configs_are_silenced(recwarn):
     import logging
     import warnings
 
-    from saltkit.workflows import shipped_config_warnings_silenced
+    from saltkit.cli.workflows import shipped_config_warnings_silenced
 
     monai_log = logging.getLogger("monai.bundle.workflows")  # MONAI's own handler, no propagation
     logged: list[str] = []

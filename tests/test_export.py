@@ -307,7 +307,7 @@ def test_model_file_round_trips_from_half_storage(tmp_path, capsys):
     assert masks.shape == (4, 101, 101) and 0 < masks.mean() < 1
     assert (masks == sample_tile_masks(source, swa, limit=4)).all()
     # tuning it again (saltkit tune --ckpt) rewrites the entry and keeps the float16 storage
-    from saltkit.inference.tuned import store_postprocessing
+    from saltkit.inference.postprocess_tuned import store_postprocessing
 
     store_postprocessing(out, {**TUNED, "threshold": 0.45})
     again = torch.load(out, map_location="cpu", weights_only=True)

@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-import saltkit.handlers.checkpoints as ckpt_mod
+import saltkit.handlers.save_resume as ckpt_mod
 from saltkit.handlers import (
     BestCheckpoint,
     DivergenceError,
@@ -30,8 +30,8 @@ from saltkit.handlers import (
     schedule_steps,
     warmup_steps,
 )
-from saltkit.handlers.checkpoints import load_schedule_keeping_settings
-from saltkit.handlers.images import worst_tile_order
+from saltkit.handlers.image_grids import worst_tile_order
+from saltkit.handlers.save_resume import load_schedule_keeping_settings
 from saltkit.pictures import BOTH_RGB, TRUTH_RGB
 
 

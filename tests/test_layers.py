@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "saltkit"
 # Lowest first. A module may import from its own layer and any layer below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("saltkit", "saltkit.config", "saltkit.errors", "saltkit.io", "saltkit.geometry", "saltkit.rle",
-                    "saltkit.logs", "saltkit.pictures", "saltkit.subcommands")),
+                    "saltkit.logs", "saltkit.pictures")),
     ("data", ("saltkit.data", "saltkit.submission")),
     ("transforms", ("saltkit.transforms", "saltkit.augmentation")),
     ("networks", ("saltkit.networks",)),
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                        "saltkit.finetune", "saltkit.rundir", "saltkit.training")),
     ("inference", ("saltkit.inference", "saltkit.export", "saltkit.swa")),
     ("seismic I/O", ("saltkit.seismic",)),
-    ("command line", ("saltkit.cli", "saltkit.workflows")),
+    ("command line", ("saltkit.cli",)),
 ]
 
 
@@ -86,3 +86,12 @@ def test_the_check_sees_an_upward_import(tmp_path):
     source.write_text("def f():\n    from saltkit.training import fold_split\n")
     (line, target), = saltkit_imports(source)
     assert line == 2 and layer_of(target) > layer_of("saltkit.data.folds")
+
+
+def test_no_two_modules_share_a_name():
+    # a module's name says what it holds: `images.py` in two folders, or `commands.py`, hid which is which
+    names: dict[str, list[str]] = {}
+    for path in MODULES:
+        names.setdefault(path.name, []).append(module_name(path))
+    shared = {name: modules for name, modules in names.items() if len(modules) > 1 and name != "__init__.py"}
+    assert not shared, f"modules sharing a file name in different folders: {shared}"

@@ -174,3 +174,21 @@ def test_the_bar_ends_an_epoch_on_the_summary_values():
         assert bar["loss"] == pytest.approx(summary["train_loss"], abs=1e-6)
         assert bar["metric"] == pytest.approx(summary["train_metric"], abs=1e-9)
     assert len({round(bar["metric"], 9) for bar, _ in shown}) == 3  # three epochs, three different values
+
+
+def test_progress_bars_need_a_terminal_and_the_key():
+    from saltkit.config import ConfigError
+    from saltkit.logs import progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_bars(True, Terminal()) and progress_bars("true", Terminal())
+    assert not progress_bars(False, Terminal()) and not progress_bars("false", Terminal())
+    assert not progress_bars(True, io.StringIO())  # redirected to a file
+    closed = io.StringIO()
+    closed.close()  # its isatty() raises ValueError
+    assert not progress_bars(True, closed) and not progress_bars(True, object())
+    with pytest.raises(ConfigError, match="'progress' must be true or false"):
+        progress_bars("maybe", Terminal())

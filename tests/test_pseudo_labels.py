@@ -219,6 +219,6 @@ def test_what_cannot_be_written_fails_before_the_work(teacher, sample_dir, tmp_p
 
 
 def test_default_min_confidence_is_the_command_lines():
-    from saltkit.inference.commands import MIN_CONFIDENCE
+    from saltkit.cli.inference_commands import MIN_CONFIDENCE
 
     assert MIN_CONFIDENCE == DEFAULT_MIN_CONFIDENCE

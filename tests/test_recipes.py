@@ -115,15 +115,18 @@ def test_postprocessing_keys_are_documented_as_the_configs_set_them():
     assert doc_value(predict["`threshold`"]) == configs["predict.json"]["threshold"] == "auto"
 
 
-def test_readme_cpu_recipe_figures_are_the_files():
+def test_docs_cpu_recipe_lines_are_the_file():
+    """The one-line descriptions of configs/cpu.json in the README and the bundle docs say what the file sets."""
     cpu = json.loads(RECIPES["cpu.json"].read_text())
-    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `cpu.json`"))
-    assert f"head dropout {cpu['head_dropout']}" in row
-    assert cpu["cutout_prob"] == 0.0 and "no cutout" in row
     train = json.loads(TRAIN.read_text())
+    assert cpu["head_dropout"] == cpu["decoder_dropout"] == 0.0 and cpu["cutout_prob"] == 0.0
     assert cpu["geometric_prob"] == train["geometric_prob"] / 2 and cpu["intensity_prob"] == train["intensity_prob"] / 2
-    assert "half the original's rate" in row and f"{cpu['time_limit_minutes']}-minute" in row
-    assert cpu["backbone"] in row and cpu["decoder_dropout"] == 0.0 and "no dropout" in row
+    readme = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `cpu.json`"))
+    bundle = next(line for line in (REPO / "bundles/saltnet/docs/README.md").read_text().splitlines()
+                  if line.startswith("- `cpu.json`"))
+    for line in (readme, bundle):
+        assert cpu["backbone"] in line and f"{cpu['time_limit_minutes']}-minute" in line
+        assert "no dropout" in line and "half the augmentation rates" in line
 
 
 def test_senet154_recipe_uses_imagenet_weights_and_says_so_offline(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from monai.bundle import run as bundle_run
 from monai.data import set_track_meta
 from PIL import Image
 
-import saltkit.handlers.checkpoints as ckpt_mod
+import saltkit.handlers.save_resume as ckpt_mod
 from saltkit.cli import main
 from saltkit.config import ConfigError, as_bool, check_overrides
 from saltkit.data.folds import folds_for_dataset, write_folds

@@ -30,7 +30,7 @@ from saltkit.seismic import (
     read_mosaics,
     read_section,
 )
-from saltkit.seismic.images import outline_overlay, read_section_with_alpha, section_files
+from saltkit.seismic.section_files import list_section_files, outline_overlay, read_section_with_alpha
 from saltkit.seismic.validity import fill_no_data
 from saltkit.transforms import LoadTiled
 
@@ -66,7 +66,7 @@ def test_read_section_formats_agree(tile_paths, tmp_path):
     Image.frombytes("I;16B", (101, 101), big_endian.tobytes()).save(tmp_path / "sixteen_big_endian.tif")
     assert Image.open(tmp_path / "sixteen_big_endian.tif").mode == "I;16B"
     np.save(tmp_path / "big_endian.npy", big_endian)
-    for path in section_files(tmp_path):
+    for path in list_section_files(tmp_path):
         raw = read_section(path)
         assert raw.shape == (101, 101), path.name
         grey, info = normalize_section(raw, Normalization(), path.name)
@@ -89,10 +89,10 @@ def test_read_section_rejects_colour_and_bad_files(tmp_path):
         read_section(tmp_path / "cube.npy")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt: unknown input type"):
-        section_files(tmp_path / "notes.txt")
+        list_section_files(tmp_path / "notes.txt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: no section images"):
-        section_files(tmp_path / "empty")
+        list_section_files(tmp_path / "empty")
 
 
 def test_amplitudes_are_clipped_at_percentiles():
@@ -150,6 +150,44 @@ def test_sections_of_any_size(tile_paths):
     with torch.no_grad():
         tile_path = restore_tiles(tile_inferer(tta=True)(padded, net)["prob"], "pad")[0, 0].numpy()
     np.testing.assert_allclose(predict_section(net, inferer, tile), tile_path, atol=1e-6)
+
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, writing into `text`."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(tile_paths, tmp_path, capsys, monkeypatch):
+    # `saltkit predict ... 2> log.txt` filled the log with the redraws of the section and window bars
+    section = tmp_path / "sections" / "wide.npy"
+    section.parent.mkdir()
+    np.save(section, np.tile(load_image(tile_paths[0]), (2, 3)))  # 202 x 303: sliding windows
+    net = TinyConv().eval()
+
+    def predict(out: str) -> None:
+        predict_images([section], tmp_path / out, net, section_inferer("pad", tta=False, progress=True),
+                       threshold=0.5, progress=True)
+
+    predict("redirected")  # capsys: stderr is no terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and "section" not in err and "%|" not in err, err
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    predict("terminal")
+    assert "\r" in terminal.text and "section" in terminal.text  # the same run on a terminal draws them
 
 
 def test_predict_folder_writes_outputs_and_index(tile_paths, tmp_path):

@@ -294,6 +294,44 @@ def test_run_record_holds_absolute_paths(tmp_path, monkeypatch):
                         "run_dir": str(root / "runs/pad_fold0"), "fold": 0}
 
 
+
+def test_default_run_folder_names_the_dataset(tmp_path, monkeypatch):
+    """The sample run and a real run of the same variant and fold never share a folder:
+    runs/<dataset name>/<variant>_fold<k> (the sample's own folder is named tgs too, so it is filed as
+    `sample`); the workflows after training default to the same folder, and the run record holds it."""
+    from monai.bundle import ConfigParser
+
+    from saltkit.data import sample_dir
+    from saltkit.rundir import default_run_dir, prepare_run_dir
+
+    tgs = tmp_path / "data" / "tgs"
+    assert default_run_dir(sample_dir(), "pad", 0) == "runs/sample/pad_fold0"
+    assert default_run_dir(str(tgs), "pad", 0) == "runs/tgs/pad_fold0"
+    assert default_run_dir(f"{tgs}/", "resize", 3) == "runs/tgs/resize_fold3"
+    assert default_run_dir(None, None, None) == default_run_dir("null", "pad", 0) == "runs/sample/pad_fold0"
+
+    def parsed(config: Path, key: str, **overrides):
+        parser = ConfigParser()
+        parser.read_config([str(config), str(PAD)] if config == TRAIN else str(config))
+        for k, v in {"folds_csv": str(tmp_path / "folds.csv"), **overrides}.items():
+            parser[k] = v
+        parser.parse()
+        return parser.get_parsed_content(key)
+
+    sample_record = parsed(TRAIN, "recipe").record()
+    tgs_record = parsed(TRAIN, "recipe", dataset_dir=str(tgs), fold=2).record()
+    assert sample_record["run_dir"] == "runs/sample/pad_fold0"
+    assert tgs_record["run_dir"] == "runs/tgs/pad_fold2"
+    for workflow in ("swa.json", "evaluate.json", "inference.json"):
+        assert parsed(CONFIGS / workflow, "run_dir") == "runs/sample/pad_fold0", workflow
+        tgs_run = parsed(CONFIGS / workflow, "run_dir", dataset_dir=str(tgs), fold=2)
+        assert tgs_run == "runs/tgs/pad_fold2", workflow
+    monkeypatch.chdir(tmp_path)
+    prepare_run_dir(tgs_record["run_dir"], tgs_record, argv=["train"])
+    resolved = json.loads((tmp_path / "runs/tgs/pad_fold2/config.json").read_text())["resolved"]
+    assert resolved["run_dir"] == str(tmp_path.resolve() / "runs/tgs/pad_fold2")
+
+
 def test_loss_record_names_the_loss_and_its_weights():
     """The run record's `loss`: a config's own loss (no weights) is recorded by class and does not break
     the run."""

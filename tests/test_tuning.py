@@ -13,7 +13,15 @@ from scipy import ndimage
 from saltkit.data import train_items
 from saltkit.data.layout import load_mask
 from saltkit.inference.postprocess import PostProcessingSettings, postprocess
-from saltkit.inference.tuned import (
+from saltkit.inference.postprocess_search import (
+    TuningGrid,
+    heldout_metric,
+    metric_grid,
+    plainness,
+    search_postprocessing,
+    tile_scores,
+)
+from saltkit.inference.postprocess_tuned import (
     check_entry,
     choose_postprocessing,
     prediction_threshold,
@@ -21,14 +29,6 @@ from saltkit.inference.tuned import (
     store_postprocessing,
     tune,
     tuning_record,
-)
-from saltkit.inference.tuning import (
-    TuningGrid,
-    heldout_metric,
-    metric_grid,
-    plainness,
-    search_postprocessing,
-    tile_scores,
 )
 from saltkit.metrics import competition_metric
 

@@ -60,7 +60,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             bundle("inference", "inference.json", "--bundle_root", str(tmp / "bare_bundle")),
             rf"saltkit inference: error: checkpoint not found: neither the bundle's model "
             rf"{re.escape(str(tmp / 'bare_bundle' / 'models' / 'model.pt'))} nor the run's "
-            rf"runs/pad_fold0/best_metric.pt exists \(config key 'ckpt'\); pass --ckpt FILE"),
+            rf"runs/sample/pad_fold0/best_metric.pt exists \(config key 'ckpt'\); pass --ckpt FILE"),
         "swa with one checkpoint": (
             saltkit("swa", PAD, "--run_dir", str(one)),
             rf"saltkit swa: error: SWA checkpoint not found: {re.escape(str(one / 'best_accuracy.pt'))}"),

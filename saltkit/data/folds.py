@@ -221,6 +221,11 @@ def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") ->
 
     Beside the runs rather than inside the dataset (the shipped sample may be read-only); the hash keeps the
     splits of different datasets with the same folder name apart.
+
+    Args:
+        dataset_dir: the dataset folder in the competition layout.
+        num_folds: the number of folds K.
+        root: the folder of the runs.
     """
     path = Path(str(dataset_dir)).resolve()
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
@@ -228,7 +233,14 @@ def default_folds_csv(dataset_dir, num_folds: int, root: str | Path = "runs") ->
 
 
 def fold_split(dataset_dir, folds_csv, fold: int, num_folds: int) -> tuple[list[dict], list[dict]]:
-    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it)."""
+    """(train items, validation items) of `fold`; the folds CSV is created on first use (rank 0 writes it).
+
+    Args:
+        dataset_dir: the dataset folder in the competition layout.
+        folds_csv: the id,fold CSV of the split, written when missing.
+        fold: the fold held out for validation, 0..num_folds-1.
+        num_folds: the number of folds K.
+    """
     folds_csv = Path(str(folds_csv))
     if idist.get_rank() == 0:
         folds_csv.parent.mkdir(parents=True, exist_ok=True)

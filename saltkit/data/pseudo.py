@@ -97,7 +97,13 @@ def read_pseudo_set(root: str | Path) -> PseudoSet:
 
 def training_pseudo_set(pseudo_dir, variant: str, dataset_dir) -> PseudoSet | None:
     """Config key 'pseudo_dir' (null: None): the set, refused with a ConfigError when it cannot be read, was made by
-    a teacher of another variant than `variant`, or holds ids of the labelled `dataset_dir`."""
+    a teacher of another variant than `variant`, or holds ids of the labelled `dataset_dir`.
+
+    Args:
+        pseudo_dir: config key `pseudo_dir`, the folder `saltkit pseudo-label` wrote; null / None: no set.
+        variant: config key `variant` (pad / resize) of the student.
+        dataset_dir: the labelled dataset, whose ids the set may not hold.
+    """
     path = none_if_null(pseudo_dir)
     if path is None:
         return None
@@ -122,7 +128,11 @@ def training_pseudo_set(pseudo_dir, variant: str, dataset_dir) -> PseudoSet | No
 
 
 def pseudo_items(pseudo: PseudoSet | None) -> list[dict]:
-    """The training items of the set (none without one)."""
+    """The training items of the set (none without one).
+
+    Args:
+        pseudo: the pseudo-labelled set (`training_pseudo_set`), or None.
+    """
     return [] if pseudo is None else list(pseudo.items)
 
 

@@ -1,14 +1,6 @@
 """Engine add-ons for the training bundle: learning-rate schedule, checkpoints, resume, NaN guard, image grids."""
 
-from saltkit.handlers.checkpoints import (
-    BestCheckpoint,
-    InitFromCheckpoint,
-    LastCheckpoint,
-    ResumeError,
-    ResumeFromCheckpoint,
-    save_checkpoint,
-)
-from saltkit.handlers.images import WorstTilesImages
+from saltkit.handlers.image_grids import WorstTilesImages
 from saltkit.handlers.nan import DivergenceError, FailOnNanLoss
 from saltkit.handlers.noam import (
     NoamHandler,
@@ -20,6 +12,14 @@ from saltkit.handlers.noam import (
     warmup_steps,
 )
 from saltkit.handlers.progress import EpochSummary, TrainingProgress
+from saltkit.handlers.save_resume import (
+    BestCheckpoint,
+    InitFromCheckpoint,
+    LastCheckpoint,
+    ResumeError,
+    ResumeFromCheckpoint,
+    save_checkpoint,
+)
 from saltkit.handlers.time_limit import EpochTimeBudget
 from saltkit.handlers.validation import ScheduledValidation
 

@@ -22,7 +22,12 @@ def output_loss(output) -> float:
 class FailOnNanLoss:
     """Fail the run on a NaN or infinite loss: raises DivergenceError (last.pt keeps the last good epoch) with the
     epoch, iteration and learning rate, where Ignite's TerminateOnNan logs a warning and ends "successfully".
-    The message says whether `last_checkpoint` exists (a run that diverges in its first epoch has none)."""
+    The message says whether `last_checkpoint` exists (a run that diverges in its first epoch has none).
+
+    Args:
+        output_transform: the trainer's output -> the loss as a float (default: its "loss" entry).
+        last_checkpoint: the run's last.pt, named in the message; None: not named.
+    """
 
     def __init__(self, output_transform: Callable = output_loss, last_checkpoint: str | None = None):
         self.output_transform = output_transform

@@ -123,6 +123,10 @@ def epoch_noam_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
 class NoamHandler(LrScheduleHandler):
     """LrScheduleHandler stepping a (Noam) LambdaLR every iteration that also records the current rate as
     `engine.state.lr`, so StatsHandler / TensorBoardStatsHandler(state_attributes=["lr"]) report it per epoch.
+
+    Args:
+        lr_scheduler: the LambdaLR to step once per iteration (`noam_scheduler` / `epoch_noam_scheduler`).
+        name: the logger to use; None: the engine's logger.
     """
 
     def __init__(self, lr_scheduler: LambdaLR, name: str | None = None):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 
@@ -14,7 +13,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
 from saltkit.config import as_bool
-from saltkit.logs import details_at_debug, logging_around_bars
+from saltkit.logs import details_at_debug, logging_around_bars, progress_bars
 from saltkit.metrics import competition_metric
 
 logger = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class TrainingProgress:
         return {k: v for k, v in (("loss", self.loss), ("metric", self.metric)) if v is not None}
 
     def is_terminal(self) -> bool:
-        return sys.stderr.isatty() if self.terminal is None else self.terminal
+        return progress_bars() if self.terminal is None else self.terminal
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -154,9 +153,12 @@ class EpochSummary:
         epoch 3/12  lr 0.00191  train loss 3.066 metric 0.233 accuracy 0.666  val loss 3.052 metric 0.400
         accuracy 0.789  new best: metric  1m36s
 
-    Attach after the validation and checkpoint handlers. `validator`: the evaluator (its figures are
-    shown for the epochs it ran); `best`: the BestCheckpoint handlers (`.metric`, `.epoch`). Attaching also
-    moves the engines' and MONAI's own per-epoch logging to DEBUG (saltkit.logs).
+    Attach after the validation and checkpoint handlers. Attaching also moves the engines' and MONAI's own
+    per-epoch logging to DEBUG (saltkit.logs).
+
+    Args:
+        validator: the evaluator, whose figures are shown for the epochs it ran; None: training figures only.
+        best: the `BestCheckpoint` handlers (`.metric`, `.epoch`), named when this epoch improved them.
     """
 
     def __init__(self, validator: Engine | None = None, best: Sequence = ()):

@@ -28,6 +28,10 @@ class EpochTimeBudget:
     cooled down on any machine instead of being cut in the middle of its cool-down. Once the cool-down has begun
     its end only moves earlier, and the run stops when the rate has reached 0 (a slow epoch that shortened the
     schedule is not followed by a rate that climbs back up).
+
+    Args:
+        minutes: the training time budget in minutes (config key `time_limit_minutes`); None / null: no limit.
+        lr_scheduler: the (Noam) LambdaLR whose cool-down is fitted into the budget, or None.
     """
 
     def __init__(self, minutes: float | None, lr_scheduler=None):

@@ -14,9 +14,14 @@ class ScheduledValidation(ValidationHandler):
     told to stop after, e.g. by EpochTimeBudget), so a short run spends no time validating epochs whose weights
     the best checkpoints would not keep, and its final weights are always validated.
 
-    `lr_scheduler`: the (Noam) LambdaLR whose cool-down counts; without one, or without a cool-down, only the
-    interval and the last epoch count. Attach after EpochTimeBudget (which moves the cool-down's end and stops
-    the trainer) and before the checkpoint handlers. `interval` 1 validates every epoch, as ValidationHandler does.
+    Attach after EpochTimeBudget (which moves the cool-down's end and stops the trainer) and before the
+    checkpoint handlers.
+
+    Args:
+        validator: the evaluator to run.
+        interval: validate every `interval` epochs (1: every epoch, as ValidationHandler does).
+        lr_scheduler: the (Noam) LambdaLR whose cool-down epochs are all validated; None (or a schedule
+            without a cool-down): only the interval and the last epoch count.
     """
 
     def __init__(self, validator, interval: int = 1, lr_scheduler=None):

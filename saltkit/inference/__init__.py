@@ -4,8 +4,8 @@ evaluate engine workflows; saved probabilities and ensembling.
 Data flow: tiles -> `FlipTTAInferer` (in a MONAI `SupervisedEvaluator`) -> back onto the tile grid ->
 `mask_transforms` (threshold, small components, empty tiles) -> `PredictionWriter` (probabilities .npz + submission
 CSV) or `EvaluationReport` (per-tile CSV, coverage classes, worst tiles); saved probabilities -> `ensemble` ->
-submission. Post-processing tuned on a validation fold (`tuning`) is stored in the checkpoint and used by default
-(`tuned.choose_postprocessing`).
+submission. Post-processing tuned on a validation fold (`postprocess_search`) is stored in the checkpoint and
+used by default (`postprocess_tuned.choose_postprocessing`).
 """
 
 from saltkit.geometry import restore_tiles
@@ -27,16 +27,16 @@ from saltkit.inference.postprocess import (
     postprocess,
     remove_small_components,
 )
-from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
-from saltkit.inference.runtime import check_runtime, inference_network, runtime_amp, uses_onnxruntime
-from saltkit.inference.tuned import (
+from saltkit.inference.postprocess_search import TuningGrid, TuningResult, search_postprocessing
+from saltkit.inference.postprocess_tuned import (
     ChosenPostProcessing,
     choose_postprocessing,
     prediction_threshold,
     read_tuned_postprocessing,
     store_postprocessing,
 )
-from saltkit.inference.tuning import TuningGrid, TuningResult, search_postprocessing
+from saltkit.inference.probabilities import Probabilities, load_probabilities, save_probabilities
+from saltkit.inference.runtime import check_runtime, inference_network, runtime_amp, uses_onnxruntime
 
 __all__ = [
     "AutocastInferer",

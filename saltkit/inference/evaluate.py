@@ -22,7 +22,16 @@ EVAL_SETS = ("fold", "all")
 
 
 def labelled_items(dataset_dir, eval_set: str = "fold", folds_csv=None, num_folds: int = 10, fold: int = 0) -> list:
-    """Data dicts to evaluate: the validation items of `fold` ("fold") or every train tile of `dataset_dir` ("all")."""
+    """Data dicts to evaluate: the validation items of `fold` ("fold") or every train tile of `dataset_dir`
+    ("all").
+
+    Args:
+        dataset_dir: the dataset folder in the competition layout.
+        eval_set: "fold" (the validation tiles of `fold`) or "all" (every labelled tile).
+        folds_csv: the fold file (needed with "fold").
+        num_folds: the number of folds K.
+        fold: the validation fold, 0..num_folds-1.
+    """
     from saltkit.data import train_items
     from saltkit.data.folds import fold_split
 

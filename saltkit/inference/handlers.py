@@ -85,7 +85,13 @@ class TileCollector:
 
 class PredictionWriter(TileCollector):
     """Writes `output_dir/probabilities.npz` (restored probabilities before post-processing, uint16) and
-    `output_dir/submission.csv` (RLE of the post-processed masks), after checking every expected id is there."""
+    `output_dir/submission.csv` (RLE of the post-processed masks), after checking every expected id is there.
+
+    Args:
+        output_dir: the folder the two files are written into.
+        expected_ids: the tile ids the prediction must cover (the test images); None: not checked.
+        summary: what was predicted how (variant, TTA, post-processing), as text, printed at the end.
+    """
 
     def __init__(self, output_dir: str | Path, expected_ids: Sequence[str] | None = None, summary: str = ""):
         super().__init__(["prob", "image_prob", "mask"])
@@ -127,9 +133,17 @@ class EvaluationReport(TileCollector):
     post-processing used, the tuning) and `worst_tiles.png` (the `worst` lowest-scoring tiles with TTA); prints the
     means and the coverage table, and writes them to TensorBoard through `writer` when given.
 
-    `tune_ckpt`: also search the post-processing on these tiles' TTA probabilities
-    (`saltkit.inference.tuned.tune`), add `metric_tuned` to the tables, and store the result in that checkpoint
-    with `tuned_on` (what the tiles are: `saltkit.inference.tuned.tuning_record`).
+    Args:
+        output_dir: the folder the tables, summary.json and worst_tiles.png are written into.
+        items: the evaluated tiles' data dicts (id, coverage, ...), as `labelled_items` gives them.
+        worst: how many of the lowest-scoring tiles worst_tiles.png shows.
+        summary: the post-processing used, as text, printed and stored in summary.json.
+        writer: a TensorBoard SummaryWriter for the means and the coverage table, or None.
+        tune_ckpt: also search the post-processing on these tiles' TTA probabilities
+            (`saltkit.inference.postprocess_tuned.tune`), add `metric_tuned` to the tables, and store the
+            result in this checkpoint; None / "": no tuning.
+        tuned_on: what the tiles are (`saltkit.inference.postprocess_tuned.tuning_record`), stored with the
+            tuning.
     """
 
     def __init__(self, output_dir: str | Path, items: Sequence[dict], worst: int = 16, summary: str = "",
@@ -147,7 +161,7 @@ class EvaluationReport(TileCollector):
     def write(self, engine: Engine) -> None:
         from saltkit.inference.evaluate import coverage_records, coverage_table, save_png, tile_table
         from saltkit.inference.postprocess import postprocess
-        from saltkit.inference.tuned import store_postprocessing, tune, tuning_summary
+        from saltkit.inference.postprocess_tuned import store_postprocessing, tune, tuning_summary
         from saltkit.pictures import tile_grid
 
         a = self.arrays()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
 from saltkit.geometry import NETWORK_SIZE, TILE_SIZE, check_variant, pad_widths
+from saltkit.logs import progress_bars
 
 PROB, IMAGE_PROB = "prob", "image_prob"
 PLAIN_SUFFIX = "_plain"
@@ -95,6 +96,11 @@ class AutocastInferer(Inferer):
     The bundles' `amp` on the CPU: MONAI's engines autocast on CUDA only, and call `engine.inferer(inputs, network)`
     in training, validation, evaluate and inference alike, so the network, its weights (float32) and the checkpoint
     format stay as they are. The trainer's loss then sees float32 logits.
+
+    Args:
+        inferer: the inferer that calls the network; None: `SimpleInferer`.
+        dtype: the autocast dtype, torch.bfloat16 or torch.float16 (`saltkit.precision.amp_settings`); None:
+            float32, no autocast.
     """
 
     def __init__(self, inferer: Inferer | None = None, dtype: torch.dtype | None = None):
@@ -133,7 +139,8 @@ class TileSlidingWindowInferer(Inferer):
             raise ValueError(f"config key 'sw_batch_size' must be >= 1, got {sw_batch_size}")
         self.window = NETWORK_SIZE if variant == "pad" else TILE_SIZE
         self.sliding = SlidingWindowInferer(roi_size=self.window, sw_batch_size=int(sw_batch_size),
-                                            overlap=float(overlap), mode=mode, progress=progress)
+                                            overlap=float(overlap), mode=mode,
+                                            progress=progress_bars(progress))
 
     def _window_network(self, network):
         logit = logit_of(network)
@@ -198,6 +205,13 @@ class FlipTTAInferer(Inferer):
     it, "image_prob" `(B, 1)`. `keep_plain` adds "prob_plain" / "image_prob_plain" (the un-flipped view alone),
     `keep_network_output` adds "network_output" (the raw output for the un-flipped view, e.g. for a loss).
     The image and its mirror go through the network as one batch; BatchNorm in eval mode makes that exact.
+
+    Args:
+        inferer: the inferer that calls the network on `(2B, C, H, W)` (images and mirrors); None:
+            `SimpleInferer`.
+        tta: average the image and its flipped-back mirror; false: the image alone.
+        keep_plain: also return "prob_plain" / "image_prob_plain", the un-flipped view's probabilities.
+        keep_network_output: also return "network_output", the raw output of the un-flipped view.
     """
 
     def __init__(self, inferer: Inferer | None = None, tta: bool = True, keep_plain: bool = False,
@@ -260,7 +274,15 @@ def tile_inferer(tta: bool = True, keep_plain: bool = False) -> FlipTTAInferer:
 def section_inferer(variant: str, tta: bool = True, overlap: float = 0.5, sw_batch_size: int = 16,
                     progress: bool = False, autocast: torch.dtype | None = None) -> SectionInferer:
     """`SectionInferer(FlipTTAInferer(AutocastInferer(TileSlidingWindowInferer)))`: `(B, 3, H, W)` images in [0, 1]
-    of any size -> {"prob": `(B, 1, H, W)`} salt probabilities; `autocast` the network's autocast dtype (None:
-    float32; the windows are blended in float32 either way)."""
+    of any size -> {"prob": `(B, 1, H, W)`} salt probabilities.
+
+    Args:
+        variant: config key `variant` (pad / resize): how a 101 px window is fed to the 128 px network.
+        tta: flip test-time augmentation on each window.
+        overlap: the windows' overlap, a fraction 0 <= x <= 0.9 of the window side.
+        sw_batch_size: windows per network batch.
+        progress: show a progress bar over the windows (drawn only when stderr is a terminal).
+        autocast: the network's autocast dtype (None: float32; the windows are blended in float32 either way).
+    """
     windows = TileSlidingWindowInferer(variant, overlap=overlap, sw_batch_size=sw_batch_size, progress=progress)
     return SectionInferer(variant, FlipTTAInferer(AutocastInferer(windows, autocast), tta=tta))

@@ -1,8 +1,8 @@
 """Probabilities -> binary masks: threshold, drop small components, empty tiles judged salt-free.
 
-All rules are off by default except the 0.5 threshold, so the defaults reproduce a plain thresholded prediction;
-`saltkit.inference.tuning` searches them on a validation fold and the workflows use the tuned values stored in
-the checkpoint (`saltkit.inference.tuned`).
+All rules are off by default except the 0.5 threshold, so the defaults reproduce a plain thresholded
+prediction; `saltkit.inference.postprocess_search` searches them on a validation fold and the workflows use
+the tuned values stored in the checkpoint (`saltkit.inference.postprocess_tuned`).
 Two forms of the same rules: `postprocess` on stacked numpy arrays (ensembles of saved probabilities), and
 `mask_transforms`, the MONAI post transforms the inference and evaluate engines run on each decollated tile.
 """
@@ -146,7 +146,15 @@ class EmptyTilesd(MapTransform):
 def mask_transforms(settings: PostProcessingSettings, prob_keys: Sequence[str] = ("prob",),
                     mask_keys: Sequence[str] = ("mask",), image_prob_keys: Sequence[str] = ("image_prob",)) -> Compose:
     """MONAI post transforms that add binary `mask_keys` `(1, H, W)` uint8 from probability `prob_keys`
-    (copy, `AsDiscreted` threshold, small components, tile-level emptying); the probabilities stay as they are."""
+    (copy, `AsDiscreted` threshold, small components, tile-level emptying); the probabilities stay as they
+    are.
+
+    Args:
+        settings: the post-processing (threshold, min_component_size, image_threshold, min_area).
+        prob_keys: the probability keys, each `(1, H, W)` in [0, 1].
+        mask_keys: the mask keys to add, one per probability key.
+        image_prob_keys: the image-head probability keys `(1,)`, read when `settings` empties tiles.
+    """
     prob_keys, mask_keys = list(prob_keys), list(mask_keys)
     # AsDiscrete keeps p >= t; the next float32 above t makes that the recipe's p > t for float32 probabilities
     above = float(np.nextafter(np.float32(settings.threshold), np.float32(np.inf)))

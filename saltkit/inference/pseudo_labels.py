@@ -39,9 +39,9 @@ from saltkit.data.pseudo import FORMAT, MANIFEST, VERSION, set_fingerprint
 from saltkit.geometry import restore_tiles
 from saltkit.inference.inferers import IMAGE_PROB, PROB, FlipTTAInferer
 from saltkit.inference.postprocess import PostProcessingSettings, postprocess
+from saltkit.inference.postprocess_tuned import AUTO, KEYS, choose_postprocessing, settings_text
 from saltkit.inference.probabilities import Probabilities
 from saltkit.inference.runtime import torch_network
-from saltkit.inference.tuned import AUTO, KEYS, choose_postprocessing, settings_text
 from saltkit.io import check_writable
 from saltkit.rle import rle_encode
 

@@ -1,6 +1,7 @@
 """INT8 export: the checkpoint's float32 ONNX export statically quantized by ONNX Runtime, checked on its own fold.
 
-    saltkit export runs/pad_fold0/swa.pt --format onnx --quantize int8      # -> runs/pad_fold0/swa.int8.onnx
+    saltkit export runs/tgs/pad_fold0/swa.pt --format onnx --quantize int8
+    # -> runs/tgs/pad_fold0/swa.int8.onnx
 
 The model is ONNX Runtime's QDQ format (QuantizeLinear / DequantizeLinear pairs around each quantized node, which
 ONNX Runtime fuses into integer kernels): weights int8 per output channel in a 7-bit range (`reduce_range`),
@@ -70,7 +71,7 @@ class Int8Export:
 
 
 def int8_path(ckpt: str | Path) -> Path:
-    """The INT8 export's default path: beside the checkpoint (runs/pad_fold0/swa.pt -> swa.int8.onnx)."""
+    """The INT8 export's default path: beside the checkpoint (runs/tgs/pad_fold0/swa.pt -> swa.int8.onnx)."""
     return Path(ckpt).with_suffix(INT8_SUFFIX)
 
 
@@ -187,8 +188,8 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray) -> None:
 def fold_metric(network, tiles: dict, variant: str, settings) -> float:
     """Mean competition metric of `network`'s flip-TTA prediction (as evaluate computes it) of labelled `tiles`
     after the post-processing `settings`."""
-    from saltkit.inference.tuned import predict_labelled_tiles
-    from saltkit.inference.tuning import tile_scores
+    from saltkit.inference.postprocess_search import tile_scores
+    from saltkit.inference.postprocess_tuned import predict_labelled_tiles
 
     n = len(tiles["id"])
     loader = ({"image": torch.from_numpy(tiles["image"][i:i + BATCH]),
@@ -211,7 +212,7 @@ def export_int8(ckpt: str | Path, out: str | Path | None = None, calibration_til
     from saltkit.export import export_onnx
     from saltkit.inference.onnx_runtime import METADATA_KEY, OnnxRuntimeNetwork, require_module
     from saltkit.inference.postprocess import PostProcessingSettings
-    from saltkit.inference.tuned import entry_settings, read_tuned_postprocessing, settings_text
+    from saltkit.inference.postprocess_tuned import entry_settings, read_tuned_postprocessing, settings_text
 
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else int8_path(ckpt)

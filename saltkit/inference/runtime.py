@@ -38,7 +38,12 @@ def uses_onnxruntime(runtime) -> bool:
 
 def runtime_amp(runtime, amp):
     """Config key `amp` as `runtime` honours it: ONNX Runtime runs the float32 export, so there any value but false
-    becomes false, with a log line saying so (a value `amp` does not take is still an error naming the key)."""
+    becomes false, with a log line saying so (a value `amp` does not take is still an error naming the key).
+
+    Args:
+        runtime: config key `runtime`: "torch", "onnxruntime" or "onnxruntime-int8".
+        amp: config key `amp` (false, true / auto, bf16, fp16).
+    """
     from saltkit.precision import amp_off
 
     if amp_off(amp) or not uses_onnxruntime(runtime):
@@ -72,7 +77,16 @@ def inference_network(runtime, network, ckpt: str | Path, device, onnx_path: str
     with suffix .onnx, or .int8.onnx with "onnxruntime-int8"), exported there first when missing, unreadable or from
     other weights (`threads` intra-op threads, None: ONNX Runtime's default). The INT8 export calibrates and checks
     itself on the checkpoint's fold (its run record) and raises QuantizationRefused, writing nothing, when it loses
-    more of the metric than allowed."""
+    more of the metric than allowed.
+
+    Args:
+        runtime: config key `runtime`: "torch", "onnxruntime" or "onnxruntime-int8".
+        network: the torch network (used with "torch").
+        ckpt: the checkpoint the ONNX export is made from.
+        device: the torch device (used with "torch").
+        onnx_path: where the ONNX export is (or is written); None: beside `ckpt`.
+        threads: ONNX Runtime's intra-op threads; None: its default.
+    """
     if not uses_onnxruntime(runtime):
         return torch_network(network, device)
     from saltkit.checkpoints import read_checkpoint

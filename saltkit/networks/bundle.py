@@ -29,7 +29,13 @@ class TracedLogit(torch.nn.Module):
 
 class CheckpointSaltUNet(SaltUNet):
     """SaltUNet(**arch) whose forward returns the final `(B, 1, H, W)` logit (`outputs="logit"`, what a MONAI
-    bundle's network returns and exports) or the whole SaltOutput with the image logit (`outputs="all"`)."""
+    bundle's network returns and exports) or the whole SaltOutput with the image logit (`outputs="all"`).
+
+    Args:
+        arch: the checkpoint's "arch", SaltUNet's keyword arguments (`saltkit.checkpoints.checkpoint_arch`);
+            its `pretrained` is dropped, the checkpoint holds every weight.
+        outputs: "logit" (the final `(B, 1, H, W)` logit) or "all" (the SaltOutput).
+    """
 
     def __init__(self, arch: dict, outputs: str = "logit"):
         if outputs not in OUTPUTS:

@@ -78,6 +78,18 @@ class SaltUNet(nn.Module):
     at a quarter of the encoder input) on its map max-pooled by that factor (OCNet's `scale`), and
     `deep_supervision="native"` runs the five deep-supervision heads on d1..d5 at their own resolutions instead of
     on the upsampled hypercolumn (their logits are upsampled; the final logit is unchanged).
+
+    Args:
+        backbone: the encoder (`saltkit.networks.encoders.available_backbones`, e.g. "senet154").
+        pretrained: the encoder's weights: None (random), "imagenet" or a .pth path.
+        num_filters: the decoder's width f (its blocks have multiples of f channels).
+        head_dropout: dropout before the final and image heads (0..1).
+        decoder_dropout: dropout in the decoder blocks' object-context attention (0..1).
+        bottleneck_dropout: dropout in the bottleneck's object-context attention (0..1).
+        upsample_input: upsample the input x2 before the encoder (the recipe); false: 4x less compute.
+        attention: "sdpa" (fused) or "plain" (the reference implementation, same weights).
+        fine_context_scale: max-pool factor of the finest object-context block's map (1: the recipe).
+        deep_supervision: "hypercolumn" (the recipe) or "native" (heads at each decoder's own resolution).
     """
 
     def __init__(self, backbone: str = "senet154", pretrained: str | Path | None = None, num_filters: int = 16,

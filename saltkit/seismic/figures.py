@@ -17,7 +17,7 @@ import numpy as np
 
 from saltkit.io import atomic_write
 
-SALT_COLOUR = (1.0, 64 / 255, 0.0)  # the orange tint of `saltkit.seismic.images.outline_overlay`
+SALT_COLOUR = (1.0, 64 / 255, 0.0)  # the orange tint of `saltkit.seismic.section_files.outline_overlay`
 OUTLINE_COLOUR = (1.0, 1.0, 0.0)  # its yellow outline
 TINT_ALPHA = 0.35
 PROBABILITY_CMAP = "magma"

@@ -18,15 +18,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saltkit.io import OutputClashError, atomic_write, same_file
-from saltkit.seismic.images import (
+from saltkit.logs import progress_bars
+from saltkit.seismic.normalize import Normalization, normalize_section
+from saltkit.seismic.section_files import (
+    list_section_files,
     read_section_with_alpha,
-    section_files,
     section_output_paths,
     section_shape,
     write_index_html,
     write_section_outputs,
 )
-from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.sections import predict_section
 from saltkit.seismic.segy import is_segy_path
 from saltkit.seismic.validity import read_valid_mask, salt_share, section_valid
@@ -39,12 +40,12 @@ def load_predictor(ckpt: str | Path, device="cpu", tta=True, overlap: float = 0.
                    onnx_path: str | Path | None = None) -> tuple[nn.Module, Inferer]:
     """The checkpoint's network (eval mode, on `device`; or its ONNX export run by ONNX Runtime with `runtime`
     "onnxruntime", at `onnx_path` or its default place) and the section inferer of the variant it was trained with,
-    running the network in the precision `amp` chooses (config key `amp`: `saltkit.training.choose_precision`;
-    prints which, unless false)."""
+    running the network in the precision `amp` chooses (config key `amp`:
+    `saltkit.precision.choose_precision`; prints which, unless false)."""
     from saltkit.checkpoints import checkpoint_variant, load_network
     from saltkit.inference import inference_network, section_inferer
     from saltkit.inference.runtime import runtime_amp
-    from saltkit.training import choose_precision
+    from saltkit.precision import choose_precision
 
     variant = checkpoint_variant(ckpt, variant)
     precision = choose_precision(runtime_amp(runtime, amp), device)
@@ -101,8 +102,8 @@ def predict_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = idist.get_rank(), idist.get_world_size()
     rows, failed = [], []
-    for path in tqdm(inputs[rank::world], unit="section", desc="predict", disable=not progress or rank != 0,
-                     leave=False):
+    for path in tqdm(inputs[rank::world], unit="section", desc="predict",
+                     disable=not progress_bars(progress) or rank != 0, leave=False):
         try:  # one unreadable section is reported with the others at the end; the rest are predicted
             check_section_memory(path)
             raw, alpha = read_section_with_alpha(path)
@@ -146,7 +147,7 @@ class SectionsNotRead(ValueError):
 
 PREDICTIONS_JSON = "predictions.json"
 # Peak memory of predicting a section, per pixel, above the ~1 GB of the process (torch, the network): 72 bytes at
-# 1000 x 1000, 97 at 2000 x 2000 (benchmarks/bench_section_memory.py, docs/results.md); the whole section, its
+# 1000 x 1000, 97 at 2000 x 2000 (benchmarks/section_memory.py, docs/results.md); the whole section, its
 # windows' blended outputs and the pictures are held.
 SECTION_BYTES_PER_PIXEL = 100
 
@@ -199,7 +200,7 @@ def check_prediction_outputs(input: str | Path, output: str | Path) -> None:
     """For section images: `check_section_outputs` before the network loads (a SEG-Y output is checked by
     `predict_volume`)."""
     if str(input) and str(output) and not is_segy_path(input) and not is_segy_path(output):
-        check_section_outputs(section_files(input), Path(output))
+        check_section_outputs(list_section_files(input), Path(output))
 
 
 def check_section_outputs(inputs: list[Path], out_dir: Path) -> list[dict]:
@@ -274,11 +275,29 @@ def run_predict(
     qc_crosslines=None,
 ) -> dict:
     """Predict `input`: a SEG-Y volume into the SEG-Y `output`, or a section image / folder of them into the folder
-    `output`. normalization: None = percentile clip for SEG-Y, "auto" for images. Returns a summary dict.
+    `output`. Returns a summary dict. The bundle's `predict.json` reaches it as `predictor` (`--predictor#qc 5`).
 
-    valid_mask (images), fill_value: no-data areas (`saltkit.seismic.validity`); qc, qc_inlines, qc_crosslines
-    (SEG-Y): the QC pictures written beside the output (`saltkit.seismic.qc`); provenance["model"] (from
-    `model_provenance`) names the model in the pictures' captions."""
+    Args:
+        input: a section image (PNG/TIFF), a `.npy` 2-D array, a folder of them, or a SEG-Y volume.
+        output: the output folder for images, the output `.sgy` file for a volume.
+        network: the inference network (`(B, 3, H, W)` in [0, 1] -> salt and image logits).
+        inferer: the section inferer (sliding window, flip TTA; `saltkit.inference.section_inferer`).
+        threshold: salt where the probability is above it, for the masks and pictures.
+        normalization: intensities to [0, 1]; None: percentile clip for SEG-Y, "auto" for images.
+        direction: SEG-Y: "inline", "crossline" or "both" (averaged).
+        dtype: SEG-Y output samples: "float32" probability or "uint8" (probability x 255).
+        iline_byte: trace header byte of the inline number.
+        xline_byte: trace header byte of the crossline number.
+        clip_traces: SEG-Y traces sampled for the clip percentiles.
+        save_npy: SEG-Y: also write OUT.npy, (inlines, crosslines, samples).
+        device: the torch device the network runs on.
+        progress: progress bars (drawn only on a terminal).
+        provenance: settings and `provenance["model"]` (`model_provenance`), named in the pictures' captions.
+        valid_mask: images: a mask image, non-zero where there is data (`saltkit.seismic.validity`).
+        fill_value: the input value that marks no data (NaN always does).
+        qc: SEG-Y: QC pictures of this many evenly spaced inlines and crosslines (`saltkit.seismic.qc`); 0: none.
+        qc_inlines: SEG-Y: picture these inlines.
+        qc_crosslines: SEG-Y: picture these crosslines."""
     if not str(input):
         raise ValueError("config key 'input' is empty; pass --input IMAGE|FOLDER|VOLUME.sgy")
     if not str(output):
@@ -299,7 +318,7 @@ def run_predict(
     if is_segy_path(output):
         raise ValueError(f"output {output} is a SEG-Y name but input {input} is not a SEG-Y volume (.sgy, .segy); "
                          "section images are predicted into a folder")
-    files = section_files(input)
+    files = list_section_files(input)
     rows = predict_images(files, output, network, inferer, threshold, normalization or Normalization(), device,
                           progress, index=input.is_dir(), valid_mask=None if valid_mask in ("", "null") else valid_mask,
                           fill_value=fill_value, model=model)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saltkit.seismic.images import read_section
+from saltkit.seismic.section_files import read_section
 
 
 def read_valid_mask(path: str | Path) -> np.ndarray:

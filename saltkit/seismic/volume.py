@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saltkit.io import atomic_write, host_name, remove_stale_temporaries
+from saltkit.logs import progress_bars
 from saltkit.seismic.normalize import Normalization, percentile_range
 from saltkit.seismic.normalize import scale_to_unit as to_unit
 from saltkit.seismic.qc import DEFAULT_QC, check_qc_outputs, plan_qc, qc_dir, trace_peaks, write_volume_qc
@@ -243,7 +244,7 @@ def predict_volume(
                     npy.create()
             idist.barrier()
             bar = tqdm(total=sum(map(len, mine.values())), unit="section", desc=f"predict {src.name}",
-                       disable=not progress or rank != 0, leave=False)
+                       disable=not progress_bars(progress) or rank != 0, leave=False)
             with volume, (npy if npy is not None else nullcontext()):
                 for p, d in enumerate(passes):
                     for k in mine[d]:

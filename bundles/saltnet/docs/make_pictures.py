@@ -1,6 +1,6 @@
 """Regenerate the pictures of this folder from a trained run:
 
-    python bundles/saltnet/docs/make_pictures.py runs/pad_fold0/best_metric.pt
+    python bundles/saltnet/docs/make_pictures.py runs/tgs/pad_fold0/best_metric.pt
 
 worst_tiles.png: the run's validation tiles with the lowest competition score (no TTA), drawn as the TensorBoard
 image `val/worst_tiles` draws them (saltkit.pictures.tile_grid). The dataset, fold split and variant are the run's

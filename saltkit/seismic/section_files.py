@@ -28,7 +28,7 @@ def is_section_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def section_files(path: str | Path) -> list[Path]:
+def list_section_files(path: str | Path) -> list[Path]:
     """The section image itself, or the section images in a folder (sorted by name; not recursive)."""
     path = Path(path)
     if path.is_dir():

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from saltkit.subcommands import Subcommand, register_subcommand, tta_option
+from saltkit.cli.subcommand import Subcommand, register_subcommand, tta_option
 
 
 def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
                    help="probabilities written by the inference bundle (same tile ids in every file)")
     p.add_argument("--out", type=Path, default=None,
                    help="submission CSV to write (default: ensemble/submission.csv in the inputs' common folder, "
-                        "e.g. runs/ensemble/submission.csv)")
+                        "e.g. runs/tgs/ensemble/submission.csv)")
     p.add_argument("--threshold", type=float, default=0.5, help="salt when the mean probability is > this (0.5)")
     p.add_argument("--min-component-size", type=int, default=0,
                    help="remove 4-connected salt components smaller than this many pixels (0: off)")
@@ -27,7 +27,8 @@ def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_ensemble_out(probs: list[Path]) -> Path:
-    """`ensemble/submission.csv` in the folder the inputs share (runs/*_fold*/... -> runs/ensemble/)."""
+    """`ensemble/submission.csv` in the folder the inputs share (runs/tgs/*_fold*/... -> runs/tgs/ensemble/).
+    """
     common = Path(os.path.commonpath([p.resolve().parent for p in probs]))
     if common.parent == common:
         raise ValueError(f"the inputs share no folder but {common}; give --out")
@@ -64,13 +65,16 @@ def _ensemble_run(args: argparse.Namespace) -> int:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", type=Path, help="checkpoint with 'network' and 'arch' (e.g. runs/pad_fold0/swa.pt)")
+    p.add_argument("ckpt", type=Path,
+                   help="checkpoint with 'network' and 'arch' (e.g. runs/tgs/pad_fold0/swa.pt)")
     p.add_argument("--format", choices=("torchscript", "onnx", "model"), default="torchscript",
                    help="torchscript (default; returns the final logit), onnx (final and image logits, for "
                         "ONNX Runtime; needs pip install 'saltkit[onnx]'), or model: the bundle's model file "
                         "(weights, arch, variant, tuned post-processing, scores and the run record, read with "
                         "weights_only=True), e.g. --out bundles/saltnet/models/model.pt")
-    p.add_argument("--out", type=Path, default=None, help="file to write (default: beside the checkpoint, runs/pad_fold0/swa.pt -> swa.ts / swa.onnx; --format model needs it)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="file to write (default: beside the checkpoint, runs/tgs/pad_fold0/swa.pt -> "
+                        "swa.ts / swa.onnx; --format model needs it)")
     p.add_argument("--image-size", type=int, default=128, help="network input size of the export (128)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the export's output with the checkpoint's")
     m = p.add_argument_group("the bundle's model file (with --format model)")
@@ -176,7 +180,8 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of unlabelled 101x101 tiles (e.g. DATASET/test/images; a dataset folder means its "
                         "test/images)")
     p.add_argument("--ckpt", type=Path, nargs="+", required=True, metavar="CKPT",
-                   help="teacher checkpoint(s) of one variant; several are averaged (e.g. runs/pad_fold*/swa.pt)")
+                   help="teacher checkpoint(s) of one variant; several are averaged "
+                        "(e.g. runs/tgs/pad_fold*/swa.pt)")
     p.add_argument("--out", type=Path, required=True,
                    help="new folder for the set: train/images, train/masks, train.csv, manifest.json")
     p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,

@@ -1,5 +1,5 @@
-"""What a `saltkit NAME ...` command is, so each area (data, inference, seismic, the bundle workflows) can define
-its own commands without importing the command line that lists them."""
+"""What a `saltkit NAME ...` command is: each command module of `saltkit.cli` (data, inference, seismic, the
+bundle workflows) defines its commands with it, and the parser (`saltkit.cli.main`) lists them."""
 
 from __future__ import annotations
 

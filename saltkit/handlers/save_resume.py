@@ -50,6 +50,15 @@ class BestCheckpoint:
     {"network", "arch", "epoch", "metric", "score", **extra}. `state_dict()` / `load_state_dict()` carry the best
     score through last.pt so a resumed run keeps comparing against it. When a `LastCheckpoint` owns it
     (`deferred`), the file is written by that handler right after last.pt instead (`write_pending`).
+
+    Args:
+        run_dir: the run folder the checkpoint is written into.
+        network: the network whose weights are saved (a DistributedDataParallel's inner module is saved).
+        metric: the name of the evaluator metric to follow (e.g. "metric", "pixel_accuracy").
+        mode: "max" (higher is better) or "min".
+        filename: the checkpoint's file name; None: best_<metric>.pt.
+        epoch_source: the engine whose epoch is recorded (the trainer); None: the evaluator's own.
+        extra: more entries stored in the checkpoint (variant, fold, ...).
     """
 
     def __init__(self, run_dir: str | Path, network: nn.Module, metric: str, mode: str = "max",
@@ -139,7 +148,17 @@ def set_rng_state(state: dict) -> None:
 class LastCheckpoint:
     """Write `<run_dir>/last.pt` at the end of every training epoch (after validation: attach it after the
     validation handler) with everything `ResumeFromCheckpoint` needs to continue exactly there, then the `best`
-    checkpoints that this epoch's validation improved (they wait for last.pt, see the module docstring)."""
+    checkpoints that this epoch's validation improved (they wait for last.pt, see the module docstring).
+
+    Args:
+        run_dir: the run folder last.pt is written into.
+        network: the network whose weights are saved.
+        optimizer: the optimizer whose state is saved.
+        lr_scheduler: the learning-rate scheduler whose state is saved, or None.
+        best: the `BestCheckpoint` handlers whose scores last.pt carries and whose files it writes after it.
+        filename: the checkpoint's file name.
+        extra: more entries stored in the checkpoint (what identifies the run: variant, fold, split, ...).
+    """
 
     def __init__(self, run_dir: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, best: Sequence[BestCheckpoint] = (), filename: str = "last.pt",
@@ -206,7 +225,9 @@ class ResumeFromCheckpoint:
 
     Args:
         path: the last.pt to resume; None: a fresh run, nothing is attached.
-        network, optimizer, lr_scheduler: the run's, restored from the checkpoint.
+        network: the run's network, whose weights are restored.
+        optimizer: the run's optimizer, whose state is restored.
+        lr_scheduler: the run's learning-rate scheduler, whose state is restored, or None.
         best: the `BestCheckpoint` handlers, whose best scores are restored.
         expected: what identifies the run (`saltkit.training.run_identity`), checked against the checkpoint's.
     """

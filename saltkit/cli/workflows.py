@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[2]
 BUNDLE_CONFIGS = Path("bundles") / "saltnet" / "configs"
 OVERRIDE_CONFIGS = Path("configs")
 
@@ -39,7 +39,7 @@ class Workflow:
 
 
 WORKFLOWS = (
-    Workflow("train", "training", "train.json", "train one fold, writing runs/<variant>_fold<k>/"),
+    Workflow("train", "training", "train.json", "train one fold, writing runs/<dataset>/<variant>_fold<k>/"),
     Workflow("swa", "swa", "swa.json", "average a run's best checkpoints (SWA), BatchNorm re-estimated"),
     Workflow("evaluate", "evaluate", "evaluate.json", "score a checkpoint on its validation fold, with and without TTA"),
     Workflow("tune", "evaluate", "evaluate.json", "evaluate, and tune the post-processing on the validation fold into "
@@ -191,7 +191,7 @@ def register(registry: dict) -> None:
     Registered even where no checkout is found (a copy installed with `pip install .`, run from another folder):
     running it then ends with one line naming the bundle config it looked for, not "invalid choice".
     """
-    from saltkit.subcommands import Subcommand, register_subcommand
+    from saltkit.cli.subcommand import Subcommand, register_subcommand
 
     for wf in WORKFLOWS:
         if wf.name in registry:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from saltkit.subcommands import Subcommand, register_subcommand, tta_option
+from saltkit.cli.subcommand import Subcommand, register_subcommand, tta_option
 
 
 def _threshold(text: str):
@@ -21,7 +21,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder "
                                             "of them, or a SEG-Y volume (.sgy/.segy)")
     p.add_argument("--ckpt", type=Path, default=None,
-                   help="trained checkpoint (e.g. runs/pad_fold0/swa.pt; default: the bundle's model, "
+                   help="trained checkpoint (e.g. runs/tgs/pad_fold0/swa.pt; default: the bundle's model, "
                         "bundles/saltnet/models/model.pt)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
@@ -76,7 +76,7 @@ def _predict_run(args: argparse.Namespace) -> int:
     import torch
 
     from saltkit.checkpoints import shipped_model
-    from saltkit.inference.tuned import prediction_threshold
+    from saltkit.inference.postprocess_tuned import prediction_threshold
     from saltkit.seismic.predict import (
         check_prediction_outputs,
         default_device,
@@ -142,8 +142,8 @@ def _mosaic_arguments(p: argparse.ArgumentParser) -> None:
 def _mosaic_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from saltkit.seismic.images import write_png
     from saltkit.seismic.mosaics import assemble_mosaic, mosaic_summary, read_mosaics
+    from saltkit.seismic.section_files import write_png
 
     table = read_mosaics(args.mosaics_csv or args.dataset_dir / "mosaics.csv")
     if not args.names:

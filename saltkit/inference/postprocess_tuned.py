@@ -9,9 +9,9 @@ A tuned checkpoint holds a plain-dict entry (readable with `torch.load(weights_o
 
 metric_before is the mean competition metric with the plain defaults, metric_after with the tuned settings (both
 with flip TTA, on the tiles they were tuned on), metric_heldout the tuning's estimate on tiles it did not see
-(`saltkit.inference.tuning.heldout_metric`). The inference, evaluate and predict workflows take a key whose value is
-`auto` from the entry when there is one, else from the plain defaults; a value given in a config or on the command
-line wins.
+(`saltkit.inference.postprocess_search.heldout_metric`). The inference, evaluate and predict workflows take a
+key whose value is `auto` from the entry when there is one, else from the plain defaults; a value given in a
+config or on the command line wins.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ import torch
 
 from saltkit.config import ConfigError
 from saltkit.inference.postprocess import PostProcessingSettings
-from saltkit.inference.tuning import TuningGrid, TuningResult, heldout_metric, search_postprocessing
+from saltkit.inference.postprocess_search import (
+    TuningGrid,
+    TuningResult,
+    heldout_metric,
+    search_postprocessing,
+)
 
 ENTRY = "postprocessing"
 KEYS = ("threshold", "min_component_size", "image_threshold", "min_area")
@@ -42,7 +47,16 @@ DEFAULT = PostProcessingSettings()
 
 def tuning_record(items: Sequence[dict], dataset_dir=None, fold=None, num_folds=None, folds_csv=None,
                   tta: bool = True) -> dict:
-    """What the tuning saw: tile count, fold, fold file, dataset and a hash of the sorted tile ids."""
+    """What the tuning saw: tile count, fold, fold file, dataset and a hash of the sorted tile ids.
+
+    Args:
+        items: the data dicts of the tiles tuned on (their "id").
+        dataset_dir: the dataset folder, or None.
+        fold: the validation fold, or None (every tile).
+        num_folds: the number of folds, or None.
+        folds_csv: the fold file, or None.
+        tta: whether the probabilities tuned on had flip TTA.
+    """
     ids = sorted(str(it["id"]) for it in items)
     return {"tiles": len(ids), "fold": None if fold is None else int(fold),
             "num_folds": None if num_folds is None else int(num_folds),
@@ -209,7 +223,16 @@ class ChosenPostProcessing:
 def choose_postprocessing(ckpt: str | Path, threshold=AUTO, min_component_size=AUTO, image_threshold=AUTO,
                           min_area=AUTO) -> ChosenPostProcessing:
     """The settings to use: a key that is `auto` takes the checkpoint's tuned value when it has one, else the
-    plain default (0.5, 0, null, 0); any other value is used as given (checked, errors naming the key)."""
+    plain default (0.5, 0, null, 0); any other value is used as given (checked, errors naming the key).
+
+    Args:
+        ckpt: the checkpoint whose tuned "postprocessing" entry `auto` reads.
+        threshold: salt where the probability is above this (0..1), or `auto`.
+        min_component_size: remove 4-connected salt components smaller than this many pixels (0: off), or
+            `auto`.
+        image_threshold: empty a tile whose image-head probability is below this (null: off), or `auto`.
+        min_area: empty a tile with fewer salt pixels than this (0: off), or `auto`.
+    """
     given = {"threshold": threshold, "min_component_size": min_component_size, "image_threshold": image_threshold,
              "min_area": min_area}
     entry = read_tuned_postprocessing(ckpt) if any(is_auto(v) for v in given.values()) else None

@@ -33,7 +33,14 @@ class WorstTilesImages:
 
     Attach to the evaluator; it reads `image` (network input, mapped back to the tile grid with `variant`),
     `tile_pred` (logits) and `tile_label` from the engine output (decollate=False, `TilePredictiond` applied).
-    `writer` None (a process of rank > 0) makes the handler a no-op.
+
+    Args:
+        writer: the TensorBoard SummaryWriter; None (a process of rank > 0) makes the handler a no-op.
+        variant: config key `variant` (pad / resize): how the 128 px network input maps back to the tile.
+        num_tiles: how many of the worst tiles the grid shows.
+        tag: the TensorBoard image tag.
+        logit_threshold: salt where the logit is above this (0.0: probability 0.5).
+        columns: tiles per row of the grid.
     """
 
     def __init__(self, writer, variant: str, num_tiles: int = 8, tag: str = "val/worst_tiles",

@@ -6,8 +6,8 @@ smallest size per pixel (`saltkit.seismic.predict.SECTION_BYTES_PER_PIXEL` is se
 exit code: a section larger than the memory available is refused before it is read, and then its peak is the
 process's without the section.
 
-    python benchmarks/bench_section_memory.py                 # 500, 1000, 2000 and 20000 pixels a side
-    python benchmarks/bench_section_memory.py 500 4000
+    python benchmarks/section_memory.py                 # 500, 1000, 2000 and 20000 pixels a side
+    python benchmarks/section_memory.py 500 4000
 """
 
 from __future__ import annotations
