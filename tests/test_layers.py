@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "saltkit"
 # Lowest first. A module may import from its own layer and any layer below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("saltkit", "saltkit.config", "saltkit.errors", "saltkit.io", "saltkit.geometry", "saltkit.rle",
-                    "saltkit.logs", "saltkit.pictures")),
+                    "saltkit.logs", "saltkit.labels", "saltkit.pictures")),
     ("data", ("saltkit.data", "saltkit.submission")),
     ("transforms", ("saltkit.transforms", "saltkit.augmentation")),
     ("networks", ("saltkit.networks",)),
