@@ -121,8 +121,8 @@ class RandCutoutd(RandomizableTransform, MapTransform):
         y0, y1, x0, x1 = self.hole
         if self.label_key is not None and self.label_key in d:
             label = torch.as_tensor(d[self.label_key])
-            salt = float(label.sum())
-            if salt > 0 and float(label[..., y0:y1, x0:x1].sum()) / salt > self.max_label_fraction:
+            salt = float((label > 0.5).sum())  # IGNORE_LABEL pixels are no salt
+            if salt > 0 and float((label[..., y0:y1, x0:x1] > 0.5).sum()) / salt > self.max_label_fraction:
                 return d  # the recipe never hides more than half of the salt
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).clone()

@@ -85,6 +85,8 @@ SPLIT_KEY = "split"
 # what the run started from (a fine-tuning's init_ckpt: {"path", "weights"}) and the pseudo-labelled set it trains
 # on ({"dir", "fingerprint"}); None for a run from initial weights / on labelled tiles only
 INIT_KEY, PSEUDO_KEY = "init_ckpt", "pseudo"
+# the labelled sections a run trains on instead of tiles ({"dir", "fingerprint"}); None for a run on tiles
+SECTIONS_KEY = "sections"
 
 
 def read_resume_checkpoint(path: str | Path, mmap: bool = False) -> dict:
@@ -112,13 +114,19 @@ def check_same_run(ckpt: dict, expected: dict, path: str | Path) -> None:
     """ResumeError when last.pt was written by another run than `expected` describes: another variant, fold or
     number of folds, another split of the tile ids (other dataset or folds file), another starting checkpoint
     (`init_ckpt`, compared by weight fingerprint) or another pseudo-labelled set (compared by the manifest's
-    fingerprint; none counts as one). Keys a checkpoint does not record are not compared."""
+    fingerprint; none counts as one) or other sections (compared by folder and fingerprint). Keys a checkpoint
+    does not record are not compared."""
     diff = [f"{k}: checkpoint {ckpt[k]!r} vs config {expected[k]!r}" for k in RUN_KEYS
             if k in ckpt and k in expected and ckpt[k] != expected[k]]
     if diff:
         flags = " ".join(f"--{k} {ckpt[k]}" for k in RUN_KEYS if k in ckpt and k in expected and ckpt[k] != expected[k])
         raise ResumeError(f"cannot resume from {path}: it belongs to another run ({', '.join(diff)}); resume with "
                           f"the run's own settings ({flags}) or train into a new run_dir")
+    if SECTIONS_KEY in ckpt and SECTIONS_KEY in expected and ckpt[SECTIONS_KEY] != expected[SECTIONS_KEY]:
+        raise ResumeError(f"cannot resume from {path}: it was trained on {_sections_text(ckpt[SECTIONS_KEY])}, this "
+                          f"config gives {_sections_text(expected[SECTIONS_KEY])}; resume with "
+                          + (f"--sections_dir {ckpt[SECTIONS_KEY].get('dir')}" if ckpt[SECTIONS_KEY]
+                             else "--sections_dir null") + ", or train into a new run_dir")
     if SPLIT_KEY in ckpt and SPLIT_KEY in expected and ckpt[SPLIT_KEY] != expected[SPLIT_KEY]:
         raise ResumeError(f"cannot resume from {path}: it was trained on other tiles for fold {ckpt.get('fold')} "
                           f"({data_source(ckpt)}) than this config gives ({data_source(expected)}); resume with the "
@@ -151,6 +159,12 @@ def _pseudo_text(record) -> str:
     if not isinstance(record, dict):
         return "no pseudo-labelled tiles"
     return f"the pseudo-labelled set {record.get('dir')} (fingerprint {record.get('fingerprint')})"
+
+
+def _sections_text(record) -> str:
+    if not isinstance(record, dict):
+        return "tiles (no sections_dir)"
+    return f"the sections of {record.get('dir')} (fingerprint {record.get('fingerprint')})"
 
 
 def data_source(record: dict) -> str:

@@ -40,14 +40,16 @@ class TrainingRun:
         pseudo: the pseudo-labelled set (`saltkit.data.pseudo.training_pseudo_set`), or None.
         loss: the training loss, recorded by class (and by its terms' weights).
         optimizer: the optimizer, recorded by class.
+        sections: the labelled sections trained on instead of tiles
+            (`saltkit.seismic.training_sections.training_sections`), or None.
     """
 
     def __init__(self, recipe: Recipe, resume_path: str | None, identity: Mapping, network: torch.nn.Module,
                  train_items: Sequence[dict], val_items: Sequence[dict], pseudo: PseudoSet | None = None,
-                 loss=None, optimizer=None):
+                 loss=None, optimizer=None, sections=None):
         self.recipe, self.resume_path, self.identity = recipe, resume_path, dict(identity)
         self.network, self.train_items, self.val_items, self.pseudo = network, train_items, val_items, pseudo
-        self.loss, self.optimizer = loss, optimizer
+        self.loss, self.optimizer, self.sections = loss, optimizer, sections
         self.lock = None
 
     def start(self) -> None:
@@ -57,7 +59,8 @@ class TrainingRun:
         from monai.data import set_track_meta
 
         recipe = self.recipe
-        check_batch_size(self.train_items, recipe.batch_size, recipe.fold)
+        if self.sections is None:  # the sections' windows were checked when they were read
+            check_batch_size(self.train_items, recipe.batch_size, recipe.fold)
         check_init_ckpt(recipe.init_ckpt, self.network, recipe.variant, self.resume_path)
         n_pseudo = 0 if self.pseudo is None else len(self.pseudo.items)
         check_mixing(len(self.train_items), n_pseudo, recipe.batch_size, recipe.pseudo_share)
@@ -67,13 +70,15 @@ class TrainingRun:
 
     def record(self) -> dict:
         """The run record: the recipe's keys and what the run resolved (tiles, processes, loss and optimizer,
-        the starting point of a fine-tuning, the pseudo-labelled set)."""
+        the starting point of a fine-tuning, the pseudo-labelled set, the sections: each with its fingerprint)."""
         recipe = self.recipe
+        tiles = self.sections is None
         return {**recipe.record(), "loss_center_crop": getattr(self.loss, "center_crop", None),
                 "loss": loss_record(self.loss), "optimizer": type(self.optimizer).__name__,
-                "world_size": idist.get_world_size(), "train_tiles": len(self.train_items),
-                "val_tiles": len(self.val_items), "init_ckpt": self.identity.get("init_ckpt"),
-                "pseudo": pseudo_record(self.pseudo, recipe.pseudo_share, recipe.batch_size)}
+                "world_size": idist.get_world_size(), "train_tiles": len(self.train_items) if tiles else 0,
+                "val_tiles": len(self.val_items) if tiles else 0, "init_ckpt": self.identity.get("init_ckpt"),
+                "pseudo": pseudo_record(self.pseudo, recipe.pseudo_share, recipe.batch_size),
+                "sections": None if tiles else self.sections.record()}
 
     def write_record(self) -> None:
         """Write the run record into the run folder (config.json, or config_resumed.json when resuming)."""
@@ -87,10 +92,10 @@ class TrainingRun:
 
 
 def run_identity(variant: str, fold: int, num_folds: int, split, dataset_dir, folds_csv, init_ckpt=None,
-                 resume_path: str | None = None, pseudo: PseudoSet | None = None) -> dict:
+                 resume_path: str | None = None, pseudo: PseudoSet | None = None, sections=None) -> dict:
     """What identifies a run, stored in its last.pt and checked when it is resumed: variant, fold, the split's
-    tile ids (`split_digest`), the data and fold files, its starting point (`saltkit.finetune.init_identity`)
-    and its pseudo-labelled set.
+    tile ids (`split_digest`), the data and fold files, its starting point (`saltkit.finetune.init_identity`),
+    its pseudo-labelled set and its sections.
 
     Args:
         variant: config key `variant` (pad / resize).
@@ -102,10 +107,12 @@ def run_identity(variant: str, fold: int, num_folds: int, split, dataset_dir, fo
         init_ckpt: config key `init_ckpt`, the checkpoint a fine-tuning starts from, or None.
         resume_path: the last.pt the run resumes, or None.
         pseudo: the pseudo-labelled set (`saltkit.data.pseudo.training_pseudo_set`), or None.
+        sections: the labelled sections (`saltkit.seismic.training_sections.training_sections`), or None.
     """
     return {"variant": variant, "fold": fold, "num_folds": num_folds, "split": split_digest(split),
             "dataset_dir": str(dataset_dir), "folds_csv": str(folds_csv),
-            "init_ckpt": init_identity(init_ckpt, resume_path), "pseudo": pseudo_identity(pseudo)}
+            "init_ckpt": init_identity(init_ckpt, resume_path), "pseudo": pseudo_identity(pseudo),
+            "sections": None if sections is None else sections.identity()}
 
 
 def loss_record(loss) -> dict:

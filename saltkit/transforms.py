@@ -19,6 +19,7 @@ from monai.transforms import BorderPadd, Compose, CopyItemsd, EnsureTyped, MapTr
 from saltkit.config import ConfigError
 from saltkit.data.layout import load_image, load_mask
 from saltkit.geometry import NETWORK_SIZE, TILE_SIZE, check_variant, pad_widths, restore_tiles
+from saltkit.labels import IGNORE_LABEL
 
 TILE_LABEL_KEY = "label_tile"
 PROB_THRESHOLD = 0.5
@@ -77,7 +78,9 @@ class LoadTiled(MapTransform):
 
     image -> (channels, H, W) float32 in [0, 1] (the grey tile repeated); label -> (1, H, W) float32 in {0, 1}.
     Custom rather than LoadImaged: masks are 0/255 or 0/65535 PNGs depending on the file and must end as {0, 1}
-    with checked values and sizes (saltkit.data.layout does that, naming the file on error).
+    with checked values and sizes (saltkit.data.layout does that, naming the file on error). A key that already
+    holds a tensor (a window of a section, `saltkit.seismic.training_sections`: image (1, H, W) in [0, 1], label
+    (1, H, W) in {0, 1, IGNORE_LABEL}) is taken as read: the image's grey repeated, the label as it is.
 
     Args:
         keys: the keys holding PNG paths ("image", "label").
@@ -94,7 +97,10 @@ class LoadTiled(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            if key == "label":
+            if isinstance(d[key], torch.Tensor):  # already read: a training window of a section
+                value = d[key].float()
+                d[key] = value if key == "label" else value[:1].expand(self.channels, -1, -1).contiguous()
+            elif key == "label":
                 d[key] = torch.from_numpy(load_mask(d[key])).float()[None]
             else:
                 grey = torch.from_numpy(load_image(d[key])).float().div_(255.0)
@@ -142,15 +148,21 @@ class TilePredictiond:
     def __call__(self, data: dict) -> dict:
         if self.at_network_size:
             data["tile_pred"] = salt_map(data["pred"], lambda x: x)
-            data["tile_label"] = (torch.as_tensor(data["label"]).float() > 0.5).float().to(data["tile_pred"].device)
+            data["tile_label"] = binary_label(torch.as_tensor(data["label"]).float()).to(data["tile_pred"].device)
             return data
         data["tile_pred"] = salt_map(data["pred"], lambda x: restore_tiles(x, self.variant, self.size))
         device = data["tile_pred"].device
         if TILE_LABEL_KEY in data:
             data["tile_label"] = torch.as_tensor(data[TILE_LABEL_KEY]).to(device)
         else:  # no copy kept: undo the spatial transform on the label itself, re-binarised
-            data["tile_label"] = (restore_tiles(data["label"].float(), self.variant, self.size) > 0.5).float()
+            data["tile_label"] = binary_label(restore_tiles(data["label"].float(), self.variant, self.size))
         return data
+
+
+def binary_label(label: torch.Tensor) -> torch.Tensor:
+    """A label map brought back to {0, 1, IGNORE_LABEL}: salt above 0.5, IGNORE_LABEL wherever it is negative
+    (a pixel a resize blended with an ignored one stays ignored), background elsewhere."""
+    return torch.where(label < 0, IGNORE_LABEL, (label > 0.5).float())
 
 
 def salt_map(pred, restore) -> torch.Tensor:
