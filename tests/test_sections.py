@@ -20,14 +20,14 @@ from monai.data import set_track_meta
 from PIL import Image
 
 from saltkit.config import ConfigError
-from saltkit.data.layout import DatasetError, load_image, load_mask
-from saltkit.data.sections import (
+from saltkit.data.labelled_sections import (
     ensure_section_folds,
     list_sections,
     read_section_folds,
     read_section_mask,
     section_folds,
 )
+from saltkit.data.layout import DatasetError, load_image, load_mask
 from saltkit.labels import IGNORE_LABEL
 from saltkit.seismic.training_sections import (
     SectionCellsd,

@@ -25,14 +25,14 @@ from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
 from saltkit.config import ConfigError, none_if_null, require_int
-from saltkit.data.layout import DatasetError
-from saltkit.data.sections import (
+from saltkit.data.labelled_sections import (
     SectionFiles,
     files_fingerprint,
     list_sections,
     read_section_mask,
     section_fingerprint,
 )
+from saltkit.data.layout import DatasetError
 from saltkit.geometry import TILE_SIZE
 from saltkit.labels import IGNORE_LABEL, labelled
 from saltkit.seismic.normalize import Normalization, normalize_section
@@ -135,7 +135,7 @@ def training_sections(sections_dir, split, batch_size: int, windows_per_epoch=No
 
     Args:
         sections_dir: config key `sections_dir`, a folder of NAME.png (.tif, .npy) with NAME_mask.png.
-        split: the fold's (train items, validation items) of sections (`saltkit.data.sections.training_split`).
+        split: the fold's (train items, validation items) of sections (`saltkit.data.labelled_sections.training_split`).
         batch_size: config key `batch_size`; an epoch's windows must fill one batch.
         windows_per_epoch: config key `section_windows_per_epoch`; null: the training sections' labelled pixels /
             101^2, at least one per section.
