@@ -12,7 +12,10 @@ from saltkit.cli.subcommand import Subcommand, register_subcommand
 
 
 def _folds_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset_dir", type=Path, help="dataset folder in the competition layout")
+    p.add_argument("dataset_dir", type=Path, nargs="?", help="dataset folder in the competition layout")
+    p.add_argument("--sections", type=Path, default=None, metavar="DIR",
+                   help="instead of a dataset: fold the labelled sections of DIR (NAME.png with NAME_mask.png) "
+                        "whole, balanced by labelled pixels; writes name,fold")
     p.add_argument("--k", type=int, default=10, help="number of folds (default 10)")
     p.add_argument("--out", type=Path, default=Path("folds.csv"), help="CSV to write (default folds.csv)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
@@ -28,6 +31,10 @@ def _folds_arguments(p: argparse.ArgumentParser) -> None:
 def _folds_run(args: argparse.Namespace) -> int:
     from saltkit.data.folds import folds_for_dataset, folds_from_id_lists, write_folds
 
+    if (args.sections is None) == (args.dataset_dir is None):
+        raise ValueError("give a dataset folder or --sections DIR (one of them)")
+    if args.sections is not None:
+        return _section_folds_run(args)
     if args.valid_lists:
         df = folds_from_id_lists(args.dataset_dir, args.valid_lists, args.train_lists, args.present_only)
         how = f"from {len(args.valid_lists)} validation lists"
@@ -39,6 +46,19 @@ def _folds_run(args: argparse.Namespace) -> int:
     write_folds(df, args.out)
     sizes = df.groupby("fold").size().tolist()
     print(f"wrote {args.out}: {len(df)} ids in {len(sizes)} folds of {min(sizes)}-{max(sizes)} ({how})")
+    return 0
+
+
+def _section_folds_run(args: argparse.Namespace) -> int:
+    from saltkit.data.labelled_sections import folds_for_sections, write_section_folds
+
+    if args.valid_lists or args.train_lists or args.present_only:
+        raise ValueError("--valid-lists, --train-lists and --present-only fold tiles, not --sections")
+    df = folds_for_sections(args.sections, k=args.k, seed=args.seed)
+    write_section_folds(df, args.out)
+    sizes = df.groupby("fold").size().tolist()
+    print(f"wrote {args.out}: {len(df)} sections in {len(sizes)} folds of {min(sizes)}-{max(sizes)} (seed "
+          f"{args.seed}, balanced by labelled pixels)")
     return 0
 
 
@@ -113,7 +133,7 @@ def _check_run(args: argparse.Namespace) -> int:
 
 def register(registry: dict[str, Subcommand]) -> None:
     """Add the data commands to `registry`."""
-    register_subcommand(registry, Subcommand("folds", "write a stratified K-fold split of a dataset's train tiles",
+    register_subcommand(registry, Subcommand("folds", "write a stratified K-fold split of a dataset's train tiles (or of sections)",
                                              _folds_arguments, _folds_run))
     register_subcommand(registry, Subcommand("score", "score predictions (id,rle_mask) against labelled RLE",
                                              _score_arguments, _score_run))

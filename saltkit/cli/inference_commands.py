@@ -178,7 +178,7 @@ MIN_CONFIDENCE = 0.5  # saltkit.inference.pseudo_labels.DEFAULT_MIN_CONFIDENCE (
 def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path,
                    help="folder of unlabelled 101x101 tiles (e.g. DATASET/test/images; a dataset folder means its "
-                        "test/images)")
+                        "test/images); with --sections, section images of any size; or a SEG-Y volume")
     p.add_argument("--ckpt", type=Path, nargs="+", required=True, metavar="CKPT",
                    help="teacher checkpoint(s) of one variant; several are averaged "
                         "(e.g. runs/tgs/pad_fold*/swa.pt)")
@@ -197,6 +197,32 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", action="store_true", help="link the tiles into train/images instead of copying them")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per network batch (32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    p.add_argument("--sections", action="store_true",
+                   help="the input is section images of any size (a SEG-Y volume always is): write a sections "
+                        "folder (NAME.png, NAME_mask.png with 128 where the teacher is unsure, manifest.json)")
+    p.add_argument("--direction", choices=("inline", "crossline", "both"), default="inline",
+                   help="SEG-Y: pseudo-label the inlines, the crosslines or both (inline)")
+    p.add_argument("--iline-byte", type=int, default=189, help="SEG-Y: trace header byte of the inline number")
+    p.add_argument("--xline-byte", type=int, default=193, help="SEG-Y: trace header byte of the crossline number")
+    p.add_argument("--fill-value", type=float, default=None, help="input value that marks no data")
+
+
+def _is_segy(path: Path) -> bool:
+    return path.suffix.lower() in (".sgy", ".segy")
+
+
+def _pseudo_label_sections_run(args: argparse.Namespace, device: str) -> int:
+    from saltkit.seismic.pseudo_sections import pseudo_label_sections
+
+    summary = pseudo_label_sections(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
+                                    direction=args.direction, tta=args.tta, device=device,
+                                    iline_byte=args.iline_byte, xline_byte=args.xline_byte,
+                                    fill_value=args.fill_value, threshold=args.threshold,
+                                    command=["saltkit", *sys.argv[1:]])
+    print(summary["settings"])
+    print(f"kept {summary['kept']} of {summary['predicted']} sections (share of certain pixels >= "
+          f"{args.min_confidence}); wrote {summary['out']} (fingerprint {summary['fingerprint']})")
+    return 0
 
 
 def _pseudo_label_run(args: argparse.Namespace) -> int:
@@ -205,6 +231,8 @@ def _pseudo_label_run(args: argparse.Namespace) -> int:
     from saltkit.inference.pseudo_labels import pseudo_label, table_text
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.sections or _is_segy(args.images):
+        return _pseudo_label_sections_run(args, device)
     summary = pseudo_label(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
                            exclude_dataset=args.exclude_dataset, tta=args.tta, batch_size=args.batch_size,
                            device=device, link=args.link, progress=True, command=["saltkit", *sys.argv[1:]],

@@ -1,0 +1,200 @@
+"""Pseudo-labels of whole sections: a teacher predicts unlabelled section images or every line of a SEG-Y volume,
+and its certain pixels become a labelled sections folder that training on sections reads.
+
+`pseudo_label_sections(input, ckpts, out)` writes
+
+    OUT/<name>.png          the section as the network saw it: grey in [0, 1] as a 16-bit PNG
+    OUT/<name>_mask.png     255 salt, 0 background, 128 not interpreted (ignored by the loss and the metric)
+    OUT/manifest.json       the teachers and their weight fingerprints, the threshold, the certainty cut, the
+                            amplitude clip (volumes), every section's source (file; direction and line number for
+                            a volume), confidence and salt share, kept or not, and the set's fingerprint
+
+A pixel is labelled when the teacher is certain of it (probability below 0.1 or above 0.9; salt where above the
+teacher's tuned threshold); the others, and pixels without data, are 128. A section's confidence is the share of
+its data pixels that are labelled; sections below `min_confidence` are left out. Several teachers' probabilities
+are averaged. Volume sections are named `<volume>_inline_<number>` / `<volume>_crossline_<number>` by their
+header numbers, so every pseudo-label traces back to its line. The folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from saltkit.data.pseudo import FORMAT, MANIFEST, VERSION
+from saltkit.inference import section_inferer
+from saltkit.inference.pseudo_labels import (
+    CERTAIN_HIGH,
+    CERTAIN_LOW,
+    check_output_folder,
+    load_teachers,
+    teacher_postprocessing,
+)
+from saltkit.labels import MASK_IMAGE_VALUES
+from saltkit.seismic.normalize import Normalization, normalize_section
+from saltkit.seismic.section_files import list_section_files, read_section_with_alpha
+from saltkit.seismic.sections import predict_section
+from saltkit.seismic.validity import fill_no_data, section_valid, trace_valid
+
+SALT, BACKGROUND, NOT_INTERPRETED = 255, 0, 128
+assert {SALT: 1.0, BACKGROUND: 0.0}.items() <= MASK_IMAGE_VALUES.items() and NOT_INTERPRETED in MASK_IMAGE_VALUES
+DEFAULT_MIN_SECTION_CONFIDENCE = 0.5
+
+
+@dataclass
+class Section:
+    """One section to pseudo-label: its name in the set, grey `(H, W)` in [0, 1], data pixels, and its source."""
+
+    name: str
+    grey: np.ndarray
+    valid: np.ndarray
+    source: dict
+
+
+def image_sections(input: str | Path, normalization: Normalization = Normalization(),
+                   fill_value: float | None = None) -> Iterator[Section]:
+    """The section images at `input` (a file or a folder), read and scaled as `saltkit predict` reads them; a
+    `NAME_mask.png` beside a section `NAME` is its mask, not a section."""
+    paths = list_section_files(input)
+    stems = {p.stem for p in paths}
+    for path in paths:
+        if path.stem.endswith("_mask") and path.stem[:-len("_mask")] in stems:
+            continue
+        raw, alpha = read_section_with_alpha(path)
+        valid = section_valid(raw, fill_value, alpha, None, str(path))
+        grey, _ = normalize_section(raw, normalization, str(path), valid)
+        yield Section(path.stem, grey, valid, {"file": str(path.resolve())})
+
+
+def volume_sections(path: str | Path, direction: str = "inline", iline_byte: int = 189, xline_byte: int = 193,
+                    normalization: Normalization = Normalization(mode="percentile"), clip_traces: int = 2000,
+                    fill_value: float | None = None, clip_out: dict | None = None) -> Iterator[Section]:
+    """Every inline and/or crossline of the SEG-Y volume at `path` as a `(samples, traces)` section, the amplitudes
+    clipped once for the whole volume as `saltkit predict` clips them (`clip_out` receives the clip)."""
+    from saltkit.seismic.normalize import scale_to_unit
+    from saltkit.seismic.segy import check_direction, open_segy, read_geometry, read_layout, read_traces
+    from saltkit.seismic.volume import amplitude_clip
+
+    path = Path(path)
+    layout = read_layout(path)
+    with open_segy(layout) as f:
+        geometry = read_geometry(f, layout, iline_byte, xline_byte)
+        check_direction(geometry, direction, path)
+        clip = amplitude_clip(f, layout, normalization, clip_traces, fill_value)
+        if clip_out is not None:
+            clip_out.update(clip.as_dict())
+        for d in (["inline", "crossline"] if direction == "both" else [direction]):
+            numbers = geometry.ilines if d == "inline" else geometry.xlines
+            for k in range(geometry.count(d)):
+                amplitudes = read_traces(f, geometry.section_traces(d, k), layout.samples)
+                valid = trace_valid(amplitudes, fill_value).T
+                if not valid.any():
+                    continue
+                grey = fill_no_data(scale_to_unit(np.where(valid.T, amplitudes, 0).T, clip.low, clip.high), valid)
+                yield Section(f"{path.stem}_{d}_{int(numbers[k])}", grey, valid,
+                              {"file": str(path.resolve()), "direction": d, "line": int(numbers[k]), "index": k})
+
+
+def section_mask(prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 `(H, W)` pseudo-label: salt / background where the teacher is certain, not interpreted elsewhere."""
+    certain = ((prob < CERTAIN_LOW) | (prob > CERTAIN_HIGH)) & valid
+    mask = np.full(prob.shape, NOT_INTERPRETED, np.uint8)
+    mask[certain] = np.where(prob[certain] > threshold, SALT, BACKGROUND)
+    return mask
+
+
+def sections_fingerprint(folder: Path, names: Sequence[str]) -> str:
+    """SHA-256 (hex, first 16 digits) of a sections set: name, section bytes and mask bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        image = hashlib.sha256((folder / f"{name}.png").read_bytes()).hexdigest()
+        mask = hashlib.sha256((folder / f"{name}_mask.png").read_bytes()).hexdigest()
+        digest.update(f"{name}:{image}:{mask}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_section_pair(folder: Path, name: str, grey: np.ndarray, mask: np.ndarray) -> None:
+    Image.fromarray(np.round(np.clip(grey, 0, 1) * 65535).astype(np.uint16)).save(folder / f"{name}.png")
+    Image.fromarray(mask).save(folder / f"{name}_mask.png")
+
+
+def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: str | Path,
+                          min_confidence: float = DEFAULT_MIN_SECTION_CONFIDENCE, direction: str = "inline",
+                          tta: bool = True, overlap: float = 0.5, device: str | torch.device = "cpu",
+                          iline_byte: int = 189, xline_byte: int = 193, fill_value: float | None = None,
+                          threshold="auto", command: Sequence[str] | None = None) -> dict:
+    """Pseudo-label the section images or the SEG-Y volume at `input` with the teachers `ckpts` into the sections
+    folder `out` (see the module docstring). Returns a summary: out, predicted, kept, threshold, fingerprint."""
+    from saltkit.seismic.segy import is_segy_path
+
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
+            or not 0 <= min_confidence <= 1:
+        raise ValueError(f"--min-confidence must be a number in [0, 1], got {min_confidence!r}")
+    input = Path(input)
+    out = check_output_folder(out, input if input.is_dir() else input.parent)
+    teachers = load_teachers(ckpts, device)
+    settings, settings_line = teacher_postprocessing(teachers, threshold=threshold)
+    inferers = [section_inferer(t.variant, tta=tta, overlap=overlap) for t in teachers]
+    clip: dict = {}
+    volume = is_segy_path(input)
+    sections = volume_sections(input, direction, iline_byte, xline_byte, fill_value=fill_value, clip_out=clip) \
+        if volume else image_sections(input, fill_value=fill_value)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    entries = []
+    try:
+        partial.mkdir(parents=True)
+        for s in sections:
+            prob = np.mean([predict_section(t.network, i, s.grey, device) for t, i in zip(teachers, inferers,
+                                                                                           strict=True)], axis=0)
+            mask = section_mask(prob, s.valid, settings.threshold)
+            labelled = mask != NOT_INTERPRETED
+            confidence = float(labelled.sum() / max(int(s.valid.sum()), 1))
+            kept = confidence >= min_confidence
+            if kept:
+                write_section_pair(partial, s.name, s.grey, mask)
+            entries.append({"name": s.name, **s.source, "shape": list(s.grey.shape),
+                            "confidence": round(confidence, 6),
+                            "salt_share": round(float((mask == SALT).sum() / max(int(labelled.sum()), 1)), 6),
+                            "kept": kept})
+        if not entries:
+            raise ValueError(f"{input}: no section with data to pseudo-label")
+        names = [e["name"] for e in entries if e["kept"]]
+        if not names:
+            best = max(e["confidence"] for e in entries)
+            raise ValueError(f"no section reached --min-confidence {min_confidence} (the highest confidence is "
+                             f"{best:.3f}); lower it, or use a better teacher")
+        fingerprint = sections_fingerprint(partial, names)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": "sections",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": list(sys.argv if command is None else command), "source": str(input.resolve()),
+            "variant": teachers[0].variant, "teachers": [t.record() for t in teachers], "tta": bool(tta),
+            "overlap": overlap, "threshold": settings.threshold, "threshold_source": settings_line,
+            "labels": {"salt": SALT, "background": BACKGROUND, "not_interpreted": NOT_INTERPRETED,
+                       "certain_below": CERTAIN_LOW, "certain_above": CERTAIN_HIGH},
+            "confidence": {"rule": "share of a section's data pixels the teacher is certain of",
+                           "min_confidence": min_confidence},
+            "clip": clip or None, "direction": direction if volume else None,
+            "predicted": len(entries), "kept": len(names), "items": entries, "fingerprint": fingerprint,
+        }
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if out.is_dir():
+            out.rmdir()  # empty (checked before the work)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return {"out": str(out), "predicted": len(entries), "kept": len(names), "threshold": settings.threshold,
+            "settings": settings_line, "fingerprint": fingerprint}
