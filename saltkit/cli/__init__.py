@@ -44,6 +44,8 @@ AREA_COMMANDS: dict[str, tuple[str, str]] = {
                 "salt probability of section images of any size or of a whole SEG-Y volume"),
     "mosaic": ("saltkit.cli.seismic_commands",
                "assemble real seismic sections from the tiles listed in mosaics.csv"),
+    "sections": ("saltkit.cli.seismic_commands",
+                 "turn a SEG-Y volume and its mask volume into labelled sections to train on, folds by inline range"),
 }
 
 

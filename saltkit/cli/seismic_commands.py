@@ -161,6 +161,33 @@ def _mosaic_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sections_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("volume", type=Path, help="SEG-Y volume")
+    p.add_argument("--mask", type=Path, required=True,
+                   help="SEG-Y mask volume of the same geometry: 1 salt, 0 background, -1 not interpreted")
+    p.add_argument("--out", type=Path, required=True, help="new sections folder (train with --sections_dir OUT)")
+    p.add_argument("--direction", choices=("inline", "crossline", "both"), default="inline",
+                   help="sections to write: inlines, crosslines (cut at the folds' inline ranges) or both")
+    p.add_argument("--k", type=int, default=5, help="folds: K contiguous inline ranges (default 5)")
+    p.add_argument("--iline-byte", type=int, default=189, help="trace header byte of the inline number")
+    p.add_argument("--xline-byte", type=int, default=193, help="trace header byte of the crossline number")
+    p.add_argument("--fill-value", type=float, default=None, help="volume value that marks no data")
+
+
+def _sections_run(args: argparse.Namespace) -> int:
+    from saltkit.seismic.labelled_volume import volume_to_sections
+
+    s = volume_to_sections(args.volume, args.mask, args.out, direction=args.direction, k=args.k,
+                           iline_byte=args.iline_byte, xline_byte=args.xline_byte, fill_value=args.fill_value,
+                           command=["saltkit", *sys.argv[1:]])
+    ranges = ", ".join(f"{a}-{b}" for a, b in s["inline_ranges"])
+    print(f"wrote {s['sections']} labelled sections ({s['labelled_pixels']} labelled pixels) to {s['out']}; "
+          f"folds by inline range ({ranges}) in {s['folds_csv']}")
+    print(f"train on them: saltkit train configs/pad.json --sections_dir {s['out']} --folds_csv {s['folds_csv']} "
+          f"--num_folds {args.k} --init_ckpt CKPT")
+    return 0
+
+
 def register(registry: dict[str, Subcommand]) -> None:
     """Add the seismic subcommands to the saltkit CLI registry."""
     register_subcommand(registry, Subcommand(
@@ -169,3 +196,6 @@ def register(registry: dict[str, Subcommand]) -> None:
     register_subcommand(registry, Subcommand(
         "mosaic", "assemble real seismic sections from the tiles listed in mosaics.csv",
         _mosaic_arguments, _mosaic_run))
+    register_subcommand(registry, Subcommand(
+        "sections", "turn a SEG-Y volume and its mask volume into labelled sections to train on, folds by inline range",
+        _sections_arguments, _sections_run))
