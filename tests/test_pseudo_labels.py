@@ -222,3 +222,43 @@ def test_default_min_confidence_is_the_command_lines():
     from saltkit.cli.inference_commands import MIN_CONFIDENCE
 
     assert MIN_CONFIDENCE == DEFAULT_MIN_CONFIDENCE
+
+
+def test_saved_probabilities_teach_like_the_checkpoint_that_wrote_them(teacher, sample_dir, tmp_path, capsys):
+    """`saltkit inference`'s probabilities.npz as the teacher gives the checkpoint's own pseudo-labels (the same
+    post-processing given); averaged with a checkpoint, each counts once; missing tiles or variant refused."""
+    bundle_run("inference", config_file=str(INFERENCE), ckpt=str(teacher), dataset_dir=str(sample_dir),
+               output_dir=str(tmp_path / "inf"), progress=False, logging_file=False)
+    saved = tmp_path / "inf" / "probabilities.npz"
+    post = ["--threshold", "0.4", "--min-component-size", "30", "--image-threshold", "none", "--min-area", "300",
+            "--min-confidence", "0"]
+    assert main(["pseudo-label", str(sample_dir), "--ckpt", str(teacher), "--out", str(tmp_path / "ckpt"), *post]) == 0
+    assert main(["pseudo-label", str(sample_dir), "--probabilities", str(saved), "--variant", "pad",
+                 "--out", str(tmp_path / "npz"), *post]) == 0
+    assert "(saved probabilities carry no tuned values)" in capsys.readouterr().out
+    (_, from_ckpt), (_, from_npz) = (read_rle_masks(tmp_path / d / "train.csv") for d in ("ckpt", "npz"))
+    assert from_ckpt.shape == from_npz.shape and (from_ckpt != from_npz).mean() < 1e-4
+    manifest = json.loads((tmp_path / "npz" / MANIFEST).read_text())
+    [record] = manifest["teachers"]
+    assert record["probabilities"] == str(saved.resolve()) and len(record["sha256"]) == 16
+    assert manifest["variant"] == "pad" and read_pseudo_set(tmp_path / "npz").variant == "pad"
+    # a checkpoint and a probabilities file: one share each
+    other = confident_teacher(tmp_path / "other.pt", sample_dir, seed=1)
+    items = [{"image": it["image"], "id": it["id"]} for it in list_test_items(sample_dir)]
+    summary = pseudo_label(sample_dir, [other], tmp_path / "both", probabilities=[saved], min_confidence=0.0,
+                           threshold=0.5, min_component_size=0, image_threshold=None, min_area=0)
+    assert summary["kept"] == len(items)
+    mixed = json.loads((tmp_path / "both" / MANIFEST).read_text())
+    assert [("ckpt" in t, "probabilities" in t) for t in mixed["teachers"]] == [(True, False), (False, True)]
+    expected = (predict_tiles(load_teachers([other]), items).probs + load_probabilities(saved).probs[
+        np.argsort(load_probabilities(saved).ids)]) / 2 > 0.5
+    _, masks = read_rle_masks(tmp_path / "both" / "train.csv")
+    assert (masks != expected).mean() < 1e-4
+    # refused, by name
+    assert main(["pseudo-label", str(sample_dir), "--probabilities", str(saved), "--out", str(tmp_path / "x")]) == 2
+    assert "--variant: pseudo-labels from saved probabilities" in capsys.readouterr().err
+    np.savez(tmp_path / "few.npz", ids=np.asarray(["a"]), probs=np.zeros((1, 101, 101), np.uint16))
+    assert main(["pseudo-label", str(sample_dir), "--probabilities", str(tmp_path / "few.npz"), "--variant", "pad",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "few.npz: holds no probabilities for 20 of the tiles to pseudo-label" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -179,9 +179,14 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path,
                    help="folder of unlabelled 101x101 tiles (e.g. DATASET/test/images; a dataset folder means its "
                         "test/images); with --sections, section images of any size; or a SEG-Y volume")
-    p.add_argument("--ckpt", type=Path, nargs="+", required=True, metavar="CKPT",
+    p.add_argument("--ckpt", type=Path, nargs="+", default=[], metavar="CKPT",
                    help="teacher checkpoint(s) of one variant; several are averaged "
                         "(e.g. runs/tgs/pad_fold*/swa.pt)")
+    p.add_argument("--probabilities", type=Path, nargs="+", default=[], metavar="NPZ",
+                   help="saved teachers: probabilities.npz of these tiles written by saltkit inference, averaged "
+                        "with the checkpoints (tiles only)")
+    p.add_argument("--variant", choices=("pad", "resize"), default=None,
+                   help="the student's variant, needed when only --probabilities are given")
     p.add_argument("--out", type=Path, required=True,
                    help="new folder for the set: train/images, train/masks, train.csv, manifest.json")
     p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
@@ -232,12 +237,17 @@ def _pseudo_label_run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.sections or _is_segy(args.images):
+        if args.probabilities:
+            raise ValueError("--probabilities: saved probabilities teach tiles; give --ckpt for sections and volumes")
+        if not args.ckpt:
+            raise ValueError("--ckpt: give the teacher checkpoint(s)")
         return _pseudo_label_sections_run(args, device)
     summary = pseudo_label(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
                            exclude_dataset=args.exclude_dataset, tta=args.tta, batch_size=args.batch_size,
                            device=device, link=args.link, progress=True, command=["saltkit", *sys.argv[1:]],
                            threshold=args.threshold, min_component_size=args.min_component_size,
-                           image_threshold=args.image_threshold, min_area=args.min_area)
+                           image_threshold=args.image_threshold, min_area=args.min_area,
+                           probabilities=args.probabilities, variant=args.variant)
     print(summary["settings"])
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} labelled tile(s) of {args.exclude_dataset}")

@@ -39,7 +39,7 @@ from saltkit.data.pseudo import FORMAT, MANIFEST, VERSION, set_fingerprint
 from saltkit.geometry import restore_tiles
 from saltkit.inference.inferers import IMAGE_PROB, PROB, FlipTTAInferer
 from saltkit.inference.postprocess import PostProcessingSettings, postprocess
-from saltkit.inference.postprocess_tuned import AUTO, KEYS, choose_postprocessing, settings_text
+from saltkit.inference.postprocess_tuned import AUTO, KEYS, choose_postprocessing, is_auto, settings_text
 from saltkit.inference.probabilities import Probabilities
 from saltkit.inference.runtime import torch_network
 from saltkit.io import check_writable
@@ -114,6 +114,53 @@ def teacher_postprocessing(teachers: Sequence[Teacher], **given) -> tuple[PostPr
             values[key] = getattr(PostProcessingSettings(), key)
             notes.append(f"{key} {values[key]} (the plain default: the teachers' values {found} differ)")
     return PostProcessingSettings(**values), f"post-processing {'; '.join(notes)}"
+
+
+def given_postprocessing(**given) -> tuple[PostProcessingSettings, str]:
+    """The post-processing of pseudo-labels from saved probabilities: the values given, else the plain defaults
+    (a probabilities file carries no tuned values)."""
+    values = {k: v for k, v in given.items() if k in KEYS and not is_auto(v)}
+    try:
+        settings = PostProcessingSettings(**values)
+    except ValueError as e:
+        raise ValueError(f"{e}, or {AUTO}") from None
+    notes = [f"{k} {getattr(settings, k)} ({'given' if k in values else 'the plain default'})" for k in KEYS]
+    return settings, f"post-processing {'; '.join(notes)} (saved probabilities carry no tuned values)"
+
+
+def teacher_variant(teachers: Sequence[Teacher], probabilities: Sequence, variant: str | None) -> str:
+    """The variant of the set: the checkpoints', which `variant` (needed with saved probabilities alone) must match."""
+    if teachers and variant is not None and variant != teachers[0].variant:
+        raise ValueError(f"--variant {variant}: the teacher checkpoints are {teachers[0].variant}; drop --variant or "
+                         "give checkpoints of that variant")
+    if teachers:
+        return teachers[0].variant
+    if variant not in ("pad", "resize"):
+        raise ValueError(f"--variant: pseudo-labels from saved probabilities ({probabilities[0]}) need the variant of "
+                         "the student they train: --variant pad or --variant resize")
+    return variant
+
+
+def saved_teacher(path: str | Path, items: Sequence[dict]) -> tuple[Probabilities, dict]:
+    """A probabilities file as a teacher: its probabilities in the order of `items` (every tile must be in it) and
+    its manifest entry (path, content fingerprint)."""
+    import hashlib
+
+    from saltkit.inference.probabilities import load_probabilities
+
+    path = Path(path)
+    saved = load_probabilities(path)
+    row = {i: k for k, i in enumerate(saved.ids.tolist())}
+    missing = [it["id"] for it in items if it["id"] not in row]
+    if missing:
+        raise ValueError(f"{path}: holds no probabilities for {len(missing)} of the tiles to pseudo-label "
+                         f"({id_listing(missing)}); predict that folder with saltkit inference and give its "
+                         "probabilities.npz")
+    order = np.asarray([row[it["id"]] for it in items])
+    image = None if saved.image_probs is None else saved.image_probs[order]
+    record = {"probabilities": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+              "tiles": len(saved.ids)}
+    return Probabilities(saved.ids[order], saved.probs[order], image), record
 
 
 # ---------------------------------------------------------------- tiles and predictions
@@ -261,19 +308,34 @@ def write_pseudo_set(out: Path, items: Sequence[dict], masks: np.ndarray, manife
 def pseudo_label(images: str | Path, ckpts: Sequence[str | Path], out: str | Path,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, exclude_dataset: str | Path | None = None,
                  tta: bool = True, batch_size: int = 32, device: str | torch.device = "cpu", link: bool = False,
-                 progress: bool = False, command: Sequence[str] | None = None, **postprocessing) -> dict:
+                 progress: bool = False, command: Sequence[str] | None = None,
+                 probabilities: Sequence[str | Path] = (), variant: str | None = None, **postprocessing) -> dict:
     """Predict the tiles in `images` with the teachers `ckpts` and write the confident ones as a training set at
     `out` (see the module docstring). `postprocessing`: threshold, min_component_size, image_threshold, min_area
-    (`auto`: the teacher's tuned value). Returns a summary: out, predicted, kept, skipped (labelled ids left out),
+    (`auto`: the teacher's tuned value). `probabilities`: saved teachers, `saltkit inference`'s
+    probabilities.npz of these tiles, averaged with the checkpoints' predictions (one share each); `variant` names
+    the student's variant when no checkpoint does. Returns a summary: out, predicted, kept, skipped (labelled ids left out),
     table (per predicted coverage class), settings (text), fingerprint."""
     if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
             or not 0 <= min_confidence <= 1:
         raise ValueError(f"--min-confidence must be a number in [0, 1], got {min_confidence!r}")
+    if not ckpts and not probabilities:
+        raise ValueError("give the teacher: --ckpt CKPT ... and/or --probabilities FILE.npz ...")
     out = check_output_folder(out, images)
     items, skipped = unlabelled_tiles(images, exclude_dataset)
-    teachers = load_teachers(ckpts, device)
-    settings, settings_line = teacher_postprocessing(teachers, **postprocessing)
-    pred = predict_tiles(teachers, items, tta=tta, batch_size=batch_size, device=device, progress=progress)
+    teachers = load_teachers(ckpts, device) if ckpts else []
+    variant = teacher_variant(teachers, probabilities, variant)
+    saved = [saved_teacher(path, items) for path in probabilities]
+    if saved:  # tuned values fit one checkpoint's own probabilities, not an average with saved ones
+        settings, settings_line = given_postprocessing(**postprocessing)
+    else:
+        settings, settings_line = teacher_postprocessing(teachers, **postprocessing)
+    sources = [(s.probs, s.image_probs) for s, _ in saved]
+    if teachers:
+        pred = predict_tiles(teachers, items, tta=tta, batch_size=batch_size, device=device, progress=progress)
+        sources = [(pred.probs, pred.image_probs)] * len(teachers) + sources
+    pred = Probabilities(np.asarray([it["id"] for it in items]), np.mean([p for p, _ in sources], axis=0),
+                         None if any(i is None for _, i in sources) else np.mean([i for _, i in sources], axis=0))
     masks = postprocess(pred.probs, pred.image_probs, settings)
     scores = tile_confidence(pred.probs, pred.image_probs, masks)
     kept = scores["confidence"] >= min_confidence
@@ -290,8 +352,8 @@ def pseudo_label(images: str | Path, ckpts: Sequence[str | Path], out: str | Pat
     manifest = {
         "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": list(sys.argv if command is None else command),
-        "source": str(Path(items[0]["image"]).resolve().parent), "variant": teachers[0].variant,
-        "teachers": [t.record() for t in teachers], "tta": bool(tta),
+        "source": str(Path(items[0]["image"]).resolve().parent), "variant": variant,
+        "teachers": [t.record() for t in teachers] + [record for _, record in saved], "tta": bool(tta),
         "postprocessing": {k: getattr(settings, k) for k in KEYS},
         "confidence": {"rule": "share of pixels with probability < low or > high, times the image head's certainty "
                                "about the mask (2p - 1 with salt, 1 - 2p without, at least 0)",
@@ -304,4 +366,4 @@ def pseudo_label(images: str | Path, ckpts: Sequence[str | Path], out: str | Pat
     fingerprint = write_pseudo_set(out, [items[k] for k in chosen], masks[chosen], manifest, link)
     return {"out": str(out), "predicted": len(items), "kept": int(kept.sum()), "skipped": skipped, "table": rows,
             "settings": settings_line, "settings_text": settings_text(settings), "fingerprint": fingerprint,
-            "teachers": [t.path for t in teachers]}
+            "teachers": [t.path for t in teachers] + [Path(p) for p in probabilities]}
