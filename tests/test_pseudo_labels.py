@@ -262,3 +262,19 @@ def test_saved_probabilities_teach_like_the_checkpoint_that_wrote_them(teacher, 
                  "--out", str(tmp_path / "x")]) == 2
     assert "few.npz: holds no probabilities for 20 of the tiles to pseudo-label" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_bundle_workflow_writes_the_commands_set(made, teacher, sample_dir, tmp_path):
+    """bundles/saltnet/configs/pseudo_label.json runs what `saltkit pseudo-label` runs: the same masks and items."""
+    bundle_run("pseudo_label", config_file=str(INFERENCE.parent / "pseudo_label.json"), input=str(sample_dir),
+               output=str(tmp_path / "set"), ckpt=str(teacher), min_confidence=0.0, device="cpu", progress=False,
+               logging_file=False)
+    assert (read_rle_masks(tmp_path / "set" / "train.csv")[1] == read_rle_masks(made / "train.csv")[1]).all()
+    ours, theirs = (json.loads((d / MANIFEST).read_text()) for d in (tmp_path / "set", made))
+    assert [it["id"] for it in ours["items"]] == [it["id"] for it in theirs["items"]]
+    assert ours["teachers"][0]["weights"] == theirs["teachers"][0]["weights"]
+    with pytest.raises(RuntimeError) as info:  # a section folder needs a checkpoint, not saved probabilities
+        bundle_run("pseudo_label", config_file=str(INFERENCE.parent / "pseudo_label.json"), input=str(sample_dir),
+                   output=str(tmp_path / "s"), sections=True, probabilities=["x.npz"], ckpt=None, progress=False,
+                   logging_file=False)
+    assert "saved probabilities teach tiles" in str(info.value.__cause__)

@@ -212,43 +212,26 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-value", type=float, default=None, help="input value that marks no data")
 
 
-def _is_segy(path: Path) -> bool:
-    return path.suffix.lower() in (".sgy", ".segy")
-
-
-def _pseudo_label_sections_run(args: argparse.Namespace, device: str) -> int:
-    from saltkit.seismic.pseudo_sections import pseudo_label_sections
-
-    summary = pseudo_label_sections(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
-                                    direction=args.direction, tta=args.tta, device=device,
-                                    iline_byte=args.iline_byte, xline_byte=args.xline_byte,
-                                    fill_value=args.fill_value, threshold=args.threshold,
-                                    command=["saltkit", *sys.argv[1:]])
-    print(summary["settings"])
-    print(f"kept {summary['kept']} of {summary['predicted']} sections (share of certain pixels >= "
-          f"{args.min_confidence}); wrote {summary['out']} (fingerprint {summary['fingerprint']})")
-    return 0
-
-
 def _pseudo_label_run(args: argparse.Namespace) -> int:
     import torch
 
-    from saltkit.inference.pseudo_labels import pseudo_label, table_text
+    from saltkit.inference.pseudo_labels import table_text
+    from saltkit.seismic.pseudo_sections import run_pseudo_label
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.sections or _is_segy(args.images):
-        if args.probabilities:
-            raise ValueError("--probabilities: saved probabilities teach tiles; give --ckpt for sections and volumes")
-        if not args.ckpt:
-            raise ValueError("--ckpt: give the teacher checkpoint(s)")
-        return _pseudo_label_sections_run(args, device)
-    summary = pseudo_label(args.images, args.ckpt, args.out, min_confidence=args.min_confidence,
-                           exclude_dataset=args.exclude_dataset, tta=args.tta, batch_size=args.batch_size,
-                           device=device, link=args.link, progress=True, command=["saltkit", *sys.argv[1:]],
-                           threshold=args.threshold, min_component_size=args.min_component_size,
-                           image_threshold=args.image_threshold, min_area=args.min_area,
-                           probabilities=args.probabilities, variant=args.variant)
+    summary = run_pseudo_label(args.images, args.ckpt, args.out, sections=args.sections,
+                               probabilities=args.probabilities, variant=args.variant,
+                               min_confidence=args.min_confidence, exclude_dataset=args.exclude_dataset, tta=args.tta,
+                               batch_size=args.batch_size, device=device, link=args.link, direction=args.direction,
+                               iline_byte=args.iline_byte, xline_byte=args.xline_byte, fill_value=args.fill_value,
+                               progress=True, command=["saltkit", *sys.argv[1:]], threshold=args.threshold,
+                               min_component_size=args.min_component_size, image_threshold=args.image_threshold,
+                               min_area=args.min_area)
     print(summary["settings"])
+    if "table" not in summary:  # sections
+        print(f"kept {summary['kept']} of {summary['predicted']} sections (share of certain pixels >= "
+              f"{args.min_confidence}); wrote {summary['out']} (fingerprint {summary['fingerprint']})")
+        return 0
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} labelled tile(s) of {args.exclude_dataset}")
     print(table_text(summary["table"]))

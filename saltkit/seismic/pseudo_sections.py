@@ -198,3 +198,52 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
         raise
     return {"out": str(out), "predicted": len(entries), "kept": len(names), "threshold": settings.threshold,
             "settings": settings_line, "fingerprint": fingerprint}
+
+
+def run_pseudo_label(input: str | Path, ckpt, out: str | Path, sections: bool = False, probabilities=(),
+                     variant: str | None = None, min_confidence: float | None = None, exclude_dataset=None,
+                     tta: bool = True, batch_size: int = 32, device: str | torch.device = "cpu", link: bool = False,
+                     direction: str = "inline", iline_byte: int = 189, xline_byte: int = 193,
+                     fill_value: float | None = None, progress: bool = False, command: Sequence[str] | None = None,
+                     **postprocessing) -> dict:
+    """`saltkit pseudo-label` and the bundle's pseudo_label.json: tiles (`saltkit.inference.pseudo_labels`) or,
+    with `sections` or a SEG-Y `input`, sections (`pseudo_label_sections`).
+
+    Args:
+        input: a folder of unlabelled tiles (or a dataset folder: its test/images), section images or a SEG-Y volume.
+        ckpt: the teacher checkpoint, or a list of them (averaged); null with `probabilities` alone.
+        out: the new folder for the set.
+        sections: the input is section images of any size (a SEG-Y volume always is).
+        probabilities: tiles only: saved teachers, probabilities.npz files written by the inference workflow.
+        variant: the student's variant (pad / resize) when only `probabilities` are given.
+        min_confidence: keep items at least this confident (null: the default of tiles or sections, 0.5).
+        exclude_dataset: tiles only: a labelled dataset whose train ids are never pseudo-labelled.
+        tta: flip test-time augmentation.
+        batch_size: tiles per network batch.
+        device: where the teachers run.
+        link: tiles only: link the tiles into the set instead of copying them.
+        direction, iline_byte, xline_byte: SEG-Y: the lines to pseudo-label and the header bytes of their numbers.
+        fill_value: the input value that marks no data (sections and volumes).
+        progress: report progress on the console.
+        command: the command line recorded in the manifest.
+        postprocessing: threshold, min_component_size, image_threshold, min_area (`auto`: the teacher's tuned
+            value); sections use the threshold only.
+    """
+    from saltkit.inference.pseudo_labels import DEFAULT_MIN_CONFIDENCE, pseudo_label
+    from saltkit.seismic.segy import is_segy_path
+
+    ckpts = [] if ckpt in (None, "", "null") else [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
+    probabilities = [probabilities] if isinstance(probabilities, (str, Path)) else list(probabilities or ())
+    if sections or is_segy_path(input):
+        if probabilities:
+            raise ValueError("--probabilities: saved probabilities teach tiles; give --ckpt for sections and volumes")
+        if not ckpts:
+            raise ValueError("--ckpt: give the teacher checkpoint(s)")
+        return pseudo_label_sections(input, ckpts, out, DEFAULT_MIN_SECTION_CONFIDENCE if min_confidence is None
+                                     else min_confidence, direction=direction, tta=tta, device=device,
+                                     iline_byte=iline_byte, xline_byte=xline_byte, fill_value=fill_value,
+                                     threshold=postprocessing.get("threshold", "auto"), command=command)
+    return pseudo_label(input, ckpts, out, DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence,
+                        exclude_dataset=exclude_dataset, tta=tta, batch_size=batch_size, device=device, link=link,
+                        progress=progress, command=command, probabilities=probabilities, variant=variant,
+                        **postprocessing)
