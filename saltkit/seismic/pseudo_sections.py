@@ -222,7 +222,9 @@ def run_pseudo_label(input: str | Path, ckpt, out: str | Path, sections: bool = 
         batch_size: tiles per network batch.
         device: where the teachers run.
         link: tiles only: link the tiles into the set instead of copying them.
-        direction, iline_byte, xline_byte: SEG-Y: the lines to pseudo-label and the header bytes of their numbers.
+        direction: SEG-Y: the lines to pseudo-label, inline, crossline or both.
+        iline_byte: SEG-Y: the trace header byte of the inline number.
+        xline_byte: SEG-Y: the trace header byte of the crossline number.
         fill_value: the input value that marks no data (sections and volumes).
         progress: report progress on the console.
         command: the command line recorded in the manifest.
