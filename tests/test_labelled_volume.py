@@ -109,7 +109,7 @@ def test_mask_values_other_than_1_0_minus_1_are_refused_and_nothing_is_left(surv
 
 
 @pytest.mark.slow
-def test_a_survey_round_trip_fine_tunes_a_teacher_and_predicts_the_volume_back(survey, tmp_path, capsys):
+def test_a_survey_round_trip_fine_tunes_a_teacher_and_predicts_the_volume_back(survey, tmp_path, capsys, caplog):
     volume, mask, _, _ = survey
     arch = {"backbone": "resnet18", "num_filters": 4, "upsample_input": False}
     teacher = confident_teacher(tmp_path / "teacher.pt", sample_dir())
@@ -123,7 +123,9 @@ def test_a_survey_round_trip_fine_tunes_a_teacher_and_predicts_the_volume_back(s
     assert len(list_sections(pseudo)[0]) == N
     # fine-tune the teacher on the labelled inlines, fold 0 (inlines 1-2) held out; then on its pseudo-labels
     run = tmp_path / "run"
+    caplog.set_level("INFO")
     run_on_sections(out, run, out / "folds-k3.csv", init_ckpt=str(teacher), max_epochs=1, **arch)
+    assert "(8 training section windows, batch 4), validating 2 whole sections" in caplog.text
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["init_ckpt"]["path"] == str(teacher.resolve())
     best = torch.load(run / "best_metric.pt", weights_only=True)

@@ -176,14 +176,14 @@ class EpochSummary:
         loader = engine.state.dataloader
         mixed = getattr(getattr(loader, "sampler", None), "summary", None)  # labelled and pseudo-labelled tiles
         known = [mixed() if callable(mixed) else
-                 f"{len(loader.dataset)} training tiles" if hasattr(loader, "dataset") else "",
+                 f"{len(loader.dataset)} training {_unit(loader.dataset)}" if hasattr(loader, "dataset") else "",
                  f"batch {loader.batch_size}" if getattr(loader, "batch_size", None) and not callable(mixed) else ""]
         details = ", ".join(k for k in known if k)
         val = getattr(self.validator, "data_loader", None)  # MONAI engines keep their loader before they run
         first = engine.state.epoch + 1
         epochs = f"epochs {first}-{engine.state.max_epochs}" if first > 1 else f"{engine.state.max_epochs} epochs"
         logger.info(f"training: {epochs} of {engine.state.epoch_length} iterations" + (f" ({details})" if details else "")
-                    + (f", validating {len(val.dataset)} tiles" if hasattr(val, "dataset") else ""))
+                    + (f", validating {len(val.dataset)} {_unit(val.dataset)}" if hasattr(val, "dataset") else ""))
 
     def start_clock(self, engine: Engine) -> None:
         self.started = time.perf_counter()
@@ -209,3 +209,8 @@ class EpochSummary:
         validated = self.validator is not None and self.validator.state.epoch == engine.state.epoch
         logger.debug(f"epoch {engine.state.epoch} metrics: {dict(engine.state.metrics)}"
                      + (f", validation: {dict(self.validator.state.metrics)}" if validated else ""))
+
+
+def _unit(dataset) -> str:
+    """What a dataset's items are, for the log ("tiles" unless the dataset says, as the section datasets do)."""
+    return getattr(dataset, "unit", "tiles")

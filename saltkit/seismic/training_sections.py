@@ -240,6 +240,8 @@ class SectionWindows(Dataset):
         size: the window side (the tile size, 101).
     """
 
+    unit = "section windows"
+
     def __init__(self, sections, windows, transform=None, size: int = TILE_SIZE):
         self.sources = [WindowSource(s, size) for s in sections]
         self.owner = np.repeat(np.arange(len(self.sources)), windows)
@@ -278,6 +280,8 @@ def training_dataset(items, transform, cache_rate, sections: SectionSet | None =
 class SectionImages(Dataset):
     """The validation sections whole: {"id": name, "image": `(3, H, W)` network input (grey repeated), "label":
     `(1, H, W)` labels}; batch them one by one (sizes differ)."""
+
+    unit = "whole sections"
 
     def __init__(self, sections):
         self.sections = list(sections)
