@@ -71,7 +71,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-path", type=Path, default=None, metavar="FILE",
                    help="ONNX Runtime: the checkpoint's ONNX export, made there when missing (default: beside the "
                         "checkpoint; for the bundle's model runs/bundle_model/)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core); MDIO: torch threads of each Dask "
+                        "worker (default: the cores shared out)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
     p.add_argument("--amp", choices=("auto", "true", "false", "bf16", "fp16"), default="false",
                    help="network precision: auto (bf16 where the processor runs it natively, else float32), true "
