@@ -110,9 +110,10 @@ class ConvStandIn(nn.Module):
         return self.body(x)
 
 
-def write_volume(path: Path, inlines: int, crosslines: int, samples: int) -> Path:
+def write_volume(path: Path, inlines: int, crosslines: int, samples: int, coordinate_scalar: int = 0) -> Path:
     """A SEG-Y (big-endian, IEEE float, inline-sorted, inline/crossline at 189/193) streamed to `path`: inline k
-    is a section of real tiles rolled by k traces, amplitudes grey - 128."""
+    is a section of real tiles rolled by k traces, amplitudes grey - 128 (`coordinate_scalar` at byte 71: mdio's
+    import wants one that is not 0)."""
     section = sample_grid(-(-samples // 101), -(-crosslines // 101))[:samples, :crosslines].astype(np.float32) - 128
     text = "".join(f"C{n:2d} saltkit benchmark volume".ljust(80) for n in range(1, 41)).encode("cp037")
     binary = bytearray(400)
@@ -121,6 +122,7 @@ def write_volume(path: Path, inlines: int, crosslines: int, samples: int) -> Pat
     struct.pack_into(">h", binary, 24, 5)  # IEEE float
     struct.pack_into(">h", binary, 28, 2)  # inline sorting
     headers = np.zeros((crosslines, 240), np.uint8)
+    headers[:, 70:72] = np.frombuffer(struct.pack(">h", coordinate_scalar), np.uint8)
     headers[:, 114:116] = np.frombuffer(struct.pack(">h", samples), np.uint8)
     headers[:, 116:118] = np.frombuffer(struct.pack(">h", 4000), np.uint8)
     headers[:, 192:196] = np.arange(1, crosslines + 1, dtype=">i4").view(np.uint8).reshape(-1, 4)

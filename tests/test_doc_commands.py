@@ -29,8 +29,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "bundles" / "saltnet" / "docs" / "README.md",
         *sorted((ROOT / "docs").glob("*.md"))]
-# first words that install, test or view rather than run saltkit
-NOT_CHECKED = {"pip", "tox", "tensorboard", "cd", "export", "ls", "cat"}
+# first words that install, test or view rather than run saltkit, or start another program (dask's cluster)
+NOT_CHECKED = {"pip", "tox", "tensorboard", "cd", "export", "ls", "cat", "dask"}
 REPO_PREFIXES = ("bundles/", "configs/", "saltkit/", "benchmarks/", "docs/", "tests/")
 FENCE = re.compile(r"^```(\w*)\s*$")
 

@@ -17,14 +17,21 @@ def _threshold(text: str):
         return text
 
 
+def _path_or_url(text: str):
+    """A local path as a Path; a URL (s3://..., memory://...) as it is: Path would merge its slashes."""
+    return text if "://" in text else Path(text)
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", type=Path, help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder "
-                                            "of them, or a SEG-Y volume (.sgy/.segy)")
+    p.add_argument("input", type=_path_or_url,
+                   help="section image (PNG/TIFF, grey, 8/16-bit), .npy 2-D array, a folder of them, a SEG-Y volume "
+                        "(.sgy/.segy) or an MDIO volume (.mdio, local or an fsspec URL)")
     p.add_argument("--ckpt", type=Path, default=None,
                    help="trained checkpoint (e.g. runs/tgs/pad_fold0/swa.pt; default: the bundle's model, "
                         "bundles/saltnet/models/model.pt)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output folder for images; output SEG-Y file (OUT.sgy) for a volume")
+    p.add_argument("--out", type=_path_or_url, required=True,
+                   help="output folder for images; output SEG-Y file (OUT.sgy) for a SEG-Y volume; output MDIO "
+                        "dataset (OUT.mdio, local or URL) for an MDIO volume")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 <= x <= 0.9 (0.5)")
     p.add_argument("--tta", type=tta_option, default=True, help="flip test-time augmentation, true/false (true)")
     p.add_argument("--sw-batch-size", type=int, default=16, help="windows per network batch (16)")
@@ -64,11 +71,18 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-path", type=Path, default=None, metavar="FILE",
                    help="ONNX Runtime: the checkpoint's ONNX export, made there when missing (default: beside the "
                         "checkpoint; for the bundle's model runs/bundle_model/)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core); MDIO: torch threads of each Dask "
+                        "worker (default: the cores shared out)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else cpu)")
     p.add_argument("--amp", choices=("auto", "true", "false", "bf16", "fp16"), default="false",
                    help="network precision: auto (bf16 where the processor runs it natively, else float32), true "
                         "(bf16), false (float32; the default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="MDIO: processes of the local Dask cluster, one thread each (1)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="MDIO: run on this Dask scheduler (tcp://HOST:8786) instead of a local cluster; its workers "
+                        "need saltkit installed and the checkpoint at the same path")
+    p.add_argument("--overwrite", action="store_true", help="MDIO: replace an existing output dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,6 +91,7 @@ def _predict_run(args: argparse.Namespace) -> int:
 
     from saltkit.checkpoints import shipped_model
     from saltkit.inference.postprocess_tuned import prediction_threshold
+    from saltkit.seismic.mdio_volume import is_mdio_path
     from saltkit.seismic.predict import (
         check_prediction_outputs,
         default_device,
@@ -88,6 +103,8 @@ def _predict_run(args: argparse.Namespace) -> int:
     from saltkit.seismic.provenance import model_provenance
     from saltkit.seismic.segy import is_segy_path, read_layout
 
+    if is_mdio_path(args.input):
+        return _predict_mdio_run(args)
     joined = join_torchrun()
     try:
         if is_segy_path(args.input):
@@ -129,6 +146,57 @@ def _predict_run(args: argparse.Namespace) -> int:
               + (f" ({summary['dead_traces']} dead and {summary['missing_traces']} missing traces left out)"
                  if summary["dead_traces"] or summary["missing_traces"] else "")
               + (f"; QC pictures: {summary['qc']}" if summary["qc"] else ""))
+    return 0
+
+
+def _predict_mdio_run(args: argparse.Namespace) -> int:
+    """`saltkit predict VOLUME.mdio --out OUT.mdio`: over Dask (`saltkit.seismic.mdio_volume`)."""
+    import os
+
+    from saltkit.checkpoints import shipped_model
+    from saltkit.inference.postprocess_tuned import prediction_threshold
+    from saltkit.seismic.mdio_volume import (
+        PredictorSettings,
+        check_mdio_output,
+        predict_mdio,
+        require_mdio,
+        settings_record,
+    )
+    from saltkit.seismic.predict import default_device, normalization_for
+    from saltkit.seismic.provenance import model_provenance
+
+    segy_only = {"--npy": args.npy, "--dtype uint8": args.dtype != "float32", "--valid-mask": args.valid_mask,
+                 "--qc-inlines": args.qc_inlines, "--qc-crosslines": args.qc_crosslines}
+    given = [name for name, value in segy_only.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not for MDIO volumes ({args.input}); the output is a float32 "
+                         "MDIO dataset, without QC pictures")
+    try:
+        require_mdio()
+    except ImportError as e:
+        print(f"saltkit predict: error: {e}", file=sys.stderr)
+        return 2
+    check_mdio_output(str(args.input), str(args.out), args.overwrite)
+    if args.ckpt is None:
+        args.ckpt = Path(shipped_model(log=lambda line: print(f"predict: {line}", flush=True)))
+    threads = args.threads or (None if args.scheduler else max(1, (os.cpu_count() or 1) // max(1, args.workers)))
+    settings = PredictorSettings(str(args.ckpt), str(default_device(args.device)), args.tta, args.overlap,
+                                 args.sw_batch_size, args.variant, args.runtime, threads, args.amp,
+                                 None if args.onnx_path is None else str(args.onnx_path))
+    provenance = {"ckpt": str(args.ckpt), "settings": settings_record(settings),
+                  "model": model_provenance(args.ckpt)}
+    s = predict_mdio(str(args.input), str(args.out), settings, direction=args.direction,
+                     normalization=normalization_for(args.input, args.normalize, args.clip_percentiles,
+                                                     args.clip_range),
+                     clip_traces=args.clip_traces, fill_value=args.fill_value,
+                     threshold=prediction_threshold(args.ckpt, _threshold(args.threshold)),
+                     workers=args.workers, scheduler=args.scheduler, overwrite=args.overwrite,
+                     device=settings.device, progress=not args.no_progress, provenance=provenance)
+    il, xl, samples = s["shape"]
+    print(f"predicted {s['input']} ({il} inlines x {xl} crosslines x {samples} samples, {s['direction']}) on "
+          f"{s['workers']} Dask worker(s) in {s['seconds']:.0f} s: wrote {s['output']}; amplitude clip "
+          f"{s['clip']['range'][0]:.6g} .. {s['clip']['range'][1]:.6g}; salt in {s['salt_share']:.1%} of the "
+          "samples with data")
     return 0
 
 

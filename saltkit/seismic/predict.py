@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from saltkit.io import OutputClashError, atomic_write, same_file
 from saltkit.logs import progress_bars
+from saltkit.seismic.mdio_volume import is_mdio_path
 from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.section_files import (
     list_section_files,
@@ -61,7 +62,7 @@ def normalization_for(input: str | Path, normalize: str | None = None, clip_perc
     """The intensity mapping for `input`: `normalize` if given, else "percentile" for SEG-Y and "auto" for images;
     `clip_range` (low, high) fixes the clip instead of percentiles."""
     if normalize in (None, "", "null"):
-        normalize = "percentile" if is_segy_path(input) else "auto"
+        normalize = "percentile" if is_segy_path(input) or is_mdio_path(input) else "auto"
     rng = None if clip_range in (None, "", "null") else tuple(float(v) for v in clip_range)
     return Normalization(normalize, tuple(float(v) for v in clip_percentiles), rng)
 
@@ -300,6 +301,9 @@ def run_predict(
         qc_crosslines: SEG-Y: picture these crosslines."""
     if not str(input):
         raise ValueError("config key 'input' is empty; pass --input IMAGE|FOLDER|VOLUME.sgy")
+    if is_mdio_path(input):
+        raise ValueError(f"input {input}: MDIO volumes are predicted over Dask by saltkit predict VOLUME.mdio --out "
+                         "OUT.mdio, not by the predict workflow")
     if not str(output):
         raise ValueError("config key 'output' is empty; pass --output DIR (images) or --output OUT.sgy (SEG-Y)")
     input, output = Path(input), Path(output)

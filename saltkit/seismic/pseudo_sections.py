@@ -44,8 +44,8 @@ from saltkit.inference.pseudo_labels import (
 from saltkit.labels import MASK_IMAGE_VALUES
 from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.section_files import list_section_files, read_section_with_alpha
-from saltkit.seismic.sections import predict_section
-from saltkit.seismic.validity import fill_no_data, section_valid, trace_valid
+from saltkit.seismic.sections import predict_section, traces_section
+from saltkit.seismic.validity import section_valid
 
 SALT, BACKGROUND, NOT_INTERPRETED = 255, 0, 128
 assert {SALT: 1.0, BACKGROUND: 0.0}.items() <= MASK_IMAGE_VALUES.items() and NOT_INTERPRETED in MASK_IMAGE_VALUES
@@ -82,7 +82,6 @@ def volume_sections(path: str | Path, direction: str = "inline", iline_byte: int
                     fill_value: float | None = None, clip_out: dict | None = None) -> Iterator[Section]:
     """Every inline and/or crossline of the SEG-Y volume at `path` as a `(samples, traces)` section, the amplitudes
     clipped once for the whole volume as `saltkit predict` clips them (`clip_out` receives the clip)."""
-    from saltkit.seismic.normalize import scale_to_unit
     from saltkit.seismic.segy import check_direction, open_segy, read_geometry, read_layout, read_traces
     from saltkit.seismic.volume import amplitude_clip
 
@@ -98,11 +97,10 @@ def volume_sections(path: str | Path, direction: str = "inline", iline_byte: int
             numbers = geometry.ilines if d == "inline" else geometry.xlines
             for k in range(geometry.count(d)):
                 amplitudes = read_traces(f, geometry.section_traces(d, k), layout.samples)
-                valid = trace_valid(amplitudes, fill_value).T
+                grey, valid = traces_section(amplitudes, clip.low, clip.high, fill_value)
                 if not valid.any():
                     continue
-                grey = fill_no_data(scale_to_unit(np.where(valid.T, amplitudes, 0).T, clip.low, clip.high), valid)
-                yield Section(f"{path.stem}_{d}_{int(numbers[k])}", grey, valid,
+                yield Section(f"{path.stem}_{d}_{int(numbers[k])}", grey, valid.T,
                               {"file": str(path.resolve()), "direction": d, "line": int(numbers[k]), "index": k})
 
 

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 from saltkit.io import atomic_write, host_name, remove_stale_temporaries
 from saltkit.logs import progress_bars
 from saltkit.seismic.normalize import Normalization, percentile_range
-from saltkit.seismic.normalize import scale_to_unit as to_unit
 from saltkit.seismic.qc import DEFAULT_QC, check_qc_outputs, plan_qc, qc_dir, trace_peaks, write_volume_qc
-from saltkit.seismic.sections import predict_section
+from saltkit.seismic.sections import predict_traces
 from saltkit.seismic.segy import (
     NO_DATA,
     Geometry,
@@ -50,7 +49,7 @@ from saltkit.seismic.segy import (
     read_traces,
     sample_trace_indices,
 )
-from saltkit.seismic.validity import dead_traces, fill_no_data, trace_valid
+from saltkit.seismic.validity import dead_traces, trace_valid
 
 DEFAULT_CLIP_TRACES = 2000
 
@@ -85,10 +84,17 @@ def amplitude_clip(f, layout: SegyLayout, normalization: Normalization, clip_tra
     if normalization.value_range is not None:
         return AmplitudeClip(float(normalization.value_range[0]), float(normalization.value_range[1]), "range")
     idx = sample_trace_indices(layout.tracecount, clip_traces)
-    amplitudes = read_traces(f, idx, layout.samples)
+    return sampled_clip(read_traces(f, idx, layout.samples), normalization, fill_value, str(layout.path))
+
+
+def sampled_clip(amplitudes: np.ndarray, normalization: Normalization, fill_value: float | None = None,
+                 source: str = "volume") -> AmplitudeClip:
+    """The percentile clip of `normalization` from the `(traces, samples)` sampled `amplitudes` (NaN rows:
+    missing traces), their samples with data only (dead traces and fill values left out)."""
+    amplitudes = np.array(amplitudes, dtype=np.result_type(amplitudes, np.float32))
     amplitudes[~trace_valid(amplitudes, fill_value)] = np.nan
-    lo, hi = percentile_range(amplitudes, normalization.percentiles, str(layout.path))
-    return AmplitudeClip(lo, hi, "percentile", tuple(normalization.percentiles), len(idx))
+    lo, hi = percentile_range(amplitudes, normalization.percentiles, source)
+    return AmplitudeClip(lo, hi, "percentile", tuple(normalization.percentiles), len(amplitudes))
 
 
 class NpyVolumeFile:
@@ -157,7 +163,7 @@ def _partial_token() -> str:
     return idist.broadcast(token, src=0, safe_mode=True) if idist.get_world_size() > 1 else token
 
 
-def _header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
+def probability_header_lines(dtype: str, direction: str, clip: AmplitudeClip) -> list[str]:
     what = "IEEE FLOAT" if dtype == "float32" else "1-BYTE UNSIGNED = P * 255"
     how = {"inline": "INLINE SECTIONS", "crossline": "CROSSLINE SECTIONS", "both": "MEAN OF INLINE+CROSSLINE"}
     no_data = "NAN" if dtype == "float32" else NO_DATA[dtype]
@@ -224,7 +230,7 @@ def predict_volume(
         plan = plan_qc(geometry, qc, qc_inlines, qc_crosslines, src)
         check_qc_outputs(src, out, plan)
         clip = amplitude_clip(f, layout, normalization, clip_traces, fill_value)
-        text, cards = annotate_text_header(read_text_header(layout), _header_lines(dtype, direction, clip))
+        text, cards = annotate_text_header(read_text_header(layout), probability_header_lines(dtype, direction, clip))
         token, started = _partial_token(), time.time()
         if rank == 0:
             remove_stale_temporaries(out.parent, out.name)
@@ -250,13 +256,8 @@ def predict_volume(
                     for k in mine[d]:
                         traces = geometry.section_traces(d, k)
                         amplitudes = read_traces(f, traces, layout.samples)
-                        valid = trace_valid(amplitudes, fill_value)
-                        if valid.any():
-                            grey = fill_no_data(to_unit(np.where(valid, amplitudes, 0).T, clip.low, clip.high),
-                                                valid.T)
-                            prob = predict_section(network, inferer, grey, device).T
-                        else:
-                            prob = np.full(amplitudes.shape, np.nan, np.float32)
+                        prob, valid = predict_traces(network, inferer, amplitudes, clip.low, clip.high, fill_value,
+                                                     device)
                         if p == 1:  # "both": average with the inline pass stored in the output
                             prob = (volume.read(traces) + prob) / 2
                         prob[~valid] = np.nan
