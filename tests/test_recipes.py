@@ -126,7 +126,7 @@ def test_docs_cpu_recipe_lines_are_the_file():
                   if line.startswith("- `cpu.json`"))
     for line in (readme, bundle):
         assert cpu["backbone"] in line and f"{cpu['time_limit_minutes']}-minute" in line
-        assert "no dropout" in line and "half the augmentation rates" in line
+        assert "no head or decoder dropout" in line and "half the augmentation rates" in line
 
 
 def test_senet154_recipe_uses_imagenet_weights_and_says_so_offline(tmp_path, monkeypatch):
