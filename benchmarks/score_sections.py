@@ -46,7 +46,6 @@ def main(argv=None) -> int:
     p.add_argument("--fold", type=int, default=0, help="the held-out fold scored (0)")
     p.add_argument("--tta", type=int, default=1, help="flip TTA, 1 or 0 (1)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folds = read_section_folds(args.folds_csv)
     held_out = set(folds["name"][folds["fold"] == args.fold])
     sections = [load_section(s) for s in list_sections(args.sections)[0] if s.name in held_out]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -143,6 +144,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", newline: str | None =
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A new folder written whole or not at all: yields an empty folder `.NAME.partial-<pid>` beside `out`, renamed
+    onto `out` (which must be missing or empty) when the block ends, removed when it raises."""
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        yield partial
+        if out.is_dir():
+            out.rmdir()  # empty (checked before the work)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
         raise
 
 

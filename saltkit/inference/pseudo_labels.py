@@ -19,7 +19,6 @@ The folder appears complete or not at all (written beside it, then renamed into 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -42,7 +41,7 @@ from saltkit.inference.postprocess import PostProcessingSettings, postprocess
 from saltkit.inference.postprocess_tuned import AUTO, KEYS, choose_postprocessing, is_auto, settings_text
 from saltkit.inference.probabilities import Probabilities
 from saltkit.inference.runtime import torch_network
-from saltkit.io import check_writable
+from saltkit.io import atomic_folder, check_writable
 from saltkit.rle import rle_encode
 
 CERTAIN_LOW, CERTAIN_HIGH = 0.1, 0.9  # a pixel is certain below / above these probabilities
@@ -278,10 +277,7 @@ def check_output_folder(out: str | Path, images: str | Path) -> Path:
 def write_pseudo_set(out: Path, items: Sequence[dict], masks: np.ndarray, manifest: dict, link: bool = False) -> str:
     """Write the set's files and manifest (with its fingerprint, returned) into a folder beside `out`, then rename
     it into place."""
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
+    with atomic_folder(out) as partial:
         for sub in ("images", "masks"):
             (partial / "train" / sub).mkdir(parents=True)
         for it, mask in zip(items, masks, strict=True):
@@ -296,12 +292,6 @@ def write_pseudo_set(out: Path, items: Sequence[dict], masks: np.ndarray, manife
         fingerprint = set_fingerprint(train_items(partial))
         (partial / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": fingerprint}, indent=1),
                                         encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked before the work)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return fingerprint
 
 

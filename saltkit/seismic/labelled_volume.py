@@ -18,8 +18,6 @@ The folder appears complete or not at all.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ import pandas as pd
 
 from saltkit.data.labelled_sections import write_section_folds
 from saltkit.inference.pseudo_labels import check_output_folder
+from saltkit.io import atomic_folder
 from saltkit.labels import IGNORE_LABEL, MASK_VOLUME_VALUES, labels_from_values
 from saltkit.seismic.pseudo_sections import (
     BACKGROUND,
@@ -116,54 +115,46 @@ def volume_to_sections(volume: str | Path, mask: str | Path, out: str | Path, di
     for j, r in enumerate(ranges):
         fold_of_inline[list(r)] = j
     masks = MaskVolume(mask, geometry, layout.samples, iline_byte, xline_byte)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     items, folds, labelled_pixels = [], [], 0
     clip: dict = {}
     try:
-        partial.mkdir(parents=True)
-        for s in volume_sections(volume, direction, iline_byte, xline_byte, fill_value=fill_value, clip_out=clip):
-            labels = masks.labels(s.source["direction"], s.source["index"])
-            labels[~s.valid] = IGNORE_LABEL
-            if s.source["direction"] == "inline":
-                pieces = [(s.name, slice(None), int(fold_of_inline[s.source["index"]]))]
-            else:  # columns are inlines in ascending order: one piece per fold's inline range
-                pieces = [(f"{s.name}_inlines_{geometry.ilines[r.start]}-{geometry.ilines[r.stop - 1]}",
-                           slice(r.start, r.stop), j) for j, r in enumerate(ranges)]
-            for name, cols, fold in pieces:
-                piece = labels[:, cols]
-                if not (piece != IGNORE_LABEL).any():
-                    continue
-                write_section_pair(partial, name, s.grey[:, cols], mask_image(piece))
-                count = int((piece != IGNORE_LABEL).sum())
-                labelled_pixels += count
-                items.append({"name": name, **s.source, "fold": fold, "labelled_pixels": count,
-                              "shape": list(piece.shape)})
-                folds.append((name, fold))
-        if not items:
-            raise ValueError(f"{mask}: no section has a labelled (0 or 1) pixel where {volume} has data")
-        missing = sorted(set(range(k)) - {f for _, f in folds})
-        if missing:
-            raise ValueError(f"{mask}: inline range(s) of fold(s) {missing} hold no labelled pixel; lower --k or "
-                             "interpret lines there")
-        folds_csv = partial / f"folds-k{k}.csv"
-        write_section_folds(pd.DataFrame(folds, columns=["name", "fold"]), folds_csv)
-        manifest = {
-            "format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": list(sys.argv if command is None else command),
-            "volume": str(volume.resolve()), "mask": str(mask.resolve()), "direction": direction, "clip": clip,
-            "folds": {"k": k, "csv": folds_csv.name,
-                      "inline_ranges": [[int(geometry.ilines[r.start]), int(geometry.ilines[r.stop - 1])]
-                                        for r in ranges]},
-            "items": items,
-        }
-        (partial / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked before the work)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with atomic_folder(out) as partial:
+            for s in volume_sections(volume, direction, iline_byte, xline_byte, fill_value=fill_value, clip_out=clip):
+                labels = masks.labels(s.source["direction"], s.source["index"])
+                labels[~s.valid] = IGNORE_LABEL
+                if s.source["direction"] == "inline":
+                    pieces = [(s.name, slice(None), int(fold_of_inline[s.source["index"]]))]
+                else:  # columns are inlines in ascending order: one piece per fold's inline range
+                    pieces = [(f"{s.name}_inlines_{geometry.ilines[r.start]}-{geometry.ilines[r.stop - 1]}",
+                               slice(r.start, r.stop), j) for j, r in enumerate(ranges)]
+                for name, cols, fold in pieces:
+                    piece = labels[:, cols]
+                    if not (piece != IGNORE_LABEL).any():
+                        continue
+                    write_section_pair(partial, name, s.grey[:, cols], mask_image(piece))
+                    count = int((piece != IGNORE_LABEL).sum())
+                    labelled_pixels += count
+                    items.append({"name": name, **s.source, "fold": fold, "labelled_pixels": count,
+                                  "shape": list(piece.shape)})
+                    folds.append((name, fold))
+            if not items:
+                raise ValueError(f"{mask}: no section has a labelled (0 or 1) pixel where {volume} has data")
+            missing = sorted(set(range(k)) - {f for _, f in folds})
+            if missing:
+                raise ValueError(f"{mask}: inline range(s) of fold(s) {missing} hold no labelled pixel; lower --k or "
+                                 "interpret lines there")
+            folds_csv = partial / f"folds-k{k}.csv"
+            write_section_folds(pd.DataFrame(folds, columns=["name", "fold"]), folds_csv)
+            manifest = {
+                "format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": list(sys.argv if command is None else command),
+                "volume": str(volume.resolve()), "mask": str(mask.resolve()), "direction": direction, "clip": clip,
+                "folds": {"k": k, "csv": folds_csv.name,
+                          "inline_ranges": [[int(geometry.ilines[r.start]), int(geometry.ilines[r.stop - 1])]
+                                            for r in ranges]},
+                "items": items,
+            }
+            (partial / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     finally:
         masks.close()
     return {"out": str(out), "sections": len(items), "folds_csv": str(out / folds_csv.name),

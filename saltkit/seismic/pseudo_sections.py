@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +39,7 @@ from saltkit.inference.pseudo_labels import (
     load_teachers,
     teacher_postprocessing,
 )
+from saltkit.io import atomic_folder
 from saltkit.labels import MASK_IMAGE_VALUES
 from saltkit.seismic.normalize import Normalization, normalize_section
 from saltkit.seismic.section_files import list_section_files, read_section_with_alpha
@@ -148,11 +147,8 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
     volume = is_segy_path(input)
     sections = volume_sections(input, direction, iline_byte, xline_byte, fill_value=fill_value, clip_out=clip) \
         if volume else image_sections(input, fill_value=fill_value)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     entries = []
-    try:
-        partial.mkdir(parents=True)
+    with atomic_folder(out) as partial:
         for s in sections:
             prob = np.mean([predict_section(t.network, i, s.grey, device) for t, i in zip(teachers, inferers,
                                                                                            strict=True)], axis=0)
@@ -188,12 +184,6 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
             "predicted": len(entries), "kept": len(names), "items": entries, "fingerprint": fingerprint,
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked before the work)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"out": str(out), "predicted": len(entries), "kept": len(names), "threshold": settings.threshold,
             "settings": settings_line, "fingerprint": fingerprint}
 
