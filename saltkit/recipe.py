@@ -57,7 +57,7 @@ class Recipe:
         check_probabilities(self.cutout_prob, self.geometric_prob, self.intensity_prob, self.head_dropout,
                             self.decoder_dropout)
         check_validation_size(self.validation_size)
-        check_sections(self.sections_dir, self.section_windows_per_epoch, self.pseudo_dir)
+        check_sections(self.sections_dir, self.section_windows_per_epoch)
 
     def record(self) -> dict:
         """The keys as the run folder's config.json records them (`saltkit.rundir.prepare_run_dir`)."""
@@ -94,8 +94,8 @@ def check_config(dataset_dir, fold, num_folds, backbone: str, variant: str, batc
             raise ConfigError(f"config key '{key}' must be a number > 0, got {value!r}")
 
 
-def check_sections(sections_dir, windows_per_epoch, pseudo_dir) -> None:
-    """`sections_dir` null or a folder, not with `pseudo_dir`; `section_windows_per_epoch` null or an integer >= 1
+def check_sections(sections_dir, windows_per_epoch) -> None:
+    """`sections_dir` null or a folder; `section_windows_per_epoch` null or an integer >= 1
     (the sections themselves are read and checked with the fold split)."""
     if none_if_null(windows_per_epoch) is not None:
         require_int("section_windows_per_epoch", windows_per_epoch, 1)
@@ -105,9 +105,6 @@ def check_sections(sections_dir, windows_per_epoch, pseudo_dir) -> None:
     if not Path(str(folder)).is_dir():
         raise ConfigError(f"config key 'sections_dir': {folder} is not a folder; expected sections NAME.png (.tif, "
                           ".npy) with NAME_mask.png beside each (saltkit mosaic writes such a folder)")
-    if none_if_null(pseudo_dir) is not None:
-        raise ConfigError("config keys 'sections_dir' and 'pseudo_dir': pseudo-labelled tiles do not mix with "
-                          "sections yet; set --pseudo_dir null, or train on tiles")
 
 
 def check_integers(num_filters, val_interval, seed) -> None:

@@ -122,3 +122,47 @@ def test_no_half_written_set(volume, teacher, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ps.pseudo_label_sections(src, [teacher], tmp_path / "killed", min_confidence=0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]
+
+
+def test_exclude_dataset_leaves_out_the_labelled_sections(volume, teacher, tmp_path, capsys):
+    src, _ = volume
+    with segyio.open(src) as f:
+        ilines = list(f.ilines)
+    labelled = tmp_path / "labelled"  # a labelled sections folder of this volume, as saltkit sections names them
+    labelled.mkdir()
+    for n in ilines[1:3]:
+        (labelled / f"survey_inline_{n}.png").write_bytes(b"")
+        (labelled / f"survey_inline_{n}_mask.png").write_bytes(b"")
+    out = tmp_path / "pseudo"
+    assert main(["pseudo-label", str(src), "--ckpt", str(teacher), "--out", str(out), "--min-confidence", "0",
+                 "--exclude-dataset", str(labelled)]) == 0
+    assert "skipped 2 labelled section(s)" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [it["line"] for it in manifest["items"]] == [ilines[0]] + ilines[3:]
+    assert manifest["excluded"] == {"dataset": str(labelled.resolve()),
+                                    "skipped": [f"survey_inline_{n}" for n in ilines[1:3]]}
+    # crosslines would cross the labelled (held-out) inlines: refused before anything is written
+    with pytest.raises(ValueError, match="--direction both: .* pseudo-label it with --direction inline"):
+        ps.pseudo_label_sections(src, [teacher], tmp_path / "both", min_confidence=0.0, direction="both",
+                                 exclude_dataset=labelled)
+    assert not (tmp_path / "both").exists()
+
+
+def test_crosslines_of_a_labelled_volume_are_refused_beside_its_sections(volume, teacher, tmp_path):
+    from saltkit.config import ConfigError
+    from saltkit.data.pseudo import training_pseudo_set
+
+    src, _ = volume
+    with segyio.open(src) as f:
+        first = list(f.ilines)[0]
+    out = tmp_path / "pseudo"
+    ps.pseudo_label_sections(src, [teacher], out, min_confidence=0.0, direction="crossline")
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    (labelled / f"survey_inline_{first}.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="crosslines of a volume whose lines sections_dir .* labels"):
+        training_pseudo_set(str(out), "pad", None, str(labelled))
+    with pytest.raises(ConfigError, match="holds pseudo-labelled sections, which train beside labelled ones"):
+        training_pseudo_set(str(out), "pad", None, None)
+    with pytest.raises(ConfigError, match="variant 'pad', this config trains 'resize'"):
+        training_pseudo_set(str(out), "resize", None, str(labelled))

@@ -355,9 +355,91 @@ def test_resume_with_another_sections_folder_is_refused(sections_run, sections_d
     assert f"resume with --sections_dir {sections_dir.resolve()}" in str(cause)
 
 
-def test_sections_with_a_pseudo_labelled_set_are_refused(sections_dir, tmp_path):
+@pytest.fixture(scope="module")
+def pseudo_sections(tmp_path_factory) -> Path:
+    """The sample section (not one of LAYOUT's) pseudo-labelled by a teacher sure of most pixels."""
+    from test_pseudo_labels import confident_teacher
+
+    from saltkit.data.layout import sample_dir
+    from saltkit.seismic.pseudo_sections import pseudo_label_sections
+
+    root = tmp_path_factory.mktemp("pseudo_sections")
+    teacher = confident_teacher(root / "teacher.pt", sample_dir())
+    out = root / "round1"
+    pseudo_label_sections(REPO / "saltkit/sample_data/sections", [teacher], out, min_confidence=0.0)
+    return out
+
+
+@pytest.mark.slow
+def test_pseudo_labelled_sections_fill_their_share_of_every_batch_and_never_validate(sections_dir, pseudo_sections,
+                                                                                     tmp_path):
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    args = {**TINY, "sections_dir": str(sections_dir), "run_dir": str(tmp_path / "run"),
+            "folds_csv": str(tmp_path / "folds.csv"), "max_epochs": 2, "pseudo_dir": str(pseudo_sections),
+            "pseudo_share": 0.5}
+    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(REPO / "configs/pad.json")],
+                              workflow_type="train", logging_file=False, **args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workflow.initialize()
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        seen = {"train": [], "val": []}
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen["train"].append(list(e.state.batch["id"])))
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen["val"].append(
+            list(e.state.output["id"]) if "id" in e.state.output else list(e.state.batch["id"])))
+        workflow.run()
+        workflow.finalize()
+    finally:
+        torch.set_num_threads(threads)
+    # an epoch passes once over the 8 labelled windows, 2 in each batch of 4 beside 2 pseudo-labelled windows
+    assert len(seen["train"]) == 2 * 4
+    for ids in seen["train"]:
+        sources = [i.split("@")[0] for i in ids]
+        assert set(sources[:2]) <= {"beta", "gamma"} and sources[2:] == ["mosaic_9_127"] * 2
+    assert {i.split(" cell")[0] for ids in seen["val"] for i in ids} == {"alpha"}
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert record["pseudo"]["fingerprint"] == json.loads((pseudo_sections / "manifest.json").read_text())["fingerprint"]
+    assert record["pseudo"]["sections"] == 1 and record["pseudo"]["per_batch"] == 2
+    assert [s["name"] for s in record["sections"]["pseudo"]] == ["mosaic_9_127"]
+    assert [s["name"] for s in record["sections"]["val"]] == ["alpha"]
+
+
+def refusal(sections: Path, tmp_path: Path, **overrides) -> str:
     with pytest.raises(RuntimeError) as info:
-        run_on_sections(sections_dir, tmp_path / "run", tmp_path / "folds.csv", pseudo_dir=str(tmp_path))
-    assert isinstance(info.value.__cause__, ConfigError)
-    assert "config keys 'sections_dir' and 'pseudo_dir'" in str(info.value.__cause__)
+        run_on_sections(sections, tmp_path / "run", tmp_path / "folds.csv", **overrides)
+    assert isinstance(info.value.__cause__, ConfigError), info.value.__cause__
     assert not (tmp_path / "run").exists()
+    return str(info.value.__cause__)
+
+
+def test_pseudo_labelled_sections_of_the_labelled_folder_are_refused(sections_dir, pseudo_sections, tmp_path):
+    labelled = tmp_path / "labelled"
+    shutil.copytree(sections_dir, labelled)
+    shutil.copy(pseudo_sections / "mosaic_9_127.png", labelled / "mosaic_9_127.png")  # a section labelled as well
+    shutil.copy(pseudo_sections / "mosaic_9_127_mask.png", labelled / "mosaic_9_127_mask.png")
+    message = refusal(labelled, tmp_path, pseudo_dir=str(pseudo_sections))
+    assert "config key 'pseudo_dir'" in message and "mosaic_9_127" in message
+    assert f"--exclude-dataset {labelled}" in message
+
+
+def test_pseudo_labelled_sections_need_labelled_sections_and_tiles_need_tiles(sections_dir, pseudo_sections,
+                                                                               sample_dir, tmp_path):
+    with pytest.raises(RuntimeError) as info:
+        bundle_run("training", config_file=[str(CONFIGS / "train.json"), str(REPO / "configs/pad.json")],
+                   logging_file=False, **{**TINY, "dataset_dir": str(sample_dir), "run_dir": str(tmp_path / "t"),
+                                          "pseudo_dir": str(pseudo_sections)})
+    assert "holds pseudo-labelled sections" in str(info.value.__cause__) and "--sections_dir" in str(info.value.__cause__)
+    assert not (tmp_path / "t").exists()
+    # a set of tiles beside sections
+    from test_pseudo_labels import confident_teacher
+
+    from saltkit.inference.pseudo_labels import pseudo_label
+
+    teacher = confident_teacher(tmp_path / "teacher.pt", sample_dir)
+    pseudo_label(sample_dir / "test" / "images", [teacher], tmp_path / "tiles", 0.0)
+    message = refusal(sections_dir, tmp_path, pseudo_dir=str(tmp_path / "tiles"))
+    assert "holds pseudo-labelled tiles" in message and "--sections" in message

@@ -193,7 +193,8 @@ def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"keep tiles whose confidence (certain pixels x image-head certainty) is at least this "
                         f"({MIN_CONFIDENCE})")
     p.add_argument("--exclude-dataset", type=Path, default=None, metavar="DIR",
-                   help="labelled dataset whose train ids are never pseudo-labelled (skipped when among the tiles)")
+                   help="labelled dataset whose train ids are never pseudo-labelled (skipped when among the tiles); "
+                        "sections and volumes: the labelled sections folder (its sections are skipped)")
     for key, default in (("threshold", "auto"), ("min-component-size", "auto"), ("image-threshold", "auto"),
                          ("min-area", "auto")):
         p.add_argument(f"--{key}", type=_auto_or_number, default=default,
@@ -229,6 +230,8 @@ def _pseudo_label_run(args: argparse.Namespace) -> int:
                                min_area=args.min_area)
     print(summary["settings"])
     if "table" not in summary:  # sections
+        if summary["skipped"]:
+            print(f"skipped {len(summary['skipped'])} labelled section(s) of {args.exclude_dataset}")
         print(f"kept {summary['kept']} of {summary['predicted']} sections (share of certain pixels >= "
               f"{args.min_confidence}); wrote {summary['out']} (fingerprint {summary['fingerprint']})")
         return 0

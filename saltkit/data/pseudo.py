@@ -7,6 +7,11 @@ source and confidence, and a fingerprint of the set (`set_fingerprint`: every ke
 Training reads it with `training_pseudo_set`: the fingerprint is recomputed from the files, so a set changed after
 it was made is refused, and so is one made by a teacher of another variant than the student's or one that holds
 ids of the labelled dataset.
+
+`saltkit pseudo-label` of section images or a SEG-Y volume writes a set of another kind ("kind": "sections" in the
+manifest): a sections folder (`NAME.png` + `NAME_mask.png`, 128 where the teacher is unsure) that trains beside
+labelled sections (config key `sections_dir`); `training_pseudo_set` then refuses sections of the labelled folder
+and crosslines of a volume whose inlines it labels (a crossline crosses the held-out inlines).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ import torch
 from torch.utils.data import RandomSampler, Sampler
 
 from saltkit.config import ConfigError, as_bool, none_if_null
+from saltkit.data.labelled_sections import list_sections
 from saltkit.data.layout import DatasetError, id_listing, train_items
 
 MANIFEST = "manifest.json"
@@ -36,6 +43,17 @@ def set_fingerprint(items: Sequence[dict]) -> str:
         image = hashlib.sha256(Path(it["image"]).read_bytes()).hexdigest()
         mask = hashlib.sha256(Path(it["label"]).read_bytes()).hexdigest()
         digest.update(f"{it['id']}:{image}:{mask}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def sections_set_fingerprint(folder: str | Path, names: Sequence[str]) -> str:
+    """SHA-256 (hex, first 16 digits) of a set of pseudo-labelled sections: name, section bytes and mask bytes, in
+    name order."""
+    folder, digest = Path(folder), hashlib.sha256()
+    for name in sorted(names):
+        image = hashlib.sha256((folder / f"{name}.png").read_bytes()).hexdigest()
+        mask = hashlib.sha256((folder / f"{name}_mask.png").read_bytes()).hexdigest()
+        digest.update(f"{name}:{image}:{mask}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -71,6 +89,11 @@ class PseudoSet:
     def variant(self) -> str:
         return self.manifest["variant"]
 
+    @property
+    def kind(self) -> str:
+        """"tiles" (a dataset folder) or "sections" (a sections folder)."""
+        return self.manifest.get("kind", "tiles")
+
     def identity(self) -> dict:
         """What a run records about the set and a resume must match: its folder and fingerprint."""
         return {"dir": str(self.root.resolve()), "fingerprint": self.fingerprint}
@@ -81,6 +104,8 @@ def read_pseudo_set(root: str | Path) -> PseudoSet:
     files' fingerprint is the manifest's (DatasetError naming the folder otherwise)."""
     root = Path(root)
     manifest = read_manifest(root)
+    if manifest.get("kind") == "sections":
+        return read_pseudo_sections(root, manifest)
     items = train_items(root)
     kept = {str(it["id"]) for it in manifest["items"] if it.get("kept", True)}
     found = {it["id"] for it in items}
@@ -95,14 +120,67 @@ def read_pseudo_set(root: str | Path) -> PseudoSet:
     return PseudoSet(root, manifest, items, fingerprint)
 
 
-def training_pseudo_set(pseudo_dir, variant: str, dataset_dir) -> PseudoSet | None:
+def read_pseudo_sections(root: Path, manifest: dict) -> PseudoSet:
+    """A set of pseudo-labelled sections, checked as `read_pseudo_set` checks tiles: the kept sections of the
+    manifest are the folder's, and their fingerprint is the manifest's. Items: {"id": name, "image", "label"}."""
+    try:
+        files, _ = list_sections(root)
+    except DatasetError:
+        files = []
+    kept = {str(it["name"]) for it in manifest["items"] if it.get("kept", True)}
+    found = {f.name for f in files}
+    if kept != found:
+        raise DatasetError(f"{root}: holds other sections than {MANIFEST} lists as kept (differ in "
+                           f"{id_listing(sorted(kept ^ found))}); make the set again with saltkit pseudo-label")
+    fingerprint = sections_set_fingerprint(root, sorted(found))
+    if fingerprint != manifest["fingerprint"]:
+        raise DatasetError(f"{root}: its sections or masks changed after saltkit pseudo-label wrote them (fingerprint "
+                           f"{fingerprint}, {MANIFEST} says {manifest['fingerprint']}); make the set again")
+    return PseudoSet(root, manifest, [f.item() for f in files], fingerprint)
+
+
+VOLUME_LINE = re.compile(r"^(?P<volume>.+)_(?P<direction>inline|crossline)_\d+")
+
+
+def section_names(folder) -> set[str]:
+    """The names of a sections folder: the stems of its files (sections, masks and the rest alike)."""
+    return {p.stem for p in Path(str(folder)).iterdir() if p.is_file()}
+
+
+def labelled_volumes(names) -> set[str]:
+    """The volumes (file stems) of which `names` hold inline or crossline sections (`<volume>_inline_<n>` ...)."""
+    return {m["volume"] for m in map(VOLUME_LINE.match, names) if m}
+
+
+def check_beside_sections(pseudo: PseudoSet, sections_dir) -> None:
+    """ConfigError unless the pseudo-labelled sections can train beside the labelled `sections_dir`: none of them
+    is a labelled section (by name; `saltkit pseudo-label --exclude-dataset SECTIONS` leaves those out), and none is
+    a crossline of a volume whose lines the folder labels (it would cross the held-out inlines)."""
+    labelled = section_names(sections_dir)
+    overlap = sorted(labelled & {it["id"] for it in pseudo.items})
+    if overlap:
+        raise ConfigError(f"config key 'pseudo_dir': {pseudo.root} pseudo-labels sections of the labelled "
+                          f"sections_dir {sections_dir} ({id_listing(overlap)}); labelled sections are never "
+                          f"pseudo-labelled: make the set again with --exclude-dataset {sections_dir}")
+    volumes = labelled_volumes(labelled)
+    crossing = sorted(it["id"] for it in pseudo.items if (m := VOLUME_LINE.match(it["id"]))
+                      and m["direction"] == "crossline" and m["volume"] in volumes)
+    if crossing:
+        raise ConfigError(f"config key 'pseudo_dir': {pseudo.root} holds crosslines of a volume whose lines "
+                          f"sections_dir {sections_dir} labels ({id_listing(crossing)}): a crossline crosses the "
+                          "held-out inlines; pseudo-label that volume with --direction inline")
+
+
+def training_pseudo_set(pseudo_dir, variant: str, dataset_dir, sections_dir=None) -> PseudoSet | None:
     """Config key 'pseudo_dir' (null: None): the set, refused with a ConfigError when it cannot be read, was made by
-    a teacher of another variant than `variant`, or holds ids of the labelled `dataset_dir`.
+    a teacher of another variant than `variant`, or holds ids of the labelled `dataset_dir`; beside labelled
+    sections, a set of sections refused as `check_beside_sections` says.
 
     Args:
         pseudo_dir: config key `pseudo_dir`, the folder `saltkit pseudo-label` wrote; null / None: no set.
         variant: config key `variant` (pad / resize) of the student.
         dataset_dir: the labelled dataset, whose ids the set may not hold.
+        sections_dir: config key `sections_dir`: with labelled sections, the set must be of sections too.
     """
     path = none_if_null(pseudo_dir)
     if path is None:
@@ -115,6 +193,16 @@ def training_pseudo_set(pseudo_dir, variant: str, dataset_dir) -> PseudoSet | No
         raise ConfigError(f"config key 'pseudo_dir': {pseudo.root / MANIFEST} was made by a teacher of variant "
                           f"{pseudo.variant!r}, this config trains {variant!r}; pseudo-label with a {variant} teacher, "
                           f"or merge configs/{pseudo.variant}.json")
+    sections = none_if_null(sections_dir)
+    if pseudo.kind == "sections" and sections is None:
+        raise ConfigError(f"config key 'pseudo_dir': {pseudo.root} holds pseudo-labelled sections, which train beside "
+                          "labelled ones: give --sections_dir with your interpreted sections")
+    if sections is not None:
+        if pseudo.kind != "sections":
+            raise ConfigError(f"config key 'pseudo_dir': {pseudo.root} holds pseudo-labelled tiles; beside sections_dir "
+                              "give pseudo-labelled sections (saltkit pseudo-label --sections, or a SEG-Y volume)")
+        check_beside_sections(pseudo, sections)
+        return pseudo
     try:
         labelled = {it["id"] for it in train_items(Path(str(dataset_dir)))}
     except DatasetError as e:
@@ -131,9 +219,10 @@ def pseudo_items(pseudo: PseudoSet | None) -> list[dict]:
     """The training items of the set (none without one).
 
     Args:
-        pseudo: the pseudo-labelled set (`training_pseudo_set`), or None.
+        pseudo: the pseudo-labelled set (`training_pseudo_set`), or None (sections: none here, their windows are
+            drawn beside the labelled sections' by `saltkit.seismic.training_sections.training_dataset`).
     """
-    return [] if pseudo is None else list(pseudo.items)
+    return [] if pseudo is None or pseudo.kind == "sections" else list(pseudo.items)
 
 
 def pseudo_identity(pseudo: PseudoSet | None) -> dict | None:
@@ -144,7 +233,7 @@ def pseudo_record(pseudo: PseudoSet | None, share, batch_size: int) -> dict | No
     """The run record's view of the set: folder, fingerprint, tiles, per-batch count and its teachers."""
     if pseudo is None:
         return None
-    return {**pseudo.identity(), "tiles": len(pseudo.items), "per_batch": pseudo_per_batch(share, batch_size),
+    return {**pseudo.identity(), pseudo.kind: len(pseudo.items), "per_batch": pseudo_per_batch(share, batch_size),
             "variant": pseudo.variant,
             "teachers": [{k: t.get(k) for k in ("ckpt", "weights")} for t in pseudo.manifest["teachers"]]}
 
@@ -178,8 +267,8 @@ class MixedBatchSampler(Sampler[int]):
     """
 
     def __init__(self, n_labelled: int, n_pseudo: int, batch_size: int, per_batch: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.n_labelled, self.n_pseudo = int(n_labelled), int(n_pseudo)
+                 rank: int = 0, world_size: int = 1, unit: str = "tiles"):
+        self.n_labelled, self.n_pseudo, self.unit = int(n_labelled), int(n_pseudo), unit
         self.batch_size, self.per_batch = int(batch_size), int(per_batch)
         self.labelled_per_batch = self.batch_size - self.per_batch
         self.rank, self.world_size = int(rank), int(world_size)
@@ -217,7 +306,7 @@ class MixedBatchSampler(Sampler[int]):
 
     def summary(self) -> str:
         """'2880 training tiles + 4000 pseudo-labelled, 8 of each batch of 16' (for the training's first log line)."""
-        return (f"{self.n_labelled} training tiles + {self.n_pseudo} pseudo-labelled, {self.per_batch} of each batch "
+        return (f"{self.n_labelled} training {self.unit} + {self.n_pseudo} pseudo-labelled, {self.per_batch} of each batch "
                 f"of {self.batch_size}")
 
 
@@ -241,7 +330,8 @@ def check_mixing(n_labelled: int, n_pseudo: int, batch_size: int, share) -> int 
     return per_batch
 
 
-def mixed_sampler(n_labelled: int, n_pseudo: int, batch_size: int, share, seed: int = 0) -> MixedBatchSampler | None:
+def mixed_sampler(n_labelled: int, n_pseudo: int, batch_size: int, share, seed: int = 0,
+                  unit: str = "tiles") -> MixedBatchSampler | None:
     """The training sampler with a pseudo-labelled set (None without one: the DataLoader shuffles as usual); a
     ConfigError naming the key when `share` or the set's size cannot make such batches."""
     per_batch = check_mixing(n_labelled, n_pseudo, batch_size, share)
@@ -250,7 +340,7 @@ def mixed_sampler(n_labelled: int, n_pseudo: int, batch_size: int, share, seed: 
     import ignite.distributed as idist
 
     return MixedBatchSampler(n_labelled, n_pseudo, batch_size, per_batch, seed, idist.get_rank(),
-                             idist.get_world_size())
+                             idist.get_world_size(), unit)
 
 
 def training_sampler(labelled: Sized, pseudo: Sized, batch_size: int, share, seed: int = 0,
@@ -260,18 +350,24 @@ def training_sampler(labelled: Sized, pseudo: Sized, batch_size: int, share, see
     DistributedSampler (each process its share) when `distributed`, else as `DataLoader(shuffle=True)` would.
 
     Args:
-        labelled: the fold's labelled training items.
-        pseudo: the pseudo-labelled items (empty without a pseudo-labelled set).
+        labelled: the fold's labelled training items; or the windows of training sections
+            (`saltkit.seismic.training_sections.SectionWindows`), whose `n_labelled` / `n_pseudo` say which
+            windows are of pseudo-labelled sections.
+        pseudo: the pseudo-labelled items (empty without a pseudo-labelled set, and with sections).
         batch_size: config key `batch_size`.
         share: config key `pseudo_share`.
         seed: config key `seed` (the MixedBatchSampler's own generator).
         distributed: config key `distributed`.
     """
-    mixed = mixed_sampler(len(labelled), len(pseudo), batch_size, share, seed)
+    n_labelled, n_pseudo = len(labelled), len(pseudo)
+    unit = "tiles"
+    if hasattr(labelled, "n_pseudo"):  # windows of sections, pseudo-labelled ones last
+        n_labelled, n_pseudo, unit = labelled.n_labelled, labelled.n_pseudo, labelled.unit
+    mixed = mixed_sampler(n_labelled, n_pseudo, batch_size, share, seed, unit)
     if mixed is not None:
         return mixed
     if as_bool(distributed, "distributed"):
         from monai.data import DistributedSampler
 
-        return DistributedSampler(range(len(labelled)), even_divisible=True, shuffle=True)
-    return RandomSampler(range(len(labelled)))
+        return DistributedSampler(range(n_labelled), even_divisible=True, shuffle=True)
+    return RandomSampler(range(n_labelled))

@@ -18,7 +18,6 @@ header numbers, so every pseudo-label traces back to its line. The folder appear
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -30,7 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saltkit.data.pseudo import FORMAT, MANIFEST, VERSION
+from saltkit.data.pseudo import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    labelled_volumes,
+    section_names,
+    sections_set_fingerprint,
+)
 from saltkit.inference import section_inferer
 from saltkit.inference.pseudo_labels import (
     CERTAIN_HIGH,
@@ -111,16 +117,6 @@ def section_mask(prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.nd
     return mask
 
 
-def sections_fingerprint(folder: Path, names: Sequence[str]) -> str:
-    """SHA-256 (hex, first 16 digits) of a sections set: name, section bytes and mask bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(names):
-        image = hashlib.sha256((folder / f"{name}.png").read_bytes()).hexdigest()
-        mask = hashlib.sha256((folder / f"{name}_mask.png").read_bytes()).hexdigest()
-        digest.update(f"{name}:{image}:{mask}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def write_section_pair(folder: Path, name: str, grey: np.ndarray, mask: np.ndarray) -> None:
     Image.fromarray(np.round(np.clip(grey, 0, 1) * 65535).astype(np.uint16)).save(folder / f"{name}.png")
     Image.fromarray(mask).save(folder / f"{name}_mask.png")
@@ -130,15 +126,24 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
                           min_confidence: float = DEFAULT_MIN_SECTION_CONFIDENCE, direction: str = "inline",
                           tta: bool = True, overlap: float = 0.5, device: str | torch.device = "cpu",
                           iline_byte: int = 189, xline_byte: int = 193, fill_value: float | None = None,
-                          threshold="auto", command: Sequence[str] | None = None) -> dict:
+                          threshold="auto", command: Sequence[str] | None = None, exclude_dataset=None) -> dict:
     """Pseudo-label the section images or the SEG-Y volume at `input` with the teachers `ckpts` into the sections
-    folder `out` (see the module docstring). Returns a summary: out, predicted, kept, threshold, fingerprint."""
+    folder `out` (see the module docstring), leaving out the sections of the labelled sections folder
+    `exclude_dataset`. Returns a summary: out, predicted, kept, skipped, threshold, fingerprint."""
     from saltkit.seismic.segy import is_segy_path
 
     if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
             or not 0 <= min_confidence <= 1:
         raise ValueError(f"--min-confidence must be a number in [0, 1], got {min_confidence!r}")
     input = Path(input)
+    excluded = set()
+    if exclude_dataset is not None:
+        if not Path(exclude_dataset).is_dir():
+            raise ValueError(f"--exclude-dataset {exclude_dataset}: not a folder; give the labelled sections folder")
+        excluded = section_names(exclude_dataset)
+        if is_segy_path(input) and direction != "inline" and input.stem in labelled_volumes(excluded):
+            raise ValueError(f"--direction {direction}: {exclude_dataset} labels lines of {input.name} and its "
+                             "crosslines cross the held-out inlines; pseudo-label it with --direction inline")
     out = check_output_folder(out, input if input.is_dir() else input.parent)
     teachers = load_teachers(ckpts, device)
     settings, settings_line = teacher_postprocessing(teachers, threshold=threshold)
@@ -147,9 +152,12 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
     volume = is_segy_path(input)
     sections = volume_sections(input, direction, iline_byte, xline_byte, fill_value=fill_value, clip_out=clip) \
         if volume else image_sections(input, fill_value=fill_value)
-    entries = []
+    entries, skipped = [], []
     with atomic_folder(out) as partial:
         for s in sections:
+            if s.name in excluded:
+                skipped.append(s.name)
+                continue
             prob = np.mean([predict_section(t.network, i, s.grey, device) for t, i in zip(teachers, inferers,
                                                                                            strict=True)], axis=0)
             mask = section_mask(prob, s.valid, settings.threshold)
@@ -169,7 +177,7 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
             best = max(e["confidence"] for e in entries)
             raise ValueError(f"no section reached --min-confidence {min_confidence} (the highest confidence is "
                              f"{best:.3f}); lower it, or use a better teacher")
-        fingerprint = sections_fingerprint(partial, names)
+        fingerprint = sections_set_fingerprint(partial, names)
         manifest = {
             "format": FORMAT, "version": VERSION, "kind": "sections",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -182,9 +190,12 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
                            "min_confidence": min_confidence},
             "clip": clip or None, "direction": direction if volume else None,
             "predicted": len(entries), "kept": len(names), "items": entries, "fingerprint": fingerprint,
+            "excluded": {"dataset": str(Path(exclude_dataset).resolve()), "skipped": skipped}
+            if exclude_dataset is not None else None,
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return {"out": str(out), "predicted": len(entries), "kept": len(names), "threshold": settings.threshold,
+    return {"out": str(out), "predicted": len(entries), "kept": len(names), "skipped": skipped,
+            "threshold": settings.threshold,
             "settings": settings_line, "fingerprint": fingerprint}
 
 
@@ -205,7 +216,8 @@ def run_pseudo_label(input: str | Path, ckpt, out: str | Path, sections: bool = 
         probabilities: tiles only: saved teachers, probabilities.npz files written by the inference workflow.
         variant: the student's variant (pad / resize) when only `probabilities` are given.
         min_confidence: keep items at least this confident (null: the default of tiles or sections, 0.5).
-        exclude_dataset: tiles only: a labelled dataset whose train ids are never pseudo-labelled.
+        exclude_dataset: a labelled dataset whose train ids are never pseudo-labelled; sections and volumes: a
+            labelled sections folder whose sections are left out.
         tta: flip test-time augmentation.
         batch_size: tiles per network batch.
         device: where the teachers run.
@@ -232,7 +244,8 @@ def run_pseudo_label(input: str | Path, ckpt, out: str | Path, sections: bool = 
         return pseudo_label_sections(input, ckpts, out, DEFAULT_MIN_SECTION_CONFIDENCE if min_confidence is None
                                      else min_confidence, direction=direction, tta=tta, device=device,
                                      iline_byte=iline_byte, xline_byte=xline_byte, fill_value=fill_value,
-                                     threshold=postprocessing.get("threshold", "auto"), command=command)
+                                     threshold=postprocessing.get("threshold", "auto"), command=command,
+                                     exclude_dataset=exclude_dataset)
     return pseudo_label(input, ckpts, out, DEFAULT_MIN_CONFIDENCE if min_confidence is None else min_confidence,
                         exclude_dataset=exclude_dataset, tta=tta, batch_size=batch_size, device=device, link=link,
                         progress=progress, command=command, probabilities=probabilities, variant=variant,

@@ -108,6 +108,8 @@ class SectionSet:
     fingerprint: str
     windows: list
     skipped: list = field(default_factory=list)
+    pseudo: list = field(default_factory=list)
+    pseudo_windows: list = field(default_factory=list)
 
     @property
     def windows_per_epoch(self) -> int:
@@ -121,17 +123,20 @@ class SectionSet:
         """The run record's view: folder, fingerprint, windows per epoch, and each section (training sections with
         their windows)."""
         train = [{**s.record(), "windows": n} for s, n in zip(self.train, self.windows, strict=True)]
+        pseudo = [{**s.record(), "windows": n} for s, n in zip(self.pseudo, self.pseudo_windows, strict=True)]
         return {**self.identity(), "windows_per_epoch": self.windows_per_epoch, "train": train,
-                "val": [s.record() for s in self.val], "skipped_without_mask": self.skipped}
+                "val": [s.record() for s in self.val], "skipped_without_mask": self.skipped,
+                "pseudo": pseudo or None}
 
     def summary(self) -> str:
         return (f"{self.windows_per_epoch} windows of {len(self.train)} training sections, "
                 f"validating {len(self.val)} sections")
 
 
-def training_sections(sections_dir, split, batch_size: int, windows_per_epoch=None) -> SectionSet | None:
-    """Config key `sections_dir` (null: None, tile training): the fold's sections read and checked; ConfigError
-    naming the key for a section or mask that cannot be used, or too few windows to fill a batch.
+def training_sections(sections_dir, split, batch_size: int, windows_per_epoch=None, pseudo=None) -> SectionSet | None:
+    """Config key `sections_dir` (null: None, tile training): the fold's sections read and checked, and the
+    pseudo-labelled sections to train beside them; ConfigError naming the key for a section or mask that cannot be
+    used, or too few windows to fill a batch.
 
     Args:
         sections_dir: config key `sections_dir`, a folder of NAME.png (.tif, .npy) with NAME_mask.png.
@@ -139,6 +144,9 @@ def training_sections(sections_dir, split, batch_size: int, windows_per_epoch=No
         batch_size: config key `batch_size`; an epoch's windows must fill one batch.
         windows_per_epoch: config key `section_windows_per_epoch`; null: the training sections' labelled pixels /
             101^2, at least one per section.
+        pseudo: the pseudo-labelled set (`saltkit.data.pseudo.training_pseudo_set`): with sections, its sections
+            give windows of their own (labelled pixels / 101^2 each, at least as many as the labelled sections
+            give), which the sampler mixes into every batch.
     """
     folder = none_if_null(sections_dir)
     if folder is None:
@@ -165,7 +173,15 @@ def training_sections(sections_dir, split, batch_size: int, windows_per_epoch=No
                           "section_windows_per_epoch")
     if skipped:
         logger.info(f"sections_dir {root}: {len(skipped)} section(s) without a mask skipped")
-    return SectionSet(root, train, val, fingerprint, windows, skipped)
+    extra, extra_windows = [], []
+    if pseudo is not None and pseudo.kind == "sections":
+        try:
+            extra = [load_section(SectionFiles(it["id"], Path(it["image"]), Path(it["label"]))) for it in pseudo.items]
+        except (DatasetError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config key 'pseudo_dir': {e}") from None
+        pixels = [s.labelled_pixels for s in extra]  # as many windows as the labelled sections give, at least
+        extra_windows = window_counts(pixels, max(sum(window_counts(pixels)), sum(windows)))
+    return SectionSet(root, train, val, fingerprint, windows, skipped, extra, extra_windows)
 
 
 # ---------------------------------------------------------------- training windows
@@ -231,20 +247,25 @@ class RandSectionWindow(Randomizable):
 class SectionWindows(Dataset):
     """`sum(windows)` training items per epoch: item i is a random window of the section it belongs to (the first
     `windows[0]` items of the first section, and so on; the sampler shuffles them), through `transform` (the
-    tiles' training pipeline). Random under MONAI's seeding of the DataLoader, like the transforms.
+    tiles' training pipeline). Random under MONAI's seeding of the DataLoader, like the transforms. The first
+    `n_labelled` items are windows of labelled sections, the rest of pseudo-labelled ones (`n_pseudo`), which
+    `saltkit.data.pseudo.training_sampler` mixes into every batch.
 
     Args:
-        sections: the training sections (`Section`).
+        sections: the training sections (`Section`), labelled first.
         windows: windows per section in an epoch (`window_counts`).
         transform: the training pipeline of the tiles (LoadTiled first: it takes the window's tensors).
         size: the window side (the tile size, 101).
+        n_labelled: items that are windows of labelled sections (None: all).
     """
 
     unit = "section windows"
 
-    def __init__(self, sections, windows, transform=None, size: int = TILE_SIZE):
+    def __init__(self, sections, windows, transform=None, size: int = TILE_SIZE, n_labelled: int | None = None):
         self.sources = [WindowSource(s, size) for s in sections]
         self.owner = np.repeat(np.arange(len(self.sources)), windows)
+        self.n_labelled = len(self.owner) if n_labelled is None else int(n_labelled)
+        self.n_pseudo = len(self.owner) - self.n_labelled
         self.draw = RandSectionWindow()
         self.transform = transform
 
@@ -265,13 +286,15 @@ def training_dataset(items, transform, cache_rate, sections: SectionSet | None =
         items: the training tiles (labelled, then pseudo-labelled).
         transform: the training pipeline (train#preprocessing).
         cache_rate: config key `cache_rate` (tiles only: the sections are held in memory).
-        sections: the run's sections (`training_sections`), or None.
+        sections: the run's sections (`training_sections`), or None: windows of its training sections, then of
+            its pseudo-labelled sections.
     """
     if sections is None:
         from monai.data import CacheDataset
 
         return CacheDataset(items, transform, cache_rate=cache_rate, progress=False)
-    return SectionWindows(sections.train, sections.windows, transform)
+    return SectionWindows(sections.train + sections.pseudo, sections.windows + sections.pseudo_windows, transform,
+                          n_labelled=sections.windows_per_epoch)
 
 
 # ---------------------------------------------------------------- validation on whole sections
