@@ -63,9 +63,11 @@ class TrainingRun:
             check_batch_size(self.train_items, recipe.batch_size, recipe.fold)
         check_init_ckpt(recipe.init_ckpt, self.network, recipe.variant, self.resume_path)
         n_labelled, n_pseudo = len(self.train_items), 0 if self.pseudo is None else len(self.pseudo.items)
+        unit = "tiles"
         if self.sections is not None:  # windows of the labelled and of the pseudo-labelled sections
             n_labelled, n_pseudo = self.sections.windows_per_epoch, int(sum(self.sections.pseudo_windows))
-        check_mixing(n_labelled, n_pseudo, recipe.batch_size, recipe.pseudo_share)
+            unit = "section windows"
+        check_mixing(n_labelled, n_pseudo, recipe.batch_size, recipe.pseudo_share, unit)
         check_resume(self.resume_path, self.identity)
         self.lock = claim_run_dir(recipe.run_dir, self.resume_path, recipe.overwrite)
         set_track_meta(False)

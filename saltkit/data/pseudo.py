@@ -310,9 +310,10 @@ class MixedBatchSampler(Sampler[int]):
                 f"of {self.batch_size}")
 
 
-def check_mixing(n_labelled: int, n_pseudo: int, batch_size: int, share) -> int | None:
-    """Pseudo-labelled tiles per batch (None without a pseudo-labelled set); a ConfigError naming the key when
-    `share` or the sizes cannot make such batches (on every process of a distributed run)."""
+def check_mixing(n_labelled: int, n_pseudo: int, batch_size: int, share, unit: str = "tiles") -> int | None:
+    """Pseudo-labelled tiles (or section windows: `unit`) per batch (None without a pseudo-labelled set); a
+    ConfigError naming the key when `share` or the sizes cannot make such batches (on every process of a
+    distributed run)."""
     if n_pseudo == 0:
         return None
     import ignite.distributed as idist
@@ -321,11 +322,11 @@ def check_mixing(n_labelled: int, n_pseudo: int, batch_size: int, share) -> int 
     world = idist.get_world_size()
     on = f" on {world} processes" if world > 1 else ""
     if n_pseudo < per_batch * world:
-        raise ConfigError(f"config key 'pseudo_dir': its {n_pseudo} pseudo-labelled tiles cannot fill {per_batch} "
-                          f"per batch{on}; lower pseudo_share or keep more tiles (saltkit pseudo-label "
+        raise ConfigError(f"config key 'pseudo_dir': its {n_pseudo} pseudo-labelled {unit} cannot fill {per_batch} "
+                          f"per batch{on}; lower pseudo_share or keep more of them (saltkit pseudo-label "
                           "--min-confidence)")
     if n_labelled // world < batch_size - per_batch:
-        raise ConfigError(f"config keys 'batch_size' / 'pseudo_share': {n_labelled} labelled training tiles cannot "
+        raise ConfigError(f"config keys 'batch_size' / 'pseudo_share': {n_labelled} labelled training {unit} cannot "
                           f"fill {batch_size - per_batch} per batch{on}; lower batch_size")
     return per_batch
 
@@ -334,7 +335,7 @@ def mixed_sampler(n_labelled: int, n_pseudo: int, batch_size: int, share, seed: 
                   unit: str = "tiles") -> MixedBatchSampler | None:
     """The training sampler with a pseudo-labelled set (None without one: the DataLoader shuffles as usual); a
     ConfigError naming the key when `share` or the set's size cannot make such batches."""
-    per_batch = check_mixing(n_labelled, n_pseudo, batch_size, share)
+    per_batch = check_mixing(n_labelled, n_pseudo, batch_size, share, unit)
     if per_batch is None:
         return None
     import ignite.distributed as idist
