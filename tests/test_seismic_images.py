@@ -524,6 +524,18 @@ def test_toy_model_warns(tmp_path, caplog):
     assert model_provenance(bare)["train_tiles"] is None
 
 
+def test_a_self_trained_model_names_its_pseudo_labelled_tiles(tmp_path):
+    from saltkit.seismic import model_provenance
+    from saltkit.seismic.figures import model_text
+
+    student = _run_folder_checkpoint(tmp_path / "student", {"dataset_dir": "/data/tgs", "train_tiles": 2880,
+                                                            "pseudo": {"tiles": 3139, "fingerprint": "0bbec2903af04e0d"}})
+    plain = _run_folder_checkpoint(tmp_path / "plain", {"dataset_dir": "/data/tgs", "train_tiles": 2880,
+                                                        "pseudo": None})
+    assert "trained on 2880 + 3139 pseudo-labelled tiles of tgs" in model_text(model_provenance(student))
+    assert "trained on 2880 tiles of tgs" in model_text(model_provenance(plain))
+
+
 def test_toy_model_warning_when_predicting(tile_paths, tmp_path, caplog):
     """`saltkit predict` with a checkpoint of the quick start's sample run: the warning, and the pictures' caption
     and predictions name the model."""

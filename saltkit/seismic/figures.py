@@ -34,7 +34,8 @@ def model_text(model: dict | None) -> str:
     text = f"model {model.get('name', '?')} (weights {model.get('weights', '?')}"
     if model.get("train_tiles") is not None:
         where = "the embedded sample" if model.get("sample") else Path(str(model.get("dataset_dir") or "?")).name
-        text += f", trained on {model['train_tiles']} tiles of {where}"
+        pseudo = f" + {model['pseudo_tiles']} pseudo-labelled" if model.get("pseudo_tiles") else ""
+        text += f", trained on {model['train_tiles']}{pseudo} tiles of {where}"
     elif model.get("sample"):
         text += ", trained on the embedded sample"
     else:

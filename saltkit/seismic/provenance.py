@@ -47,11 +47,15 @@ def training_record(ckpt_path: str | Path, ckpt: dict) -> dict:
         record = embedded_record(ckpt, ckpt_path) or run_record(Path(ckpt_path).parent)
     except ValueError:  # a config.json or an entry that is not a run record: nothing known
         return {}
-    return {k: record.get(k) for k in keys} if any(k in record for k in keys) else {}
+    if not any(k in record for k in keys):
+        return {}
+    pseudo = record.get("pseudo") if isinstance(record.get("pseudo"), dict) else {}
+    return {**{k: record.get(k) for k in keys}, "pseudo_tiles": pseudo.get("tiles")}
 
 
 def model_provenance(ckpt_path: str | Path) -> dict:
-    """{"name", "path", "weights" (fingerprint), "dataset_dir", "train_tiles", "sample", "toy"} of a checkpoint;
+    """{"name", "path", "weights" (fingerprint), "dataset_dir", "train_tiles", "pseudo_tiles" (None when it
+    trained on labelled tiles only), "sample", "toy"} of a checkpoint;
     logs a warning naming how to get a real model when it is a toy (see the module docstring)."""
     ckpt_path = Path(str(ckpt_path))
     ckpt = read_checkpoint(ckpt_path, mmap=True)
@@ -62,7 +66,7 @@ def model_provenance(ckpt_path: str | Path) -> dict:
     toy = sample or (tiles is not None and tiles < TOY_TILES)
     info = {"name": ckpt_path.name, "path": str(ckpt_path), "weights": weights_fingerprint(ckpt["network"]),
             "dataset_dir": None if record.get("dataset_dir") is None else str(record["dataset_dir"]),
-            "train_tiles": tiles, "sample": sample, "toy": toy}
+            "train_tiles": tiles, "pseudo_tiles": record.get("pseudo_tiles"), "sample": sample, "toy": toy}
     if toy:
         what = f"{tiles} tiles" if tiles is not None else "tiles"
         where = " of the embedded sample (saltkit/sample_data/tgs)" if sample else f" of {info['dataset_dir']}"
