@@ -37,23 +37,13 @@ VERSION = 1
 
 
 def set_fingerprint(items: Sequence[dict]) -> str:
-    """SHA-256 (hex, first 16 digits) of a set's tiles: id, image bytes and mask bytes of each, in id order."""
+    """SHA-256 (hex, first 16 digits) of a set's tiles or sections ({"id", "image", "label"}): id, image bytes and
+    mask bytes of each, in id order."""
     digest = hashlib.sha256()
     for it in sorted(items, key=lambda it: it["id"]):
         image = hashlib.sha256(Path(it["image"]).read_bytes()).hexdigest()
         mask = hashlib.sha256(Path(it["label"]).read_bytes()).hexdigest()
         digest.update(f"{it['id']}:{image}:{mask}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def sections_set_fingerprint(folder: str | Path, names: Sequence[str]) -> str:
-    """SHA-256 (hex, first 16 digits) of a set of pseudo-labelled sections: name, section bytes and mask bytes, in
-    name order."""
-    folder, digest = Path(folder), hashlib.sha256()
-    for name in sorted(names):
-        image = hashlib.sha256((folder / f"{name}.png").read_bytes()).hexdigest()
-        mask = hashlib.sha256((folder / f"{name}_mask.png").read_bytes()).hexdigest()
-        digest.update(f"{name}:{image}:{mask}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -132,11 +122,12 @@ def read_pseudo_sections(root: Path, manifest: dict) -> PseudoSet:
     if kept != found:
         raise DatasetError(f"{root}: holds other sections than {MANIFEST} lists as kept (differ in "
                            f"{id_listing(sorted(kept ^ found))}); make the set again with saltkit pseudo-label")
-    fingerprint = sections_set_fingerprint(root, sorted(found))
+    items = [f.item() for f in files]
+    fingerprint = set_fingerprint(items)
     if fingerprint != manifest["fingerprint"]:
         raise DatasetError(f"{root}: its sections or masks changed after saltkit pseudo-label wrote them (fingerprint "
                            f"{fingerprint}, {MANIFEST} says {manifest['fingerprint']}); make the set again")
-    return PseudoSet(root, manifest, [f.item() for f in files], fingerprint)
+    return PseudoSet(root, manifest, items, fingerprint)
 
 
 VOLUME_LINE = re.compile(r"^(?P<volume>.+)_(?P<direction>inline|crossline)_\d+")

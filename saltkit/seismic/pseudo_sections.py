@@ -35,7 +35,7 @@ from saltkit.data.pseudo import (
     VERSION,
     labelled_volumes,
     section_names,
-    sections_set_fingerprint,
+    set_fingerprint,
 )
 from saltkit.inference import section_inferer
 from saltkit.inference.pseudo_labels import (
@@ -177,7 +177,8 @@ def pseudo_label_sections(input: str | Path, ckpts: Sequence[str | Path], out: s
             best = max(e["confidence"] for e in entries)
             raise ValueError(f"no section reached --min-confidence {min_confidence} (the highest confidence is "
                              f"{best:.3f}); lower it, or use a better teacher")
-        fingerprint = sections_set_fingerprint(partial, names)
+        fingerprint = set_fingerprint([{"id": n, "image": partial / f"{n}.png", "label": partial / f"{n}_mask.png"}
+                                       for n in names])
         manifest = {
             "format": FORMAT, "version": VERSION, "kind": "sections",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
