@@ -152,6 +152,7 @@ def _predict_run(args: argparse.Namespace) -> int:
 def _predict_mdio_run(args: argparse.Namespace) -> int:
     """`saltkit predict VOLUME.mdio --out OUT.mdio`: over Dask (`saltkit.seismic.mdio_volume`)."""
     import os
+    from dataclasses import asdict
 
     from saltkit.checkpoints import shipped_model
     from saltkit.inference.postprocess_tuned import prediction_threshold
@@ -160,7 +161,6 @@ def _predict_mdio_run(args: argparse.Namespace) -> int:
         check_mdio_output,
         predict_mdio,
         require_mdio,
-        settings_record,
     )
     from saltkit.seismic.predict import default_device, normalization_for
     from saltkit.seismic.provenance import model_provenance
@@ -183,7 +183,7 @@ def _predict_mdio_run(args: argparse.Namespace) -> int:
     settings = PredictorSettings(str(args.ckpt), str(default_device(args.device)), args.tta, args.overlap,
                                  args.sw_batch_size, args.variant, args.runtime, threads, args.amp,
                                  None if args.onnx_path is None else str(args.onnx_path))
-    provenance = {"ckpt": str(args.ckpt), "settings": settings_record(settings),
+    provenance = {"ckpt": str(args.ckpt), "settings": asdict(settings),
                   "model": model_provenance(args.ckpt)}
     s = predict_mdio(str(args.input), str(args.out), settings, direction=args.direction,
                      normalization=normalization_for(args.input, args.normalize, args.clip_percentiles,

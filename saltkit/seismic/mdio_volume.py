@@ -2,7 +2,7 @@
 
 The output is the input dataset with its amplitude variable replaced by `salt_probability` (float32, NaN where
 there is no data): the same dimensions, coordinates, chunk shape, trace headers, trace mask and SEG-Y file headers
-(data sample format IEEE float, saltkit's lines in the text header), so `mdio.mdio_to_segy` with `export_spec()`
+(data sample format IEEE float, saltkit's lines in the text header), so `mdio.mdio_to_segy` with `segy_spec()`
 writes a SEG-Y with the input's headers. Paths are local or fsspec URLs (`s3://...`, `memory://...`).
 
 Work is split along the store's chunks: one task per block of inlines one chunk thick (crossline predictions: per
@@ -21,12 +21,13 @@ check it (`check_complete`): on object stores a rename is a copy that a kill can
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -209,14 +210,10 @@ class PredictorSettings:
                               runtime=self.runtime, threads=self.threads, amp=self.amp, onnx_path=self.onnx_path)
 
 
-_PREDICTORS: dict = {}
-
-
+@functools.cache
 def worker_predictor(load: Callable[[], tuple]):
     """(network, inferer) of `load` in this process, loaded on its first call only: a worker runs many tasks."""
-    if load not in _PREDICTORS:
-        _PREDICTORS[load] = load()
-    return _PREDICTORS[load]
+    return load()
 
 
 # ---------------------------------------------------------------- the tasks
@@ -252,7 +249,7 @@ def predict_block(job: VolumeJob, axis: int, start: int, stop: int, target: str,
     network, inferer = worker_predictor(job.predictor)
     dim = ("inline", "crossline")[axis]
     ds = mdio.open_mdio(job.src).isel({dim: slice(start, stop)})
-    amplitudes = np.array(ds[job.variable].values, dtype=np.float32)
+    amplitudes = ds[job.variable].values.astype(np.float32, copy=False)  # writable: its own read
     amplitudes[~live_traces(ds)] = np.nan  # a hole in the grid is a missing trace, as in a SEG-Y
     prob = np.empty(amplitudes.shape, np.float32)
     for k in range(stop - start):
@@ -340,9 +337,9 @@ def _move_into_place(partial: str, out: str, token: str) -> None:
 # ---------------------------------------------------------------- the workflow
 
 
-def dask_client(workers: int = 1, scheduler: str | None = None, threads: int | None = None):
+def dask_client(workers: int = 1, scheduler: str | None = None):
     """(client, cluster or None): a client of the Dask scheduler at `scheduler`, else of a new local cluster of
-    `workers` processes, one thread each (`threads`: torch threads each, default the cores shared out)."""
+    `workers` processes, one thread each (torch threads: `PredictorSettings.threads`)."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -442,7 +439,8 @@ def predict_mdio(
                 bar.update()
         bar.close()
         if direction == "both":
-            _fs(partial)[0].rm(f"{_fs(partial)[1]}/{SCRATCH}", recursive=True)
+            fs, path = _fs(partial)
+            fs.rm(f"{path}/{SCRATCH}", recursive=True)
         record.update({"salt_share": salt / data if data else 0.0, "seconds": round(time.time() - started, 1),
                        "workers": len(client.scheduler_info()["workers"])})
         _set_record(partial, record)
@@ -481,8 +479,3 @@ def segy_spec(iline_byte: int = 189, xline_byte: int = 193, float_samples: bool 
     data = TraceDataSpec(format=ScalarType.FLOAT32) if float_samples else None
     return get_segy_standard(1.0).customize(trace_header_fields=fields, trace_data_spec=data)
 
-
-def settings_record(settings) -> dict:
-    """A dataclass of settings as a JSON-ready dict (paths as text)."""
-    return {k: (str(v) if v is not None and not isinstance(v, (bool, int, float, str)) else v)
-            for k, v in asdict(settings).items()}

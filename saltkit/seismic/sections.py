@@ -46,10 +46,9 @@ def predict_traces(network: nn.Module, inferer: Inferer, amplitudes: np.ndarray,
     """(`(n, samples)` float32 salt probability, NaN where there is no data; `(n, samples)` bool valid) of the
     section whose traces are the rows of `amplitudes`, clipped at `low` .. `high` (`traces_section`). The one
     way a volume's section is predicted: the SEG-Y and the MDIO paths both call it."""
-    valid = trace_valid(amplitudes, fill_value)
+    grey, valid = traces_section(amplitudes, low, high, fill_value)
     if not valid.any():
         return np.full(amplitudes.shape, np.nan, np.float32), valid
-    grey, valid = traces_section(amplitudes, low, high, fill_value)
     prob = np.ascontiguousarray(predict_section(network, inferer, grey, device).T)
     prob[~valid] = np.nan
     return prob, valid
