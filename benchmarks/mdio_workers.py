@@ -58,7 +58,7 @@ def make_volume(folder: Path, size: str) -> tuple[Path, Path]:
     (inlines, crosslines, samples), chunks = SIZES[size]
     sgy = write_volume(folder / f"{size}.sgy", inlines, crosslines, samples, coordinate_scalar=1)
     template = get_template("PostStack3DTime")
-    template._var_chunk_shape = chunks  # mdio's import takes the chunk shape from its template
+    template.full_chunk_shape = chunks  # mdio's import takes the chunk shape from its template
     os.environ.setdefault("MDIO__IMPORT__SAVE_SEGY_FILE_HEADER", "true")
     segy_to_mdio(segy_spec(float_samples=True), template, sgy, folder / f"{size}.mdio")
     return sgy, folder / f"{size}.mdio"

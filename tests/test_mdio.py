@@ -55,7 +55,7 @@ def survey(tmp_path_factory) -> tuple[Path, Path]:
             f.header[i] = {segyio.TraceField.SourceGroupScalar: 1, segyio.TraceField.CDP_X: 5000 + 25 * il,
                            segyio.TraceField.CDP_Y: 9000 + 25 * xl}
     template = get_template("PostStack3DTime")
-    template._var_chunk_shape = CHUNKS  # the template's chunk shape is set by mdio's own code this way only
+    template.full_chunk_shape = CHUNKS
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MDIO__IMPORT__SAVE_SEGY_FILE_HEADER", "true")  # the export needs the file headers
         mp.setenv("MDIO__IMPORT__CPU_COUNT", "1")
