@@ -79,22 +79,27 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def stale_temporary(filename: str, name: str | None = None) -> bool:
+    """Whether `filename` is a temporary of `atomic_write` (for target `name` when given) whose writing process, on
+    this host, is gone."""
+    m = TEMPORARY.match(filename)
+    if m is None or (name is not None and m["name"] != name) or m["host"] != host_name():
+        return False
+    pid = int(m["pid"])
+    return pid != os.getpid() and not process_alive(pid)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temporaries of `atomic_write` in `folder` (only those for target `name` when given) whose writing
     process is no longer alive on this host; returns the removed paths. Other files are never touched."""
     folder = Path(folder)
     removed: list[Path] = []
-    host = host_name()
     try:
         candidates = [folder / n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")]
     except OSError:
         return removed
     for path in candidates:
-        m = TEMPORARY.match(path.name)
-        if m is None or (name is not None and m["name"] != name) or m["host"] != host:
-            continue
-        pid = int(m["pid"])
-        if pid == os.getpid() or process_alive(pid):
+        if not stale_temporary(path.name, name):
             continue
         try:
             path.unlink()

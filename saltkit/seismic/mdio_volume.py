@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from saltkit import __version__
-from saltkit.io import TEMPORARY, OutputClashError, host_name, process_alive
+from saltkit.io import OutputClashError, host_name, stale_temporary
 from saltkit.logs import progress_bars
 from saltkit.seismic.normalize import Normalization
 from saltkit.seismic.sections import predict_traces
@@ -95,8 +95,7 @@ def remove_stale_outputs(out: str) -> None:
     except (FileNotFoundError, OSError):
         return
     for entry in entries:
-        m = TEMPORARY.match(_basename(entry))
-        if m and m["name"] == name and m["host"] == host_name() and not process_alive(int(m["pid"])):
+        if stale_temporary(_basename(entry), name):
             fs.rm(entry, recursive=True)
 
 
